@@ -1,0 +1,39 @@
+# The same commands locally and in CI (.ci/run calls `make test`).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install run test lint unit bench system-deps clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## Run the mirror: upstream Docker Hub, default cache directory, port 5000.
+run: install
+	$(BIN)/mirror serve
+
+system-deps:
+	bash scripts/system-deps.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## The whole suite: system packages, lint, type check, unit and end-to-end tests.
+test: system-deps lint
+	$(BIN)/pytest
+
+unit: install
+	$(BIN)/pytest -m "not e2e"
+
+bench: system-deps install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

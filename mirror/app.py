@@ -1,0 +1,156 @@
+"""The app factory. Nothing here does I/O until the lifespan starts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mirror.config import Settings
+from mirror.downloads import Downloads
+from mirror.errors import AbortResponse, RegistryError
+from mirror.metrics import Metrics
+from mirror.proxy import Proxy
+from mirror.routes import router
+from mirror.storage import Storage
+from mirror.upstream import Credentials, Upstream, make_client
+
+log = logging.getLogger(__name__)
+
+API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use; built in the lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    proxy: Proxy
+    storage: Storage
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> FastAPI:
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        storage = Storage(settings.cache_dir)
+        client = make_client(settings.connect_timeout, settings.read_timeout)
+        credentials = None
+        if settings.upstream_username and settings.upstream_password:
+            credentials = Credentials(
+                settings.upstream_username, settings.upstream_password.get_secret_value()
+            )
+        upstream = Upstream(settings.upstream, client, metrics, credentials=credentials)
+        downloads = Downloads(storage, upstream, metrics, resume_attempts=settings.resume_attempts)
+        proxy = Proxy(
+            storage,
+            upstream,
+            downloads,
+            metrics,
+            upstream_key=upstream.host,
+            tag_ttl=settings.tag_ttl,
+            manifest_max_bytes=settings.manifest_max_bytes,
+            clock=clock,
+        )
+        app.state.services = Services(settings, metrics, proxy, storage)
+        log.info("mirror ready: upstream %s, cache %s", settings.upstream, settings.cache_dir)
+        try:
+            yield
+        finally:
+            await downloads.aclose()
+            await client.aclose()
+            storage.close()
+
+    app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+    app.include_router(router)
+    app.add_exception_handler(RegistryError, _registry_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)
+    return app
+
+
+def error_response(err: RegistryError) -> Response:
+    return Response(
+        err.body(), status_code=err.status, media_type="application/json", headers=err.headers
+    )
+
+
+async def _registry_error(request: Request, exc: RegistryError) -> Response:
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 405:
+        return error_response(
+            RegistryError("UNSUPPORTED", "method not allowed: this mirror is read-only")
+        )
+    if exc.status_code == 404:
+        return error_response(RegistryError("NAME_UNKNOWN", "no such endpoint", status=404))
+    return error_response(RegistryError("UNKNOWN", str(exc.detail), status=exc.status_code))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(
+        RegistryError(
+            "UNSUPPORTED", "invalid request parameters", detail=str(exc.errors())[:500], status=400
+        )
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(RegistryError("UNKNOWN", "internal error"))
+
+
+class ObserveMiddleware:
+    """Counts and times every request by route template; marks /v2 responses.
+
+    Pure ASGI (not BaseHTTPMiddleware) so streamed blob bodies pass through
+    untouched. Handlers set `request.state.route`; unknown paths count as "other".
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        scope.setdefault("state", {})
+        status = 0
+        is_v2 = scope["path"].startswith("/v2")
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if is_v2:
+                    message["headers"] = [*message.get("headers", []), API_VERSION_HEADER]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        except AbortResponse as exc:
+            # Returning without completing the body makes uvicorn close the connection,
+            # so the client sees a broken transfer, never a short "complete" one.
+            log.warning("aborted %s %s: %s", scope["method"], scope["path"], exc)
+            status = status or 502
+        finally:
+            route = scope["state"].get("route", "other")
+            self.metrics.requests.labels(route, scope["method"], str(status or 500)).inc()
+            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)

@@ -1,0 +1,119 @@
+"""Settings: defaults < YAML file (`--config`) < `MIRROR_*` environment < command line.
+
+Credentials come only from the environment or the file, never from the command line
+(they would show in `ps` and shell history), and are `SecretStr` so they never print.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+MiB = 1 << 20
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_UNITS = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def default_cache_dir() -> Path:
+    # A system service (root) caches under /var/cache, a user under XDG's cache dir.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/cache/mirror")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mirror"
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like `300`, `5m`, `7d`, `1.5h`."""
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION_RE.fullmatch(str(value).strip())
+    if m is None:
+        raise ValueError(f"invalid duration {value!r}: use a number of seconds or e.g. 5m, 7d")
+    return float(m[1]) * _UNITS[m[2]]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MIRROR_", extra="forbid", yaml_file=None)
+
+    listen: str = Field("0.0.0.0:5000", description="HOST:PORT to listen on")
+    upstream: str = Field(DEFAULT_UPSTREAM, description="Upstream registry URL")
+    upstream_username: str | None = None
+    upstream_password: SecretStr | None = None
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    tag_ttl: float = Field(300.0, description="Seconds a tag->digest answer is trusted")
+    manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
+    resume_attempts: int = Field(3, ge=0, le=100)
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0  # between two reads of a body, not for the whole body
+    log_level: str = "info"
+    access_log: bool = True
+
+    @field_validator("tag_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host_port(value)
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError(
+                "upstream must be an http(s) URL without a path, e.g. https://registry-1.docker.io"
+            )
+        return value.rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Command line (init) beats environment beats the YAML file.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from the file, the environment and explicit overrides."""
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        # The YAML path is only known at run time; a subclass carries it to the source.
+        cls = type(
+            "FileSettings",
+            (Settings,),
+            {
+                "model_config": SettingsConfigDict(
+                    **{**Settings.model_config, "yaml_file": config_file}
+                ),
+            },
+        )
+    return cls(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,264 @@
+"""Blob downloads owned by the app, not by any one response.
+
+A miss starts a `BlobDownload` task that streams the upstream body into a temp file
+(hashing as it goes) and commits it when the digest verifies. Responses only *read*
+the growing file at their own pace, so a client that disconnects, or reads slowly,
+never affects the download, and every byte is fetched from upstream once.
+
+Hashing and writing run in one worker thread per download, fed by a bounded queue:
+measured faster than a thread hop per chunk or hashing in the event loop, and it
+keeps the loop free for other requests (FIELD-NOTES, "sha256").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from mirror.errors import RegistryError, UpstreamError
+from mirror.metrics import Metrics
+from mirror.reference import Digest
+from mirror.storage import Storage
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+# Chunks queued between the event loop and a download's writer thread: bounds memory
+# per download to QUEUE_DEPTH x chunk size (1 MiB reads) whatever the blob size.
+QUEUE_DEPTH = 8
+
+State = Literal["starting", "streaming", "committed", "failed"]
+
+
+class DigestMismatch(Exception):
+    pass
+
+
+class _HashingWriter:
+    """Writes and hashes chunks in a dedicated thread; reports progress to the loop."""
+
+    def __init__(self, path: Path, algorithm: str, on_progress: Callable[[int], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hash = hashlib.new(algorithm)
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._slots = asyncio.Semaphore(QUEUE_DEPTH)
+        self._on_progress = on_progress
+        self._done: asyncio.Future[str] = self._loop.create_future()
+        self.submitted = 0  # bytes handed to the thread; the offset to resume from
+        self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self._thread.start()
+
+    async def write(self, chunk: bytes) -> None:
+        await self._slots.acquire()
+        self.submitted += len(chunk)
+        self._queue.put(chunk)
+
+    async def finish(self) -> str:
+        """Flush, fsync and close; returns the hex digest of everything written."""
+        self._queue.put(None)
+        return await self._done
+
+    def abort(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        written = 0
+        try:
+            while (chunk := self._queue.get()) is not None:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+                self._hash.update(chunk)
+                written += len(chunk)
+                self._loop.call_soon_threadsafe(self._progress, written)
+            # Durable before the rename that publishes it: a crash must never leave a
+            # committed name pointing at unwritten pages.
+            os.fsync(self._fd)
+            result: str | BaseException = self._hash.hexdigest()
+        except BaseException as exc:  # reported to the loop, never lost in the thread
+            result = exc
+        finally:
+            os.close(self._fd)
+        self._loop.call_soon_threadsafe(self._resolve, result)
+
+    def _progress(self, written: int) -> None:
+        self._slots.release()
+        self._on_progress(written)
+
+    def _resolve(self, result: str | BaseException) -> None:
+        if self._done.done():
+            return
+        if isinstance(result, BaseException):
+            self._done.set_exception(result)
+        else:
+            self._done.set_result(result)
+
+
+class BlobDownload:
+    """One upstream fetch of one digest, observed by any number of readers."""
+
+    def __init__(self, digest: Digest, path: Path) -> None:
+        self.digest = digest
+        self.path = path  # the temp file; the final path once committed
+        self.state: State = "starting"
+        self.size: int | None = None  # from Content-Length, known once streaming
+        self.written = 0  # bytes on disk, readable by readers
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        # Replace-then-set: every waiter that grabbed the old event wakes once.
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def current_event(self) -> asyncio.Event:
+        return self._changed
+
+    async def ready(self) -> None:
+        """Wait for upstream's response headers; raise the upstream's error if any."""
+        while self.state == "starting":
+            await self.changed()
+        if self.state == "failed":
+            if isinstance(self.error, RegistryError):
+                raise self.error
+            raise UpstreamError("UNAVAILABLE", "upstream download failed", status=502)
+
+    async def finished(self) -> None:
+        while self.state in ("starting", "streaming"):
+            await self.changed()
+
+
+class Downloads:
+    """The app's in-flight blob downloads, at most one per digest."""
+
+    def __init__(
+        self, storage: Storage, upstream: Upstream, metrics: Metrics, *, resume_attempts: int
+    ) -> None:
+        self._storage = storage
+        self._upstream = upstream
+        self._metrics = metrics
+        self._resume_attempts = resume_attempts
+        self._active: dict[str, BlobDownload] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get_or_start(self, repo: str, digest: Digest) -> BlobDownload:
+        key = str(digest)
+        download = self._active.get(key)
+        if download is None:
+            download = BlobDownload(digest, self._storage.temp_path())
+            # Created now, so a reader can open it before the first byte arrives.
+            download.path.touch()
+            self._active[key] = download
+            task = asyncio.get_running_loop().create_task(self._run(repo, download))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return download
+
+    def active(self, digest: Digest) -> BlobDownload | None:
+        return self._active.get(str(digest))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, repo: str, dl: BlobDownload) -> None:
+        path = f"/v2/{repo}/blobs/{dl.digest}"
+        writer: _HashingWriter | None = None
+        try:
+            resp = await self._upstream.get(path, repo=repo, kind="blob")
+            await self._upstream.raise_for_status(resp, "blob")
+            length = resp.headers.get("content-length")
+            dl.size = int(length) if length and length.isdigit() else None
+
+            def progress(written: int) -> None:
+                dl.written = written
+                dl._notify()
+
+            writer = _HashingWriter(dl.path, dl.digest.algorithm, progress)
+            dl.state = "streaming"
+            dl._notify()
+            await self._copy(resp, writer, path, repo)
+            hexdigest = await writer.finish()
+            total = writer.submitted
+            if hexdigest != dl.digest.hex or (dl.size is not None and total != dl.size):
+                self._metrics.digest_mismatches.labels("blob").inc()
+                log.error(
+                    "blob %s from %s failed verification (got %s:%s, %d bytes); discarded",
+                    dl.digest,
+                    repo,
+                    dl.digest.algorithm,
+                    hexdigest,
+                    total,
+                )
+                raise DigestMismatch(str(dl.digest))
+            dl.size = total
+            dl.path = self._storage.commit_blob(dl.digest, dl.path, total)
+            dl.state = "committed"
+            dl._notify()
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            dl.error = exc
+            dl.state = "failed"
+            dl._notify()
+            with contextlib.suppress(FileNotFoundError):
+                dl.path.unlink()
+            if not isinstance(exc, RegistryError | DigestMismatch):
+                log.warning("download of %s from %s failed: %r", dl.digest, repo, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._active.pop(str(dl.digest), None)
+
+    async def _copy(
+        self, resp: httpx.Response, writer: _HashingWriter, path: str, repo: str
+    ) -> None:
+        """Stream the body into the writer; resume with Range after a broken read."""
+        attempts = 0
+        while True:
+            try:
+                async for chunk in resp.aiter_raw():
+                    await writer.write(chunk)
+                    self._metrics.upstream_bytes.inc(len(chunk))
+                return
+            except httpx.TransportError as exc:
+                if attempts >= self._resume_attempts:
+                    raise
+                attempts += 1
+                offset = writer.submitted
+                log.warning(
+                    "upstream body of %s broke at %d bytes (%r); resuming (%d/%d)",
+                    path,
+                    offset,
+                    exc,
+                    attempts,
+                    self._resume_attempts,
+                )
+                self._metrics.resumes.inc()
+            finally:
+                await resp.aclose()
+            resp = await self._upstream.get(
+                path, repo=repo, kind="blob", headers={"Range": f"bytes={offset}-"}
+            )
+            await self._upstream.raise_for_status(resp, "blob")
+            if resp.status_code != 206 or not resp.headers.get("content-range", "").startswith(
+                f"bytes {offset}-"
+            ):
+                await resp.aclose()
+                raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)

@@ -1,0 +1,129 @@
+"""Every Prometheus metric of the mirror, in one place.
+
+Names carry the `mirror_` prefix and unit suffixes; labels are route templates and
+small closed sets, never raw paths or repository names (unbounded cardinality).
+Each app gets its own CollectorRegistry so tests and embedded apps never collide.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+
+from mirror import __version__
+
+ROUTES = (
+    "/v2/",
+    "/v2/{name}/manifests/{reference}",
+    "/v2/{name}/blobs/{digest}",
+    "/v2/{name}/tags/list",
+    "/metrics",
+    "other",
+)
+KINDS = ("manifest", "blob")
+CACHE_RESULTS = ("hit", "miss")
+SOURCES = ("cache", "upstream")
+UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "ping")
+
+# Manifests answer in milliseconds; GB blobs take seconds to minutes.
+REQUEST_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mirror_http_requests",
+            "HTTP requests answered, by route template and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "mirror_http_request_duration_seconds",
+            "Time from request to the end of the response body, by route template.",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.cache = Counter(
+            "mirror_cache_requests",
+            "Cache lookups by kind and result.",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes",
+            "Body bytes sent to clients, by where they came from.",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests",
+            "Requests sent upstream, by kind and status.",
+            ["kind", "status"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "mirror_upstream_request_duration_seconds",
+            "Time until upstream response headers, by kind.",
+            ["kind"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes",
+            "Blob body bytes received from upstream.",
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches",
+            "Upstream content whose digest did not verify.",
+            ["kind"],
+            registry=r,
+        )
+        self.resumes = Counter(
+            "mirror_upstream_resumes",
+            "Blob downloads resumed with Range after a failure.",
+            registry=r,
+        )
+        self.build_info = Info("mirror_build", "Version of mirror and Python.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        # Initialise label values so dashboards see zeros instead of gaps.
+        for route in ROUTES:
+            self.request_duration.labels(route)
+        for kind in KINDS:
+            self.digest_mismatches.labels(kind)
+            for result in CACHE_RESULTS:
+                self.cache.labels(kind, result)
+        for source in SOURCES:
+            self.served_bytes.labels(source)
+        for kind in UPSTREAM_KINDS:
+            self.upstream_duration.labels(kind)
+
+    def upstream_request(self, kind: str, status: str, seconds: float) -> None:
+        self.upstream_requests.labels(kind, status).inc()
+        self.upstream_duration.labels(kind).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,250 @@
+"""The pull-through store: answers from the cache, or fetches from upstream and caches.
+
+Routes call this and never know whether bytes came from disk or upstream
+(Distribution's proxy storage shape). Digests and tags follow different rules:
+content by digest is immutable, so a cached copy is always right; a tag is a
+pointer that is trusted only for `tag_ttl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from mirror.downloads import Downloads
+from mirror.errors import RegistryError, UpstreamError
+from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
+from mirror.metrics import Metrics
+from mirror.ranges import ByteRange, RangeSpec
+from mirror.reference import Digest, Reference, upstream_name
+from mirror.responses import read_download, read_file
+from mirror.storage import Storage, StoredManifest, TagEntry
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+TAGS_LIST_MAX_BYTES = 16 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    stored: StoredManifest
+    source: str  # "cache" or "upstream"
+
+
+@dataclass(slots=True)
+class Blob:
+    """What a blob response needs: size, the byte range, and a body to stream."""
+
+    size: int | None
+    range: ByteRange | None
+    fd: int | None
+    body: AsyncIterator[bytes] | None
+    source: str
+
+
+class Proxy:
+    def __init__(
+        self,
+        storage: Storage,
+        upstream: Upstream,
+        downloads: Downloads,
+        metrics: Metrics,
+        *,
+        upstream_key: str,
+        tag_ttl: float,
+        manifest_max_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._storage = storage
+        self._upstream = upstream
+        self._downloads = downloads
+        self._metrics = metrics
+        self._upstream_key = upstream_key
+        self._tag_ttl = tag_ttl
+        self._manifest_max = manifest_max_bytes
+        self._clock = clock
+
+    def repo(self, name: str) -> str:
+        return upstream_name(name, docker_hub=self._upstream.docker_hub)
+
+    # -- manifests --------------------------------------------------------------------
+
+    async def manifest(self, name: str, ref: Reference, accept: AcceptSet) -> Manifest:
+        repo = self.repo(name)
+        manifest = self._cached_manifest(repo, ref, accept)
+        if manifest is not None:
+            self._metrics.cache.labels("manifest", "hit").inc()
+        else:
+            self._metrics.cache.labels("manifest", "miss").inc()
+            manifest = Manifest(await self._fetch_manifest(repo, ref, accept), "upstream")
+        if not accept.accepts(manifest.stored.media_type):
+            # A client that cannot read an index must never be handed one.
+            raise RegistryError(
+                "MANIFEST_UNKNOWN",
+                f"manifest is {manifest.stored.media_type}, which the client does not accept",
+                detail={"Accept": list(accept.types)},
+            )
+        return manifest
+
+    def _cached_manifest(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest | None:
+        digest = ref.digest
+        if digest is None:
+            assert ref.tag is not None
+            entry = self._storage.get_tag(self._upstream_key, repo, ref.tag, accept.cache_key)
+            if entry is None or self._clock() - entry.stored_at >= self._tag_ttl:
+                return None
+            digest = Digest.parse(entry.digest)
+        stored = self._storage.get_manifest(digest)
+        return None if stored is None else Manifest(stored, "cache")
+
+    async def _fetch_manifest(self, repo: str, ref: Reference, accept: AcceptSet) -> StoredManifest:
+        headers = {}
+        if (accept_header := accept.header()) is not None:
+            headers["Accept"] = accept_header
+        resp = await self._upstream.get(
+            f"/v2/{repo}/manifests/{ref}", repo=repo, kind="manifest", headers=headers
+        )
+        await self._upstream.raise_for_status(resp, "manifest")
+        try:
+            length = resp.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self._manifest_max:
+                raise UpstreamError(
+                    "MANIFEST_INVALID", "manifest exceeds the size limit", status=502
+                )
+            body = bytearray()
+            async for chunk in resp.aiter_raw():
+                body += chunk
+                if len(body) > self._manifest_max:
+                    raise UpstreamError(
+                        "MANIFEST_INVALID", "manifest exceeds the size limit", status=502
+                    )
+        finally:
+            await resp.aclose()
+        expected = ref.digest or _header_digest(resp.headers.get("docker-content-digest"))
+        algorithm = expected.algorithm if expected else "sha256"
+        actual = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
+        if expected is not None and actual != expected:
+            self._metrics.digest_mismatches.labels("manifest").inc()
+            log.error(
+                "manifest %s/%s from upstream is %s, expected %s; not cached",
+                repo,
+                ref,
+                actual,
+                expected,
+            )
+            raise UpstreamError(
+                "DIGEST_INVALID", "upstream manifest failed digest verification", status=502
+            )
+        stored = StoredManifest(
+            str(actual), _media_type(resp.headers.get("content-type"), body), bytes(body)
+        )
+        self._storage.put_manifest(stored)
+        if ref.tag is not None:
+            self._storage.put_tag(
+                self._upstream_key,
+                repo,
+                ref.tag,
+                accept.cache_key,
+                TagEntry(stored.digest, stored.media_type, self._clock()),
+            )
+        return stored
+
+    # -- blobs ------------------------------------------------------------------------
+
+    async def blob(self, name: str, digest: Digest, spec: RangeSpec | None, *, head: bool) -> Blob:
+        repo = self.repo(name)
+        cached = self._storage.open_blob(digest)
+        if cached is not None:
+            self._metrics.cache.labels("blob", "hit").inc()
+            fd, size = cached
+            rng = spec.resolve(size) if spec is not None else None
+            if head:
+                os.close(fd)
+                return Blob(size, rng, None, None, "cache")
+            start, end = (rng.start, rng.end) if rng else (0, size)
+            return Blob(size, rng, fd, read_file(fd, start, end), "cache")
+        self._metrics.cache.labels("blob", "miss").inc()
+        if head and self._downloads.active(digest) is None:
+            # A HEAD must not start a multi-GB download: ask upstream for the size only.
+            return await self._head_upstream(repo, digest, spec)
+        dl = self._downloads.get_or_start(repo, digest)
+        fd = os.open(dl.path, os.O_RDONLY)  # before any await: the path may be renamed
+        try:
+            await dl.ready()
+            if dl.size is None and spec is not None:
+                await dl.finished()  # a range needs the size; chunked upstreams are rare
+                await dl.ready()
+            rng = spec.resolve(dl.size) if spec is not None and dl.size is not None else None
+        except BaseException:
+            os.close(fd)
+            raise
+        if head:
+            os.close(fd)
+            return Blob(dl.size, rng, None, None, "upstream")
+        if rng is not None:
+            body = read_download(dl, fd, rng.start, rng.end)
+        else:
+            body = read_download(dl, fd, 0, None)
+        return Blob(dl.size, rng, fd, body, "upstream")
+
+    async def _head_upstream(self, repo: str, digest: Digest, spec: RangeSpec | None) -> Blob:
+        resp = await self._upstream.get(
+            f"/v2/{repo}/blobs/{digest}", repo=repo, kind="blob", method="HEAD"
+        )
+        await resp.aclose()
+        await self._upstream.raise_for_status(resp, "blob")
+        length = resp.headers.get("content-length")
+        size = int(length) if length and length.isdigit() else None
+        rng = spec.resolve(size) if spec is not None and size is not None else None
+        return Blob(size, rng, None, None, "upstream")
+
+    # -- tags -------------------------------------------------------------------------
+
+    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+        repo = self.repo(name)
+        query = []
+        if n is not None:
+            query.append(f"n={n}")
+        if last is not None:
+            query.append(f"last={last}")
+        path = f"/v2/{repo}/tags/list" + ("?" + "&".join(query) if query else "")
+        resp = await self._upstream.get(path, repo=repo, kind="tags")
+        await self._upstream.raise_for_status(resp, "tags")
+        try:
+            body = bytearray()
+            async for chunk in resp.aiter_raw():
+                body += chunk
+                if len(body) > TAGS_LIST_MAX_BYTES:
+                    raise UpstreamError("UNAVAILABLE", "tag list too large", status=502)
+        finally:
+            await resp.aclose()
+        return bytes(body), resp.headers.get("link")
+
+
+def _header_digest(value: str | None) -> Digest | None:
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except RegistryError:
+        return None
+
+
+def _media_type(content_type: str | None, body: bytes | bytearray) -> str:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type in MANIFEST_TYPES:
+        return media_type
+    # Some registries answer application/json; the manifest names its own type.
+    try:
+        declared = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    if isinstance(declared, str) and declared:
+        return declared
+    return media_type or "application/octet-stream"

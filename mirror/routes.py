@@ -1,0 +1,110 @@
+"""HTTP routes of the registry API (read side). Handlers parse, delegate, render."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from mirror.errors import RegistryError
+from mirror.mediatypes import AcceptSet
+from mirror.ranges import parse_range
+from mirror.reference import Digest, Reference, parse_path, validate_tag
+from mirror.responses import BlobResponse
+
+router = APIRouter()
+
+READ_METHODS = ("GET", "HEAD")
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def _services(request: Request):  # type: ignore[no-untyped-def]
+    return request.app.state.services
+
+
+@router.api_route("/v2/", methods=["GET", "HEAD"])
+@router.api_route("/v2", methods=["GET", "HEAD"], include_in_schema=False)
+async def base(request: Request) -> Response:
+    request.state.route = "/v2/"
+    return Response(b"{}", media_type="application/json")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    request.state.route = "/metrics"
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.api_route("/v2/{rest:path}", methods=[*READ_METHODS, *WRITE_METHODS])
+async def registry(request: Request, rest: str) -> Response:
+    if request.method in WRITE_METHODS:
+        raise RegistryError(
+            "UNSUPPORTED", "this mirror is read-only: push to the upstream", status=405
+        )
+    path = parse_path(rest)
+    request.state.route = path.route
+    head = request.method == "HEAD"
+    if path.kind == "manifests":
+        return await _manifest(request, path.name, Reference.parse(path.reference), head)
+    if path.kind == "blobs":
+        return await _blob(request, path.name, Digest.parse(path.reference), head)
+    return await _tags(request, path.name)
+
+
+async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> Response:
+    services = _services(request)
+    accept = AcceptSet.from_headers(request.headers.getlist("accept"))
+    manifest = await services.proxy.manifest(name, ref, accept)
+    stored = manifest.stored
+    etag = f'"{stored.digest}"'
+    headers = {"Docker-Content-Digest": stored.digest, "ETag": etag}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    if not head:
+        services.metrics.served_bytes.labels(manifest.source).inc(len(stored.body))
+    # uvicorn drops the body of a HEAD response but keeps our Content-Length.
+    return Response(stored.body, media_type=stored.media_type, headers=headers)
+
+
+async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Response:
+    services = _services(request)
+    spec = parse_range(request.headers.get("range"))
+    blob = await services.proxy.blob(name, digest, spec, head=head)
+    headers = {
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        # Content-addressed: the bytes behind this URL never change.
+        "Cache-Control": "public, max-age=31536000, immutable",
+        "ETag": f'"{digest}"',
+    }
+    status = 200
+    if blob.range is not None and blob.size is not None:
+        status = 206
+        headers["Content-Range"] = blob.range.content_range(blob.size)
+        headers["Content-Length"] = str(blob.range.length)
+    elif blob.size is not None:
+        headers["Content-Length"] = str(blob.size)
+    counter = services.metrics.served_bytes.labels(blob.source)
+    return BlobResponse(status, headers, blob.fd, blob.body, counter.inc)
+
+
+_LAST_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+async def _tags(request: Request, name: str) -> Response:
+    params = request.query_params
+    n: int | None = None
+    if "n" in params:
+        if not params["n"].isdigit() or len(params["n"]) > 9:
+            raise RegistryError("UNSUPPORTED", "n must be a non-negative integer", status=400)
+        n = int(params["n"])
+    last = params.get("last")
+    if last is not None and _LAST_RE.fullmatch(last) is None:
+        validate_tag(last)  # raises TAG_INVALID with the offending value
+    body, link = await _services(request).proxy.tags(name, n, last)
+    headers = {"Link": link} if link else {}
+    return Response(body, media_type="application/json", headers=headers)

@@ -1,0 +1,254 @@
+"""The only module that talks to the upstream registry.
+
+It owns authentication (Bearer token flow or Basic), redirects (Docker Hub answers
+blob GETs with a 307 to a CDN host, which must never see our `Authorization`), and
+maps upstream failures to the error table.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from mirror.auth import Challenge, TokenCache, parse_www_authenticate
+from mirror.errors import UpstreamError
+from mirror.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+
+
+def make_client(connect_timeout: float, read_timeout: float) -> httpx.AsyncClient:
+    """One pooled client for the app's lifetime, on the aiohttp transport.
+
+    httpx's default transport reads bodies at ~0.45 GB/s (CPU bound); the aiohttp
+    transport reaches ~2 GB/s with 1 MiB reads (FIELD-NOTES; bench/transport.py).
+    """
+    from httpx_aiohttp import AiohttpTransport
+    from httpx_aiohttp.transport import AiohttpResponseStream
+
+    # The transport reads 16 KiB at a time by default; aiohttp's read(n) returns
+    # whatever is buffered up to n, so a large n costs nothing on slow links.
+    AiohttpResponseStream.CHUNK_SIZE = 1 << 20
+    timeout = httpx.Timeout(
+        connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
+    )
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits),
+        timeout=timeout,
+        follow_redirects=False,  # followed by hand: see Upstream._send
+        # Byte-exact bodies: a content-encoded blob would not match its digest.
+        headers={"Accept-Encoding": "identity", "User-Agent": "mirror"},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str
+
+
+class Upstream:
+    """One upstream registry, reached through a shared pooled client."""
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient,
+        metrics: Metrics,
+        *,
+        credentials: Credentials | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.host = urlsplit(self.url).netloc
+        self.docker_hub = urlsplit(self.url).hostname in DOCKER_HUB_HOSTS
+        self._client = client
+        self._metrics = metrics
+        self._credentials = credentials
+        self._tokens = TokenCache(clock)
+        # Learned from the first 401, so later requests carry a token up front
+        # instead of paying a 401 round trip each.
+        self._challenge: Challenge | None = None
+
+    # -- public API -------------------------------------------------------------------
+
+    async def get(
+        self,
+        path: str,
+        *,
+        repo: str | None,
+        kind: str,
+        headers: Mapping[str, str] | None = None,
+        method: str = "GET",
+    ) -> httpx.Response:
+        """Send a request and return the (streaming) response; the caller closes it.
+
+        Errors are *not* raised for upstream status codes; see `raise_for_status`.
+        Transport failures raise UpstreamError (502/504).
+        """
+        hdrs = dict(headers or {})
+        scope = f"repository:{repo}:pull" if repo else None
+        auth = await self._authorization(scope, refresh=False)
+        resp = await self._send(method, self.url + path, hdrs, auth, kind)
+        if resp.status_code == 401:
+            challenge = parse_www_authenticate(resp.headers.get("www-authenticate", ""))
+            await resp.aclose()
+            if challenge is None or (challenge.scheme == "basic" and self._credentials is None):
+                raise UpstreamError(
+                    "UNAUTHORIZED", "upstream requires authentication", upstream_status=401
+                )
+            self._challenge = challenge
+            auth = await self._authorization(challenge.scope or scope, refresh=True)
+            resp = await self._send(method, self.url + path, hdrs, auth, kind)
+        return resp
+
+    @staticmethod
+    async def raise_for_status(resp: httpx.Response, kind: str) -> None:
+        """Map an upstream error status to the error table (and close the response)."""
+        status = resp.status_code
+        if status < 400:
+            return
+        await resp.aclose()
+        if status == 404:
+            code = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}.get(
+                kind, "NAME_UNKNOWN"
+            )
+            raise UpstreamError(code, f"{kind} unknown to upstream", upstream_status=404)
+        if status == 401:
+            raise UpstreamError(
+                "UNAUTHORIZED", "upstream refused our credentials", upstream_status=401
+            )
+        if status == 403:
+            raise UpstreamError("DENIED", "upstream denied access", upstream_status=403)
+        if status == 429:
+            headers = {}
+            if "retry-after" in resp.headers:
+                headers["Retry-After"] = resp.headers["retry-after"]
+            raise UpstreamError(
+                "TOOMANYREQUESTS",
+                "upstream rate limit reached",
+                upstream_status=429,
+                headers=headers,
+            )
+        raise UpstreamError(
+            "UNAVAILABLE", f"upstream answered {status}", status=502, upstream_status=status
+        )
+
+    # -- internals --------------------------------------------------------------------
+
+    async def _authorization(self, scope: str | None, *, refresh: bool) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic()
+        if challenge.scheme != "bearer" or not challenge.realm:
+            return None
+        key = (challenge.realm, challenge.service or "", scope or "")
+        if not refresh and (token := self._tokens.get(key)) is not None:
+            return f"Bearer {token}"
+        async with self._tokens.lock(key):
+            # Another request may have refreshed it while we waited for the lock.
+            if not refresh and (token := self._tokens.get(key)) is not None:
+                return f"Bearer {token}"
+            if refresh:
+                self._tokens.invalidate(key)
+            token, expires_in = await self._fetch_token(challenge, scope)
+            self._tokens.put(key, token, expires_in)
+            return f"Bearer {token}"
+
+    def _basic(self) -> str | None:
+        if self._credentials is None:
+            return None
+        pair = f"{self._credentials.username}:{self._credentials.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
+    async def _fetch_token(self, challenge: Challenge, scope: str | None) -> tuple[str, object]:
+        assert challenge.realm is not None
+        params = {}
+        if challenge.service:
+            params["service"] = challenge.service
+        if scope:
+            params["scope"] = scope
+        headers = {}
+        if (basic := self._basic()) is not None:
+            headers["Authorization"] = basic
+        started = time.perf_counter()
+        try:
+            resp = await self._client.get(challenge.realm, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            self._metrics.upstream_request("token", "error", time.perf_counter() - started)
+            raise _transport_error(exc, "token service") from exc
+        self._metrics.upstream_request(
+            "token", str(resp.status_code), time.perf_counter() - started
+        )
+        if resp.status_code in (401, 403):
+            raise UpstreamError(
+                "UNAUTHORIZED",
+                "the upstream token service refused our credentials",
+                upstream_status=resp.status_code,
+            )
+        if resp.status_code != 200:
+            raise UpstreamError(
+                "UNAVAILABLE",
+                f"token service answered {resp.status_code}",
+                status=502,
+                upstream_status=resp.status_code,
+            )
+        try:
+            data = resp.json()
+            token = data.get("token") or data.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise UpstreamError("UNAVAILABLE", "token service returned no token", status=502)
+        return token, data.get("expires_in")
+
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], auth: str | None, kind: str
+    ) -> httpx.Response:
+        for _ in range(MAX_REDIRECTS + 1):
+            hdrs = dict(headers)
+            # Credentials go only to the upstream itself: a redirect to a CDN or any
+            # other host gets no Authorization header (it carries its own signature).
+            if auth is not None and urlsplit(url).netloc == self.host:
+                hdrs["Authorization"] = auth
+            started = time.perf_counter()
+            try:
+                resp = await self._client.send(
+                    self._client.build_request(method, url, headers=hdrs), stream=True
+                )
+            except httpx.TransportError as exc:
+                self._metrics.upstream_request(kind, "error", time.perf_counter() - started)
+                raise _transport_error(exc, "upstream") from exc
+            self._metrics.upstream_request(
+                kind, str(resp.status_code), time.perf_counter() - started
+            )
+            location = resp.headers.get("location")
+            if resp.status_code not in _REDIRECTS or not location:
+                return resp
+            await resp.aclose()
+            url = urljoin(url, location)
+            if resp.status_code == 303:
+                method = "GET"
+        raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
+
+
+def _transport_error(exc: httpx.TransportError, what: str) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError("UNAVAILABLE", f"{what} timed out", status=504)
+    # The message names the failure (refused, reset, DNS) but never a credential.
+    return UpstreamError(
+        "UNAVAILABLE", f"{what} unreachable: {type(exc).__name__}: {exc}", status=502
+    )

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the system packages the test suite runs for real: the CNCF Distribution
+# registry (the upstream) and skopeo (a real client). Idempotent and quick when
+# everything is present; needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+need=()
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v skopeo >/dev/null || need+=(skopeo)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null; then SUDO="sudo"; else
+    echo "missing ${need[*]}: run as root or install them with apt-get" >&2
+    exit 1
+  fi
+fi
+
+echo "installing system packages: ${need[*]}"
+# Package scripts may try to start services (docker-registry would take port 5000):
+# a policy-rc.d that answers 101 forbids that during the install.
+created_policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+  created_policy=1
+fi
+trap '[ -n "$created_policy" ] && $SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

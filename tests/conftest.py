@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.server import serve
+from fakes.upstream import FakeUpstream
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from mirror.app import create_app
+from mirror.config import Settings
+
+
+@dataclass
+class RunningMirror:
+    url: str
+    app: FastAPI
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        registry: CollectorRegistry = self.app.state.metrics.registry
+        return registry
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+MirrorFactory = Callable[..., AbstractAsyncContextManager[RunningMirror]]
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> MirrorFactory:
+    """Start a mirror in the test's loop: `async with mirror(upstream_url, **settings)`."""
+
+    @asynccontextmanager
+    async def start(upstream: str, **overrides: Any) -> AsyncIterator[RunningMirror]:
+        overrides.setdefault("cache_dir", tmp_path / "cache")
+        clock = overrides.pop("clock", None)
+        settings = Settings(upstream=upstream, **overrides)
+        app = create_app(settings, clock=clock) if clock else create_app(settings)
+        async with serve(app) as url:
+            yield RunningMirror(url, app)
+
+    return start
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeUpstream, str]]:
+    upstream = FakeUpstream()
+    async with serve(upstream) as url:
+        upstream.realm = f"{url}/token"
+        yield upstream, url

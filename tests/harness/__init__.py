@@ -1,0 +1,57 @@
+"""Test harness: a real Distribution registry behind a Docker-Hub-style token server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from .images import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    MANIFEST_ACCEPT,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Layout,
+    TestImage,
+    build_and_push_test_images,
+    fetch_token,
+    push,
+    registry_get,
+    sha256_digest,
+)
+from .registry import LoggedRequest, Registry, free_port
+from .tokenserver import TokenRequest, TokenServer
+
+__all__ = [
+    "DOCKER_LIST",
+    "DOCKER_MANIFEST",
+    "MANIFEST_ACCEPT",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "Layout",
+    "LoggedRequest",
+    "Registry",
+    "TestImage",
+    "TokenRequest",
+    "TokenServer",
+    "build_and_push_test_images",
+    "fetch_token",
+    "free_port",
+    "push",
+    "registry_get",
+    "require_tool",
+    "sha256_digest",
+]
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; in CI its absence fails, elsewhere it skips."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not on PATH; the e2e tests need it (apt-get install {name})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -1,0 +1,152 @@
+"""Blob misses: streaming, verification, resume, faults (in-process fake upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import MirrorFactory
+from fakes.upstream import FakeUpstream, Fault
+
+BLOB = os.urandom(3 * 1024 * 1024 + 17)
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_miss_streams_verifies_and_caches(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        cold = await c.get(f"/v2/team/app/blobs/{digest}")
+        assert cold.status_code == 200
+        assert cold.content == BLOB
+        assert cold.headers["docker-content-digest"] == digest
+        assert cold.headers["content-length"] == str(len(BLOB))
+        warm = await c.get(f"/v2/other/repo/blobs/{digest}")  # shared across repositories
+        assert warm.content == BLOB
+        assert warm.headers["accept-ranges"] == "bytes"
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+    assert m.metric("mirror_cache_requests_total", kind="blob", result="hit") == 1
+    assert m.metric("mirror_served_bytes_total", source="cache") == len(BLOB)
+
+
+async def test_wrong_digest_aborts_and_caches_nothing(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(wrong_bytes=True)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.get(f"/v2/team/app/blobs/{digest}")
+        # Nothing was committed: the next request goes upstream again.
+        del upstream.faults[digest]
+        again = await c.get(f"/v2/team/app/blobs/{digest}")
+        assert again.content == BLOB
+    assert upstream.count("GET", f"/blobs/{digest}") == 2
+    assert m.metric("mirror_digest_mismatches_total", kind="blob") == 1
+    assert not any((tmp_path / "cache" / "tmp").iterdir())
+
+
+async def test_cut_connection_resumes_with_range(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(cut_after=1024 * 1024 + 5)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get(f"/v2/team/app/blobs/{digest}")
+        assert r.status_code == 200
+        assert _digest(r.content) == digest
+    ranged = [s for s in upstream.requests if "range" in s.headers]
+    assert len(ranged) == 1
+    assert ranged[0].headers["range"].startswith("bytes=")
+    assert int(ranged[0].headers["range"][6:-1]) > 0
+    assert m.metric("mirror_upstream_resumes_total") == 1
+
+
+async def test_cut_without_resume_aborts_client(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(cut_after=100_000, cut_times=5)
+    async with mirror(url, resume_attempts=1) as m, httpx.AsyncClient(base_url=m.url) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.get(f"/v2/team/app/blobs/{digest}")
+        # The next request starts a fresh download (which the fake cuts again).
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.get(f"/v2/team/app/blobs/{digest}")
+    assert upstream.count("GET", f"/blobs/{digest}") == 4
+
+
+async def test_429_passes_retry_after(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(b"x")
+    upstream.faults[digest] = Fault(status=429, retry_after="17")
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get(f"/v2/team/app/blobs/{digest}")
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "17"
+    assert r.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+async def test_redirect_to_other_host_gets_no_authorization(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    from fakes.server import serve
+
+    upstream, url = fake
+    upstream.token = "secret-token"
+    cdn = FakeUpstream()
+    async with serve(cdn) as cdn_url:
+        digest = upstream.add_blob(BLOB)
+        cdn.blobs[digest] = BLOB
+        upstream.faults[digest] = Fault(redirect_to=cdn_url)
+        async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+            r = await c.get(f"/v2/team/app/blobs/{digest}")
+            assert r.status_code == 200
+            assert r.content == BLOB
+    # The upstream got the bearer token; the CDN host got no Authorization at all.
+    assert any(s.headers.get("authorization") == "Bearer secret-token" for s in upstream.requests)
+    assert [s.path for s in cdn.requests] == [f"/cdn/{digest}"]
+    assert "authorization" not in cdn.requests[0].headers
+
+
+async def test_range_on_uncached_blob_starts_download(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=1000-"})
+        assert r.status_code == 206
+        assert r.content == BLOB[1000:]
+        assert r.headers["content-range"] == f"bytes 1000-{len(BLOB) - 1}/{len(BLOB)}"
+        r = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=5-9"})
+        assert (r.status_code, r.content) == (206, BLOB[5:10])
+        r = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": f"bytes={len(BLOB)}-"})
+        assert r.status_code == 416
+        assert r.headers["content-range"] == f"bytes */{len(BLOB)}"
+
+
+async def test_concurrent_misses_share_one_download(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(delay=0.01)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        bodies = await asyncio.gather(*(c.get(f"/v2/a/blobs/{digest}") for _ in range(5)))
+    assert all(b.content == BLOB for b in bodies)
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
