@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +10,7 @@ import pytest
 from fakes.server import serve
 from fakes.upstream import FakeUpstream
 from fastapi import FastAPI
+from harness import Registry, TestImage, TokenServer, build_and_push_test_images, require_tool
 from prometheus_client import CollectorRegistry
 
 from mirror.app import create_app
@@ -56,3 +57,23 @@ async def fake() -> AsyncIterator[tuple[FakeUpstream, str]]:
     async with serve(upstream) as url:
         upstream.realm = f"{url}/token"
         yield upstream, url
+
+
+@dataclass
+class RealUpstream:
+    """The real Distribution registry with token auth, holding the four test images."""
+
+    tokens: TokenServer
+    registry: Registry
+    images: dict[str, TestImage]
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def real_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealUpstream]:
+    require_tool("docker-registry")
+    require_tool("skopeo")
+    workdir = tmp_path_factory.mktemp("upstream")
+    with TokenServer(workdir) as tokens, Registry(workdir / "registry", tokens) as registry:
+        images = build_and_push_test_images(workdir, registry)
+        yield RealUpstream(tokens, registry, images, workdir)
