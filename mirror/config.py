@@ -47,14 +47,14 @@ def parse_duration(value: Any) -> float:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MIRROR_", extra="forbid", yaml_file=None)
 
-    listen: str = Field("0.0.0.0:5000", description="HOST:PORT to listen on")
-    upstream: str = Field(DEFAULT_UPSTREAM, description="Upstream registry URL")
+    listen: str = Field(default="0.0.0.0:5000", description="HOST:PORT to listen on")
+    upstream: str = Field(default=DEFAULT_UPSTREAM, description="Upstream registry URL")
     upstream_username: str | None = None
     upstream_password: SecretStr | None = None
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    tag_ttl: float = Field(300.0, description="Seconds a tag->digest answer is trusted")
+    tag_ttl: float = Field(default=300.0, description="Seconds a tag->digest answer is trusted")
     manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
-    resume_attempts: int = Field(3, ge=0, le=100)
+    resume_attempts: int = Field(default=3, ge=0, le=100)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # between two reads of a body, not for the whole body
     log_level: str = "info"

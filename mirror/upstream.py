@@ -109,7 +109,7 @@ class Upstream:
                     "UNAUTHORIZED", "upstream requires authentication", upstream_status=401
                 )
             self._challenge = challenge
-            auth = await self._authorization(challenge.scope or scope, refresh=True)
+            auth = await self._authorization(scope, refresh=True, asked=challenge.scope)
             resp = await self._send(method, self.url + path, hdrs, auth, kind)
         return resp
 
@@ -147,7 +147,15 @@ class Upstream:
 
     # -- internals --------------------------------------------------------------------
 
-    async def _authorization(self, scope: str | None, *, refresh: bool) -> str | None:
+    async def _authorization(
+        self, scope: str | None, *, refresh: bool, asked: str | None = None
+    ) -> str | None:
+        """The Authorization value for a request needing `scope`.
+
+        Tokens are cached under the scope we derive from the repository, so the next
+        request finds them before sending; the token is fetched for the scope the
+        upstream `asked` for in its challenge, when it named one.
+        """
         challenge = self._challenge
         if challenge is None:
             return None
@@ -164,7 +172,7 @@ class Upstream:
                 return f"Bearer {token}"
             if refresh:
                 self._tokens.invalidate(key)
-            token, expires_in = await self._fetch_token(challenge, scope)
+            token, expires_in = await self._fetch_token(challenge, asked or scope)
             self._tokens.put(key, token, expires_in)
             return f"Bearer {token}"
 
@@ -245,8 +253,17 @@ class Upstream:
         raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
 
 
+def _is_timeout(exc: httpx.TransportError) -> bool:
+    # The aiohttp transport maps every connection error to httpx.ConnectTimeout, so
+    # the original exception decides (aiohttp's timeouts are TimeoutError subclasses).
+    cause = exc.__cause__
+    if cause is None:
+        return isinstance(exc, httpx.TimeoutException)
+    return isinstance(cause, TimeoutError)
+
+
 def _transport_error(exc: httpx.TransportError, what: str) -> UpstreamError:
-    if isinstance(exc, httpx.TimeoutException):
+    if _is_timeout(exc):
         return UpstreamError("UNAVAILABLE", f"{what} timed out", status=504)
     # The message names the failure (refused, reset, DNS) but never a credential.
     return UpstreamError(

@@ -247,3 +247,20 @@ def _blob_size(real_upstream: RealUpstream, repo: str, digest: str) -> int:
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return int(resp.headers["content-length"])
+
+
+def test_credentials_from_environment_reach_only_the_token_realm(
+    real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    image = real_upstream.images["schema2"]
+    real_upstream.tokens.clear()
+    env = {"MIRROR_UPSTREAM_USERNAME": "pusher", "MIRROR_UPSTREAM_PASSWORD": "pushpass"}
+    with MirrorProcess(tmp_path / "m", real_upstream.registry.url, env=env) as mirror:
+        result = skopeo_copy(
+            f"docker://{mirror.host}/{image.repo}:{image.tag}", f"dir:{tmp_path / 'out'}"
+        )
+        assert result.returncode == 0, result.stderr
+        metrics_text = httpx.get(f"{mirror.url}/metrics").text
+    assert [r.user for r in real_upstream.tokens.requests] == ["pusher"]
+    assert "pushpass" not in mirror.log()
+    assert "pushpass" not in metrics_text

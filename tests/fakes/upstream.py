@@ -47,6 +47,7 @@ class FakeUpstream:
     requests: list[Seen] = field(default_factory=list)
     token_requests: list[Seen] = field(default_factory=list)
     realm: str = ""  # set by the test once the server's URL is known
+    token_response: dict[str, Any] | None = None  # default: {"token": ..., "expires_in": 300}
 
     def add_blob(self, data: bytes) -> str:
         digest = sha256(data)
@@ -76,12 +77,15 @@ class FakeUpstream:
         seen = Seen(scope["method"], scope["path"], headers)
         if scope["path"] == "/token":
             self.token_requests.append(seen)
-            body = json.dumps({"token": self.token, "expires_in": 300}).encode()
+            answer = self.token_response or {"token": self.token, "expires_in": 300}
+            body = json.dumps(answer).encode()
             await _respond(send, 200, body, {"content-type": "application/json"})
             return
         self.requests.append(seen)
         if self.token and headers.get("authorization") != f"Bearer {self.token}":
-            challenge = f'Bearer realm="{self.realm}",service="fake",scope="repository:x:pull"'
+            repo = scope["path"][4:].rsplit("/", 2)[0]
+            scope_ = f"repository:{repo}:pull"
+            challenge = f'Bearer realm="{self.realm}",service="fake",scope="{scope_}"'
             await _respond(send, 401, b"{}", {"www-authenticate": challenge})
             return
         parts = scope["path"].split("/")

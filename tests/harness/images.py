@@ -50,7 +50,7 @@ def sha256_digest(data: bytes) -> str:
 
 def seeded_bytes(seed: str, size: int) -> bytes:
     # Reproducibility is the point here; nothing secret is derived from it.
-    return random.Random(seed).randbytes(size)  # noqa: S311
+    return random.Random(seed).randbytes(size)
 
 
 def _canonical(obj: Any) -> bytes:

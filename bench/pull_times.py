@@ -1,0 +1,199 @@
+"""Wall time of a full `skopeo copy`: straight from the upstream registry, and through the
+mirror cold (fresh cache) and warm (same mirror, second pull).
+
+The upstream is the test harness's real Distribution registry behind its token server,
+holding the multi-layer OCI test image (~2 MiB) plus one extra image with a single
+seeded-random layer (256 MiB by default). Each pull goes to a fresh `oci:` layout whose
+index digest is checked, then deleted. Repeats are interleaved (direct, cold, warm, ...),
+and every cold pull gets a new mirror process with an empty cache directory.
+
+    .venv/bin/python bench/pull_times.py [--repeat 3] [--big-mib 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+if TYPE_CHECKING:  # mypy, run from the repo root, finds the harness as tests.harness
+    from tests.harness import (
+        Layout,
+        Registry,
+        TestImage,
+        TokenServer,
+        build_and_push_test_images,
+        push,
+    )
+    from tests.harness.images import read_back, seeded_bytes
+    from tests.harness.mirror import MirrorProcess, skopeo_copy
+else:
+    from harness import Layout, Registry, TestImage, TokenServer, build_and_push_test_images, push
+    from harness.images import read_back, seeded_bytes
+    from harness.mirror import MirrorProcess, skopeo_copy
+
+MODES = ("direct", "mirror cold", "mirror warm")
+# uvicorn's access log: `... "GET /v2/... HTTP/1.1" 200` (the reason phrase may follow).
+_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
+_TROUBLE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Exception")
+
+
+@dataclass
+class Run:
+    seconds: float
+    upstream_blob_gets: int
+    upstream_manifest_reqs: int
+
+
+@dataclass
+class Target:
+    label: str
+    image: TestImage
+    size: int
+    runs: dict[str, list[Run]] = field(default_factory=lambda: {m: [] for m in MODES})
+
+
+def _image_size(image: TestImage) -> int:
+    manifest = json.loads(image.manifest)
+    return int(manifest["config"]["size"]) + sum(int(la["size"]) for la in manifest["layers"])
+
+
+def _build_big(workdir: Path, registry: Registry, mib: int) -> TestImage:
+    layout = Layout(workdir / "big-layout")
+    started = time.perf_counter()
+    payload = seeded_bytes("bench-big", mib << 20)
+    descriptor = layout.image([[("opt/big/payload.bin", payload)]])
+    del payload
+    layout.tag(descriptor, "big")
+    repo, tag = "bench/big", "1.0"
+    digest = push(layout.root, "big", registry, repo, tag)
+    if digest != descriptor["digest"]:
+        raise RuntimeError(f"big image: pushed {digest}, layout has {descriptor['digest']}")
+    shutil.rmtree(layout.root)  # the registry holds it now
+    print(f"built and pushed the {mib} MiB image in {time.perf_counter() - started:.1f}s")
+    return read_back(registry, repo, tag, digest)
+
+
+def _pull(src_host: str, image: TestImage, dest: Path, registry: Registry) -> Run:
+    registry.clear_log()
+    started = time.perf_counter()
+    result = skopeo_copy(f"docker://{src_host}/{image.repo}:{image.tag}", f"oci:{dest}:x")
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"skopeo copy from {src_host} failed:\n{result.stderr}")
+    index = json.loads((dest / "index.json").read_text())
+    if index["manifests"][0]["digest"] != image.digest:
+        raise RuntimeError(f"pulled {index['manifests'][0]['digest']}, expected {image.digest}")
+    shutil.rmtree(dest)
+    time.sleep(0.3)  # Distribution writes its access log line after the response
+    requests = registry.requests()
+    blob_gets = [r for r in requests if r.method == "GET" and "/blobs/" in r.path]
+    manifests = [r for r in requests if "/manifests/" in r.path]
+    return Run(seconds, len(blob_gets), len(manifests))
+
+
+def _scan_log(name: str, text: str, statuses: Counter[str], trouble: list[str]) -> None:
+    for line in text.splitlines():
+        match = _ACCESS.search(line)
+        if match:
+            statuses[f"{match['method']} {match['status']}"] += 1
+            if int(match["status"]) >= 400:
+                trouble.append(f"{name}: {line.strip()}")
+        elif _TROUBLE.search(line):
+            trouble.append(f"{name}: {line.strip()}")
+
+
+def _fmt_size(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def _report(targets: list[Target], repeat: int) -> None:
+    print()
+    print(f"skopeo copy to a fresh oci: layout; median of {repeat} runs (min-max in brackets)")
+    print()
+    print("| image | size | path | wall s (median) | min-max s | vs direct | upstream GETs |")
+    print("|---|---:|---|---:|---:|---:|---|")
+    for target in targets:
+        direct = statistics.median(r.seconds for r in target.runs["direct"])
+        for mode in MODES:
+            runs = target.runs[mode]
+            times = [r.seconds for r in runs]
+            median = statistics.median(times)
+            gets = sorted(
+                {f"{r.upstream_manifest_reqs} manifest, {r.upstream_blob_gets} blob" for r in runs}
+            )
+            print(
+                f"| {target.label} | {_fmt_size(target.size)} | {mode} | {median:.3f} "
+                f"| {min(times):.3f}-{max(times):.3f} | {median / direct:.2f}\u00d7 "
+                f"| {' / '.join(gets)} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per image and path")
+    parser.add_argument("--big-mib", type=int, default=256, help="size of the big layer (MiB)")
+    args = parser.parse_args()
+    for tool in ("skopeo", "docker-registry"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not on PATH (bash scripts/system-deps.sh)")
+
+    statuses: Counter[str] = Counter()
+    trouble: list[str] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="pull-times-") as tmp,
+        TokenServer(Path(tmp)) as tokens,
+        Registry(Path(tmp) / "registry", tokens) as registry,
+    ):
+        work = Path(tmp)
+        oci = build_and_push_test_images(work / "images", registry)["oci"]
+        big = _build_big(work, registry, args.big_mib)
+        targets = [
+            Target(f"oci test image ({len(oci.layer_digests) - 1} layers)", oci, _image_size(oci)),
+            Target(f"big ({len(big.layer_digests) - 1} layer)", big, _image_size(big)),
+        ]
+        for target in targets:
+            for i in range(args.repeat):
+                dest = work / "pulled"
+                target.runs["direct"].append(_pull(registry.host, target.image, dest, registry))
+                mirror = MirrorProcess(
+                    work / f"mirror-{target.image.repo.replace('/', '_')}-{i}", registry.url
+                )
+                with mirror:
+                    for mode in ("mirror cold", "mirror warm"):
+                        target.runs[mode].append(_pull(mirror.host, target.image, dest, registry))
+                _scan_log(mirror.workdir.name, mirror.log(), statuses, trouble)
+                shutil.rmtree(mirror.cache_dir)
+                print(
+                    f"{target.label} #{i + 1}: "
+                    + ", ".join(f"{m} {target.runs[m][-1].seconds:.3f}s" for m in MODES),
+                    flush=True,
+                )
+    _report(targets, args.repeat)
+    print()
+    print(
+        "mirror access log, all runs: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
+    )
+    if trouble:
+        print(f"mirror log lines worth a look ({len(trouble)}):")
+        for line in trouble[:40]:
+            print(f"  {line}")
+    else:
+        print("mirror log: no warnings, errors or 4xx/5xx answers")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import pytest
+
+from mirror.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_www_authenticate
+
+
+@pytest.mark.parametrize(
+    ("header", "scheme", "params"),
+    [
+        pytest.param(
+            'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+            'scope="repository:library/alpine:pull"',
+            "bearer",
+            {
+                "realm": "https://auth.docker.io/token",
+                "service": "registry.docker.io",
+                "scope": "repository:library/alpine:pull",
+            },
+            id="docker-hub",
+        ),
+        pytest.param(
+            'Bearer realm="https://r/token",scope="repository:a:pull,push repository:b:pull"',
+            "bearer",
+            {"realm": "https://r/token", "scope": "repository:a:pull,push repository:b:pull"},
+            id="comma-inside-quotes",
+        ),
+        pytest.param(
+            'Bearer realm="https://r/t", service="s", error="insufficient_scope"',
+            "bearer",
+            {"realm": "https://r/t", "service": "s", "error": "insufficient_scope"},
+            id="spaces-and-error",
+        ),
+        pytest.param(
+            'Bearer realm="a\\"b",service=plain',
+            "bearer",
+            {"realm": 'a"b', "service": "plain"},
+            id="escaped-quote-and-token-value",
+        ),
+        pytest.param(
+            'Basic realm="Registry Realm"', "basic", {"realm": "Registry Realm"}, id="basic"
+        ),
+        pytest.param("BEARER Realm=x", "bearer", {"realm": "x"}, id="case-insensitive"),
+    ],
+)
+def test_parse_www_authenticate(header: str, scheme: str, params: dict[str, str]) -> None:
+    challenge = parse_www_authenticate(header)
+    assert challenge is not None
+    assert challenge.scheme == scheme
+    assert challenge.params == params
+
+
+def test_empty_challenge() -> None:
+    assert parse_www_authenticate("  ") is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+KEY = ("https://auth/token", "svc", "repository:a:pull")
+
+
+def test_token_cached_until_shortly_before_expiry() -> None:
+    clock = Clock()
+    cache = TokenCache(clock)
+    cache.put(KEY, "t1", 300)
+    clock.now += 280
+    assert cache.get(KEY) == "t1"
+    clock.now += 15  # within the refresh margin of expiry
+    assert cache.get(KEY) is None
+
+
+@pytest.mark.parametrize("expires_in", [None, "junk", 0, -5])
+def test_missing_or_bad_expires_in_means_60_seconds(expires_in: object) -> None:
+    clock = Clock()
+    cache = TokenCache(clock)
+    cache.put(KEY, "t", expires_in)
+    clock.now += DEFAULT_EXPIRES_IN - 11
+    assert cache.get(KEY) == "t"
+    clock.now += 2
+    assert cache.get(KEY) is None
+
+
+def test_short_lived_token_refreshed_at_half_life() -> None:
+    clock = Clock()
+    cache = TokenCache(clock)
+    cache.put(KEY, "t", 10)
+    clock.now += 4
+    assert cache.get(KEY) == "t"
+    clock.now += 2
+    assert cache.get(KEY) is None

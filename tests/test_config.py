@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from mirror.config import Settings, host_port, load_settings, parse_duration
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("MIRROR_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert s.upstream == "https://registry-1.docker.io"
+    assert s.listen == "0.0.0.0:5000"
+    assert s.tag_ttl == 300
+    assert s.manifest_max_bytes == 4 * 1024 * 1024
+
+
+def test_precedence_file_then_env_then_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        "upstream: https://file.example\ntag_ttl: 10m\nlisten: 127.0.0.1:1\n"
+        "upstream_username: bob\nupstream_password: from-file\n"
+    )
+    monkeypatch.setenv("MIRROR_LISTEN", "127.0.0.1:2")
+    monkeypatch.setenv("MIRROR_UPSTREAM_PASSWORD", "from-env")
+    s = load_settings(config, upstream="https://cli.example")
+    assert s.upstream == "https://cli.example"  # command line beats all
+    assert s.listen == "127.0.0.1:2"  # environment beats the file
+    assert s.tag_ttl == 600  # the file beats defaults
+    assert s.upstream_username == "bob"
+    assert s.upstream_password is not None
+    assert s.upstream_password.get_secret_value() == "from-env"
+    assert "from-env" not in repr(s) and "from-env" not in str(s.model_dump())
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("upstreem: https://typo.example\n")
+    with pytest.raises(pydantic.ValidationError):
+        load_settings(config)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("listen", "nohostport"),
+        ("listen", "1.2.3.4:99999"),
+        ("upstream", "ftp://x"),
+        ("upstream", "https://x/some/path"),
+        ("tag_ttl", "five minutes"),
+        ("resume_attempts", -1),
+    ],
+)
+def test_invalid_values(field: str, value: object) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        Settings.model_validate({field: value})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("300", 300), (45, 45), ("5m", 300), ("1.5h", 5400), ("7d", 604800), ("250ms", 0.25)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:5000", ("127.0.0.1", 5000)),
+        (":80", ("0.0.0.0", 80)),
+        ("[::1]:5000", ("::1", 5000)),
+    ],
+)
+def test_host_port(listen: str, expected: tuple[str, int]) -> None:
+    assert host_port(listen) == expected

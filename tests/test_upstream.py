@@ -1,0 +1,183 @@
+"""The upstream client against the fake upstream: token flow, retries, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fakes.upstream import FakeUpstream
+
+from mirror.errors import UpstreamError
+from mirror.metrics import Metrics
+from mirror.upstream import Credentials, Upstream, make_client
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    c = make_client(2.0, 2.0)
+    yield c
+    await c.aclose()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_token_fetched_once_and_reused(
+    fake: tuple[FakeUpstream, str], client: httpx.AsyncClient
+) -> None:
+    upstream, url = fake
+    upstream.token = "tok"
+    digest = upstream.add_blob(b"hello")
+    up = Upstream(url, client, Metrics())
+    for _ in range(5):
+        resp = await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+        assert resp.status_code == 200
+        await resp.aclose()
+    assert len(upstream.token_requests) == 1
+    # Only the very first request paid the 401 round trip.
+    assert sum(1 for r in upstream.requests if "authorization" not in r.headers) == 1
+
+
+async def test_access_token_field_and_default_expiry(
+    fake: tuple[FakeUpstream, str], client: httpx.AsyncClient
+) -> None:
+    upstream, url = fake
+    upstream.token = "tok2"
+    upstream.token_response = {"access_token": "tok2"}  # no expires_in: 60 s
+    digest = upstream.add_blob(b"x")
+    clock = Clock()
+    up = Upstream(url, client, Metrics(), clock=clock)
+    for advance in (0, 30, 30):
+        clock.now += advance
+        resp = await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+        assert resp.status_code == 200
+        await resp.aclose()
+    assert len(upstream.token_requests) == 2  # refreshed once the 60 s ran out
+
+
+async def test_stale_token_is_retried_once_with_a_fresh_one(
+    fake: tuple[FakeUpstream, str], client: httpx.AsyncClient
+) -> None:
+    upstream, url = fake
+    upstream.token = "old"
+    digest = upstream.add_blob(b"x")
+    up = Upstream(url, client, Metrics())
+    resp = await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+    await resp.aclose()
+    upstream.token = "new"  # the upstream rotated its keys
+    resp = await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+    assert resp.status_code == 200
+    await resp.aclose()
+    assert len(upstream.token_requests) == 2
+
+
+async def test_credentials_go_to_token_realm_as_basic(
+    fake: tuple[FakeUpstream, str], client: httpx.AsyncClient
+) -> None:
+    upstream, url = fake
+    upstream.token = "t"
+    digest = upstream.add_blob(b"x")
+    up = Upstream(url, client, Metrics(), credentials=Credentials("user", "pa:ss"))
+    resp = await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+    await resp.aclose()
+    assert upstream.token_requests[0].headers["authorization"] == "Basic dXNlcjpwYTpzcw=="
+    # The registry itself only ever sees the bearer token.
+    assert all(
+        r.headers.get("authorization", "Bearer").startswith("Bearer") for r in upstream.requests
+    )
+
+
+async def test_concurrent_requests_share_one_token_fetch(
+    fake: tuple[FakeUpstream, str], client: httpx.AsyncClient
+) -> None:
+    upstream, url = fake
+    upstream.token = "t"
+    digest = upstream.add_blob(b"x")
+    up = Upstream(url, client, Metrics())
+    # Learn the challenge first, then let ten requests race for the token.
+    await (await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")).aclose()
+    upstream.token_requests.clear()
+
+    async def one() -> int:
+        resp = await up.get(f"/v2/b/blobs/{digest}", repo="b", kind="blob")
+        await resp.aclose()
+        return resp.status_code
+
+    assert await asyncio.gather(*(one() for _ in range(10))) == [200] * 10
+    assert len(upstream.token_requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "mapped"),
+    [
+        (404, "BLOB_UNKNOWN", 404),
+        (401, "UNAUTHORIZED", 401),
+        (403, "DENIED", 403),
+        (429, "TOOMANYREQUESTS", 429),
+        (500, "UNAVAILABLE", 502),
+        (503, "UNAVAILABLE", 502),
+    ],
+)
+async def test_status_mapping(
+    fake: tuple[FakeUpstream, str],
+    client: httpx.AsyncClient,
+    status: int,
+    code: str,
+    mapped: int,
+) -> None:
+    from fakes.upstream import Fault
+
+    upstream, url = fake
+    digest = upstream.add_blob(b"x")
+    upstream.faults[digest] = Fault(status=status)
+    up = Upstream(url, client, Metrics())
+    with pytest.raises(UpstreamError) as err:
+        resp = await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+        await up.raise_for_status(resp, "blob")
+    assert (err.value.code, err.value.status) == (code, mapped)
+
+
+async def test_unreachable_upstream_is_502(client: httpx.AsyncClient) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    up = Upstream(f"http://127.0.0.1:{port}", client, Metrics())
+    with pytest.raises(UpstreamError) as err:
+        await up.get("/v2/a/manifests/x", repo="a", kind="manifest")
+    assert err.value.status == 502
+    assert "unreachable" in err.value.message
+
+
+async def test_silent_upstream_times_out_as_504() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.append(w)
+
+    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    c = make_client(0.5, 0.3)
+    try:
+        up = Upstream(f"http://127.0.0.1:{port}", c, Metrics())
+        with pytest.raises(UpstreamError) as err:
+            await up.get("/v2/a/manifests/x", repo="a", kind="manifest")
+        assert err.value.status == 504
+    finally:
+        await c.aclose()
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_docker_hub_detection(client: httpx.AsyncClient) -> None:
+    assert Upstream("https://registry-1.docker.io", client, Metrics()).docker_hub
+    assert not Upstream("https://ghcr.io", client, Metrics()).docker_hub
