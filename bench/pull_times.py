@@ -47,7 +47,12 @@ else:
 MODES = ("direct", "mirror cold", "mirror warm")
 # uvicorn's access log: `... "GET /v2/... HTTP/1.1" 200` (the reason phrase may follow).
 _ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
+_ACCESS_PEER = re.compile(r"127\.0\.0\.1:\d+ - ")
 _TROUBLE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Exception")
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
+# skopeo with --src-tls-verify=false tries HTTPS first; the plain-HTTP server sees a
+# TLS ClientHello and uvicorn logs this, then skopeo falls back to HTTP.
+_KNOWN = {"WARNING:  Invalid HTTP request received.": "skopeo's HTTPS probe before HTTP"}
 
 
 @dataclass
@@ -73,7 +78,12 @@ def _image_size(image: TestImage) -> int:
 def _build_big(workdir: Path, registry: Registry, mib: int) -> TestImage:
     layout = Layout(workdir / "big-layout")
     started = time.perf_counter()
-    payload = seeded_bytes("bench-big", mib << 20)
+    # randbytes() overflows at 256 MiB (2**31 bits), so the payload is built in pieces.
+    piece = 32 << 20
+    payload = b"".join(
+        seeded_bytes(f"bench-big-{i}", min(piece, (mib << 20) - start))
+        for i, start in enumerate(range(0, mib << 20, piece))
+    )
     descriptor = layout.image([[("opt/big/payload.bin", payload)]])
     del payload
     layout.tag(descriptor, "big")
@@ -104,15 +114,15 @@ def _pull(src_host: str, image: TestImage, dest: Path, registry: Registry) -> Ru
     return Run(seconds, len(blob_gets), len(manifests))
 
 
-def _scan_log(name: str, text: str, statuses: Counter[str], trouble: list[str]) -> None:
+def _scan_log(text: str, statuses: Counter[str], trouble: Counter[str]) -> None:
     for line in text.splitlines():
         match = _ACCESS.search(line)
         if match:
             statuses[f"{match['method']} {match['status']}"] += 1
             if int(match["status"]) >= 400:
-                trouble.append(f"{name}: {line.strip()}")
+                trouble[_ACCESS_PEER.sub("", line.strip())] += 1
         elif _TROUBLE.search(line):
-            trouble.append(f"{name}: {line.strip()}")
+            trouble[_TIMESTAMP.sub("", line.strip())] += 1
 
 
 def _fmt_size(size: int) -> str:
@@ -123,7 +133,9 @@ def _report(targets: list[Target], repeat: int) -> None:
     print()
     print(f"skopeo copy to a fresh oci: layout; median of {repeat} runs (min-max in brackets)")
     print()
-    print("| image | size | path | wall s (median) | min-max s | vs direct | upstream GETs |")
+    print(
+        "| image | size | path | wall s (median) | min-max s | vs direct | upstream reqs per run |"
+    )
     print("|---|---:|---|---:|---:|---:|---|")
     for target in targets:
         direct = statistics.median(r.seconds for r in target.runs["direct"])
@@ -132,7 +144,10 @@ def _report(targets: list[Target], repeat: int) -> None:
             times = [r.seconds for r in runs]
             median = statistics.median(times)
             gets = sorted(
-                {f"{r.upstream_manifest_reqs} manifest, {r.upstream_blob_gets} blob" for r in runs}
+                {
+                    f"{r.upstream_manifest_reqs} manifest, {r.upstream_blob_gets} blob GET"
+                    for r in runs
+                }
             )
             print(
                 f"| {target.label} | {_fmt_size(target.size)} | {mode} | {median:.3f} "
@@ -151,7 +166,7 @@ def main() -> None:
             sys.exit(f"{tool} is not on PATH (bash scripts/system-deps.sh)")
 
     statuses: Counter[str] = Counter()
-    trouble: list[str] = []
+    trouble: Counter[str] = Counter()
     with (
         tempfile.TemporaryDirectory(prefix="pull-times-") as tmp,
         TokenServer(Path(tmp)) as tokens,
@@ -174,7 +189,7 @@ def main() -> None:
                 with mirror:
                     for mode in ("mirror cold", "mirror warm"):
                         target.runs[mode].append(_pull(mirror.host, target.image, dest, registry))
-                _scan_log(mirror.workdir.name, mirror.log(), statuses, trouble)
+                _scan_log(mirror.log(), statuses, trouble)
                 shutil.rmtree(mirror.cache_dir)
                 print(
                     f"{target.label} #{i + 1}: "
@@ -187,12 +202,13 @@ def main() -> None:
         "mirror access log, all runs: "
         + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
     )
-    if trouble:
-        print(f"mirror log lines worth a look ({len(trouble)}):")
-        for line in trouble[:40]:
-            print(f"  {line}")
-    else:
+    if not trouble:
         print("mirror log: no warnings, errors or 4xx/5xx answers")
+    else:
+        print("mirror log lines worth a look (count x line):")
+    for line, count in trouble.most_common(40):
+        known = f"  <- {_KNOWN[line]}" if line in _KNOWN else ""
+        print(f"  {count:4d} x {line[:200]}{known}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -56,6 +56,7 @@ class _HashingWriter:
         self._on_progress = on_progress
         self._done: asyncio.Future[str] = self._loop.create_future()
         self.submitted = 0  # bytes handed to the thread; the offset to resume from
+        self._aborted = False
         self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
         self._thread.start()
 
@@ -70,28 +71,35 @@ class _HashingWriter:
         return await self._done
 
     def abort(self) -> None:
+        self._aborted = True
         self._queue.put(None)
 
     def _run(self) -> None:
         written = 0
         try:
-            while (chunk := self._queue.get()) is not None:
+            while (chunk := self._queue.get()) is not None and not self._aborted:
                 view = memoryview(chunk)
                 while view:
                     n = os.write(self._fd, view)
                     view = view[n:]
                 self._hash.update(chunk)
                 written += len(chunk)
-                self._loop.call_soon_threadsafe(self._progress, written)
+                self._call_in_loop(self._progress, written)
             # Durable before the rename that publishes it: a crash must never leave a
             # committed name pointing at unwritten pages.
-            os.fsync(self._fd)
+            if not self._aborted:
+                os.fsync(self._fd)
             result: str | BaseException = self._hash.hexdigest()
         except BaseException as exc:  # reported to the loop, never lost in the thread
             result = exc
         finally:
             os.close(self._fd)
-        self._loop.call_soon_threadsafe(self._resolve, result)
+        self._call_in_loop(self._resolve, result)
+
+    def _call_in_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
+        # RuntimeError: the loop closed (shutdown), nobody is waiting for this download.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, arg)
 
     def _progress(self, written: int) -> None:
         self._slots.release()
