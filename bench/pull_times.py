@@ -4,17 +4,21 @@ mirror cold (fresh cache) and warm (same mirror, second pull).
 The upstream is the test harness's real Distribution registry behind its token server,
 holding the multi-layer OCI test image (~2 MiB) plus one extra image with a single
 seeded-random layer (256 MiB by default). Each pull goes to a fresh `oci:` layout whose
-index digest is checked, then deleted. Repeats are interleaved (direct, cold, warm, ...),
-and every cold pull gets a new mirror process with an empty cache directory.
+index digest is checked, then deleted. CPU time of skopeo, the registry and the mirror is
+recorded per pull, and the mirror's log is scanned for warnings, errors and 4xx/5xx.
+Repeats are interleaved (direct, cold, warm, ...), and every cold pull gets a new mirror
+process with an empty cache directory.
 
-    .venv/bin/python bench/pull_times.py [--repeat 3] [--big-mib 256]
+    .venv/bin/python bench/pull_times.py [--repeat 3] [--big-mib 256] [--mirror-env K=V]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import resource
 import shutil
 import statistics
 import sys
@@ -58,6 +62,9 @@ _KNOWN = {"WARNING:  Invalid HTTP request received.": "skopeo's HTTPS probe befo
 @dataclass
 class Run:
     seconds: float
+    skopeo_cpu: float
+    registry_cpu: float
+    mirror_cpu: float
     upstream_blob_gets: int
     upstream_manifest_reqs: int
 
@@ -96,11 +103,38 @@ def _build_big(workdir: Path, registry: Registry, mib: int) -> TestImage:
     return read_back(registry, repo, tag, digest)
 
 
-def _pull(src_host: str, image: TestImage, dest: Path, registry: Registry) -> Run:
+def _cpu(pid: int | None) -> float:
+    """User + system CPU seconds of a running process, from /proc (10 ms resolution)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pull(
+    src_host: str,
+    image: TestImage,
+    dest: Path,
+    registry: Registry,
+    mirror: MirrorProcess | None = None,
+) -> Run:
+    # The harness keeps its processes private; their pids give per-pull CPU time.
+    registry_pid = registry._proc.pid if registry._proc else None
+    mirror_pid = mirror._proc.pid if mirror and mirror._proc else None
     registry.clear_log()
+    before = (_children_cpu(), _cpu(registry_pid), _cpu(mirror_pid))
     started = time.perf_counter()
     result = skopeo_copy(f"docker://{src_host}/{image.repo}:{image.tag}", f"oci:{dest}:x")
     seconds = time.perf_counter() - started
+    # skopeo has been waited for, so RUSAGE_CHILDREN now includes it (and only it).
+    skopeo_cpu = _children_cpu() - before[0]
+    registry_cpu = _cpu(registry_pid) - before[1]
+    mirror_cpu = _cpu(mirror_pid) - before[2]
     if result.returncode != 0:
         raise RuntimeError(f"skopeo copy from {src_host} failed:\n{result.stderr}")
     index = json.loads((dest / "index.json").read_text())
@@ -111,7 +145,7 @@ def _pull(src_host: str, image: TestImage, dest: Path, registry: Registry) -> Ru
     requests = registry.requests()
     blob_gets = [r for r in requests if r.method == "GET" and "/blobs/" in r.path]
     manifests = [r for r in requests if "/manifests/" in r.path]
-    return Run(seconds, len(blob_gets), len(manifests))
+    return Run(seconds, skopeo_cpu, registry_cpu, mirror_cpu, len(blob_gets), len(manifests))
 
 
 def _scan_log(text: str, statuses: Counter[str], trouble: Counter[str]) -> None:
@@ -129,30 +163,33 @@ def _fmt_size(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-def _report(targets: list[Target], repeat: int) -> None:
+def _report(targets: list[Target], repeat: int, mirror_env: dict[str, str]) -> None:
     print()
-    print(f"skopeo copy to a fresh oci: layout; median of {repeat} runs (min-max in brackets)")
+    print(f"skopeo copy to a fresh oci: layout; medians of {repeat} runs")
+    if mirror_env:
+        print("mirror environment: " + " ".join(f"{k}={v}" for k, v in mirror_env.items()))
+    print("CPU s = user + system seconds during the pull (skopeo / registry / mirror)")
     print()
-    print(
-        "| image | size | path | wall s (median) | min-max s | vs direct | upstream reqs per run |"
-    )
-    print("|---|---:|---|---:|---:|---:|---|")
+    header = ("image", "size", "path", "wall s", "min-max s", "vs direct", "CPU s", "upstream")
+    print("| " + " | ".join(header) + " |")
+    print("|---|---:|---|---:|---:|---:|---:|---|")
     for target in targets:
         direct = statistics.median(r.seconds for r in target.runs["direct"])
         for mode in MODES:
             runs = target.runs[mode]
             times = [r.seconds for r in runs]
             median = statistics.median(times)
+            cpu = " / ".join(
+                f"{statistics.median(getattr(r, f) for r in runs):.2f}"
+                for f in ("skopeo_cpu", "registry_cpu", "mirror_cpu")
+            )
             gets = sorted(
-                {
-                    f"{r.upstream_manifest_reqs} manifest, {r.upstream_blob_gets} blob GET"
-                    for r in runs
-                }
+                {f"{r.upstream_manifest_reqs} manifest, {r.upstream_blob_gets} blob" for r in runs}
             )
             print(
                 f"| {target.label} | {_fmt_size(target.size)} | {mode} | {median:.3f} "
                 f"| {min(times):.3f}-{max(times):.3f} | {median / direct:.2f}\u00d7 "
-                f"| {' / '.join(gets)} |"
+                f"| {cpu} | {' / '.join(gets)} |"
             )
 
 
@@ -160,7 +197,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repeat", type=int, default=3, help="runs per image and path")
     parser.add_argument("--big-mib", type=int, default=256, help="size of the big layer (MiB)")
+    parser.add_argument(
+        "--mirror-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the mirror process (repeatable)",
+    )
     args = parser.parse_args()
+    mirror_env = dict(item.split("=", 1) for item in args.mirror_env)
     for tool in ("skopeo", "docker-registry"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not on PATH (bash scripts/system-deps.sh)")
@@ -184,11 +229,15 @@ def main() -> None:
                 dest = work / "pulled"
                 target.runs["direct"].append(_pull(registry.host, target.image, dest, registry))
                 mirror = MirrorProcess(
-                    work / f"mirror-{target.image.repo.replace('/', '_')}-{i}", registry.url
+                    work / f"mirror-{target.image.repo.replace('/', '_')}-{i}",
+                    registry.url,
+                    env=mirror_env,
                 )
                 with mirror:
                     for mode in ("mirror cold", "mirror warm"):
-                        target.runs[mode].append(_pull(mirror.host, target.image, dest, registry))
+                        target.runs[mode].append(
+                            _pull(mirror.host, target.image, dest, registry, mirror)
+                        )
                 _scan_log(mirror.log(), statuses, trouble)
                 shutil.rmtree(mirror.cache_dir)
                 print(
@@ -196,7 +245,7 @@ def main() -> None:
                     + ", ".join(f"{m} {target.runs[m][-1].seconds:.3f}s" for m in MODES),
                     flush=True,
                 )
-    _report(targets, args.repeat)
+    _report(targets, args.repeat, mirror_env)
     print()
     print(
         "mirror access log, all runs: "

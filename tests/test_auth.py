@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from fakes.clock import Clock
 
 from mirror.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_www_authenticate
 
@@ -52,14 +53,6 @@ def test_parse_www_authenticate(header: str, scheme: str, params: dict[str, str]
 
 def test_empty_challenge() -> None:
     assert parse_www_authenticate("  ") is None
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 KEY = ("https://auth/token", "svc", "repository:a:pull")

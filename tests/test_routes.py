@@ -9,19 +9,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from conftest import MirrorFactory
+from fakes.clock import Clock
 from fakes.upstream import FakeUpstream, Fault, sha256
 
 from mirror.mediatypes import DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, OCI_MANIFEST
 
 MANIFEST = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_V2, "layers": []}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def raw_request(base: str, target: str, method: str = "GET") -> tuple[int, bytes]:

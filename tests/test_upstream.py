@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from fakes.clock import Clock
 from fakes.upstream import FakeUpstream
 
 from mirror.errors import UpstreamError
@@ -20,14 +21,6 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     c = make_client(2.0, 2.0)
     yield c
     await c.aclose()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_token_fetched_once_and_reused(
