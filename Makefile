@@ -32,8 +32,11 @@ test: system-deps lint
 unit: install
 	$(BIN)/pytest -m "not e2e"
 
+## Measurements (results in docs/benchmarks.md): upstream read path, pull times.
 bench: system-deps install
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3
+	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3 --mallopt
+	$(BIN)/python bench/pull_times.py --repeat 3 --big-mib 256
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -27,26 +27,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-if TYPE_CHECKING:  # mypy, run from the repo root, finds the harness as tests.harness
-    from tests.harness import (
-        Layout,
-        Registry,
-        TestImage,
-        TokenServer,
-        build_and_push_test_images,
-        push,
-    )
-    from tests.harness.images import read_back, seeded_bytes
-    from tests.harness.mirror import MirrorProcess, skopeo_copy
-else:
-    from harness import Layout, Registry, TestImage, TokenServer, build_and_push_test_images, push
-    from harness.images import read_back, seeded_bytes
-    from harness.mirror import MirrorProcess, skopeo_copy
+# mypy finds the harness through mypy_path = tests (pyproject.toml).
+from harness import (  # noqa: E402
+    Layout,
+    Registry,
+    TestImage,
+    TokenServer,
+    build_and_push_test_images,
+    push,
+)
+from harness.images import read_back, seeded_bytes  # noqa: E402
+from harness.mirror import MirrorProcess, skopeo_copy  # noqa: E402
 
 MODES = ("direct", "mirror cold", "mirror warm")
 # uvicorn's access log: `... "GET /v2/... HTTP/1.1" 200` (the reason phrase may follow).

@@ -218,8 +218,17 @@ def main() -> None:
         default="uvloop",
         help="client event loop (default uvloop: what `mirror serve` runs on under uvicorn)",
     )
+    parser.add_argument(
+        "--mallopt",
+        action="store_true",
+        help="pin glibc malloc thresholds in the client first, as `mirror serve` does",
+    )
     args = parser.parse_args()
     size = args.size_mib << 20
+    if args.mallopt:
+        from mirror.tuning import tune_malloc
+
+        print(f"mirror.tuning.tune_malloc() applied: {tune_malloc()}")
 
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)

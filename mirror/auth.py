@@ -65,6 +65,8 @@ class Token:
 
 # Docker's token spec: when a server omits expires_in, assume 60 seconds.
 DEFAULT_EXPIRES_IN = 60
+# Past this many per-scope locks, idle ones are dropped.
+MAX_IDLE_ENTRIES = 4096
 # Refresh this early so a token never expires between lookup and use.
 REFRESH_MARGIN = 10.0
 
@@ -111,5 +113,14 @@ class TokenCache:
     def lock(self, key: tuple[str, str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
         if lock is None:
+            if len(self._locks) >= MAX_IDLE_ENTRIES:
+                self._prune()
             lock = self._locks[key] = asyncio.Lock()
         return lock
+
+    def _prune(self) -> None:
+        # Clients can name any number of repositories: forget idle locks and expired
+        # tokens instead of growing without bound.
+        now = self._clock()
+        self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+        self._tokens = {k: t for k, t in self._tokens.items() if t.expires_at > now}

@@ -43,6 +43,7 @@ def serve(
     import uvicorn
 
     from mirror.app import create_app
+    from mirror.tuning import tune_malloc
 
     try:
         settings = load_settings(
@@ -53,6 +54,9 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: one line per blob chunk source is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    tune_malloc()
     host, port = host_port(settings.listen)
     uvicorn.run(
         create_app(settings),

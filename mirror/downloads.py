@@ -7,7 +7,7 @@ never affects the download, and every byte is fetched from upstream once.
 
 Hashing and writing run in one worker thread per download, fed by a bounded queue:
 measured faster than a thread hop per chunk or hashing in the event loop, and it
-keeps the loop free for other requests (FIELD-NOTES, "sha256").
+keeps the loop free for other requests (docs/design.md, "Blob path").
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import httpx
 
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import Metrics
+from mirror.ranges import parse_length
 from mirror.reference import Digest
 from mirror.storage import Storage
 from mirror.upstream import Upstream
@@ -62,6 +63,11 @@ class _HashingWriter:
 
     async def write(self, chunk: bytes) -> None:
         await self._slots.acquire()
+        if self._done.done():
+            # The thread has stopped (a write failed: ENOSPC, EIO): raise its error
+            # instead of queueing into a queue nobody drains.
+            self._done.result()
+            raise RuntimeError("blob writer stopped early")
         self.submitted += len(chunk)
         self._queue.put(chunk)
 
@@ -78,10 +84,7 @@ class _HashingWriter:
         written = 0
         try:
             while (chunk := self._queue.get()) is not None and not self._aborted:
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(self._fd, view)
-                    view = view[n:]
+                self._write_all(chunk)
                 self._hash.update(chunk)
                 written += len(chunk)
                 self._call_in_loop(self._progress, written)
@@ -95,6 +98,12 @@ class _HashingWriter:
         finally:
             os.close(self._fd)
         self._call_in_loop(self._resolve, result)
+
+    def _write_all(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
 
     def _call_in_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
         # RuntimeError: the loop closed (shutdown), nobody is waiting for this download.
@@ -110,6 +119,11 @@ class _HashingWriter:
             return
         if isinstance(result, BaseException):
             self._done.set_exception(result)
+            # Mark it retrieved: an aborted download never awaits it.
+            self._done.add_done_callback(lambda f: f.exception())
+            # Wake a producer blocked on a full queue so write() can raise.
+            for _ in range(QUEUE_DEPTH):
+                self._slots.release()
         else:
             self._done.set_result(result)
 
@@ -117,8 +131,9 @@ class _HashingWriter:
 class BlobDownload:
     """One upstream fetch of one digest, observed by any number of readers."""
 
-    def __init__(self, digest: Digest, path: Path) -> None:
+    def __init__(self, digest: Digest, path: Path, repo: str) -> None:
         self.digest = digest
+        self.repo = repo  # the repository the upstream was asked under
         self.path = path  # the temp file; the final path once committed
         self.state: State = "starting"
         self.size: int | None = None  # from Content-Length, known once streaming
@@ -168,7 +183,7 @@ class Downloads:
         key = str(digest)
         download = self._active.get(key)
         if download is None:
-            download = BlobDownload(digest, self._storage.temp_path())
+            download = BlobDownload(digest, self._storage.temp_path(), repo)
             # Created now, so a reader can open it before the first byte arrives.
             download.path.touch()
             self._active[key] = download
@@ -191,14 +206,17 @@ class Downloads:
         try:
             resp = await self._upstream.get(path, repo=repo, kind="blob")
             await self._upstream.raise_for_status(resp, "blob")
-            length = resp.headers.get("content-length")
-            dl.size = int(length) if length and length.isdigit() else None
+            dl.size = parse_length(resp.headers.get("content-length"))
 
             def progress(written: int) -> None:
                 dl.written = written
                 dl._notify()
 
-            writer = _HashingWriter(dl.path, dl.digest.algorithm, progress)
+            try:
+                writer = _HashingWriter(dl.path, dl.digest.algorithm, progress)
+            except BaseException:
+                await resp.aclose()
+                raise
             dl.state = "streaming"
             dl._notify()
             await self._copy(resp, writer, path, repo)
@@ -224,15 +242,20 @@ class Downloads:
                 writer.abort()
             dl.error = exc
             dl.state = "failed"
+            # Forget it before anything else: the next request must start afresh,
+            # never join a failed download whose file is being removed.
+            self._active.pop(str(dl.digest), None)
             dl._notify()
-            with contextlib.suppress(FileNotFoundError):
-                dl.path.unlink()
             if not isinstance(exc, RegistryError | DigestMismatch):
                 log.warning("download of %s from %s failed: %r", dl.digest, repo, exc)
             if isinstance(exc, asyncio.CancelledError):
+                _unlink(dl.path)
                 raise
+            # Unlinking a multi-GB file can take a while: not in the event loop.
+            await asyncio.to_thread(_unlink, dl.path)
         finally:
-            self._active.pop(str(dl.digest), None)
+            if self._active.get(str(dl.digest)) is dl:
+                del self._active[str(dl.digest)]
 
     async def _copy(
         self, resp: httpx.Response, writer: _HashingWriter, path: str, repo: str
@@ -270,3 +293,8 @@ class Downloads:
             ):
                 await resp.aclose()
                 raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

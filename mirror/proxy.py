@@ -16,11 +16,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from mirror.downloads import Downloads
+from mirror.downloads import BlobDownload, Downloads
 from mirror.errors import RegistryError, UpstreamError
 from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
 from mirror.metrics import Metrics
-from mirror.ranges import ByteRange, RangeSpec
+from mirror.ranges import ByteRange, RangeSpec, parse_length
 from mirror.reference import Digest, Reference, upstream_name
 from mirror.responses import read_download, read_file
 from mirror.storage import Storage, StoredManifest, TagEntry
@@ -112,8 +112,8 @@ class Proxy:
         )
         await self._upstream.raise_for_status(resp, "manifest")
         try:
-            length = resp.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self._manifest_max:
+            length = parse_length(resp.headers.get("content-length"))
+            if length is not None and length > self._manifest_max:
                 raise UpstreamError(
                     "MANIFEST_INVALID", "manifest exceeds the size limit", status=502
                 )
@@ -163,7 +163,11 @@ class Proxy:
         if cached is not None:
             self._metrics.cache.labels("blob", "hit").inc()
             fd, size = cached
-            rng = spec.resolve(size) if spec is not None else None
+            try:
+                rng = spec.resolve(size) if spec is not None else None
+            except BaseException:
+                os.close(fd)
+                raise
             if head:
                 os.close(fd)
                 return Blob(size, rng, None, None, "cache")
@@ -173,10 +177,8 @@ class Proxy:
         if head and self._downloads.active(digest) is None:
             # A HEAD must not start a multi-GB download: ask upstream for the size only.
             return await self._head_upstream(repo, digest, spec)
-        dl = self._downloads.get_or_start(repo, digest)
-        fd = os.open(dl.path, os.O_RDONLY)  # before any await: the path may be renamed
+        dl, fd = await self._attach(repo, digest)
         try:
-            await dl.ready()
             if dl.size is None and spec is not None:
                 await dl.finished()  # a range needs the size; chunked upstreams are rare
                 await dl.ready()
@@ -193,14 +195,34 @@ class Proxy:
             body = read_download(dl, fd, 0, None)
         return Blob(dl.size, rng, fd, body, "upstream")
 
+    async def _attach(self, repo: str, digest: Digest) -> tuple[BlobDownload, int]:
+        """Join (or start) the download of `digest`; returns it with a read fd on its file.
+
+        A download started for another repository that the upstream refused (404,
+        401, 403) says nothing about this repository: then this request asks for
+        itself, so one client's bad name cannot fail everybody else's pull.
+        """
+        while True:
+            dl = self._downloads.get_or_start(repo, digest)
+            fd = os.open(dl.path, os.O_RDONLY)  # before any await: the path may be renamed
+            try:
+                await dl.ready()
+                return dl, fd
+            except UpstreamError as exc:
+                os.close(fd)
+                if dl.repo == repo or exc.status >= 500:
+                    raise
+            except BaseException:
+                os.close(fd)
+                raise
+
     async def _head_upstream(self, repo: str, digest: Digest, spec: RangeSpec | None) -> Blob:
         resp = await self._upstream.get(
             f"/v2/{repo}/blobs/{digest}", repo=repo, kind="blob", method="HEAD"
         )
         await resp.aclose()
         await self._upstream.raise_for_status(resp, "blob")
-        length = resp.headers.get("content-length")
-        size = int(length) if length and length.isdigit() else None
+        size = parse_length(resp.headers.get("content-length"))
         rng = spec.resolve(size) if spec is not None and size is not None else None
         return Blob(size, rng, None, None, "upstream")
 

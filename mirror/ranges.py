@@ -7,7 +7,17 @@ from dataclasses import dataclass
 
 from mirror.errors import RegistryError
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# ASCII digits only, at most 18 of them: `\d` admits other scripts' digits, and int() of
+# thousands of digits raises instead of parsing (a 500 where a 416 belongs).
+_RANGE_RE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+
+
+def parse_length(value: str | None) -> int | None:
+    """A Content-Length (or similar count) from a peer; None if absent or malformed."""
+    if value is None or _LENGTH_RE.fullmatch(value.strip()) is None:
+        return None
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)

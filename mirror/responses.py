@@ -1,7 +1,7 @@
 """Blob response bodies: a cached file, or a download that is still growing.
 
 A body is read with blocking 1 MiB `pread`s in the event loop: measured fastest for
-page-cache hits (FIELD-NOTES: ~3 GB/s, vs 0.55 GB/s with 64 KiB thread hops), and the
+page-cache hits (~3 GB/s, vs 0.55 GB/s with 64 KiB thread hops: docs/design.md), and the
 bytes of an in-flight download were just written, so they are in the page cache.
 
 `BlobResponse` watches for client disconnects itself (uvicorn drops writes to a gone
@@ -41,8 +41,7 @@ async def read_download(
 
     The last byte of the response is held back until the download has verified and
     committed: a client that has every byte may hang up at once, and must never have
-    received a complete body whose digest failed (FIELD-NOTES, "Commit before the
-    last byte").
+    received a complete body whose digest failed (docs/design.md, "Blob path").
     """
     pos = start
     while True:
@@ -82,7 +81,13 @@ class BlobResponse(Response):
         body: AsyncIterator[bytes] | None,
         on_chunk: Callable[[int], None],
     ) -> None:
-        super().__init__(status_code=status_code, headers=dict(headers))
+        # Not Response.__init__: it would add `content-length: 0` for an empty body,
+        # turning a blob of unknown length (chunked upstream) into a "complete" empty one.
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+        ]
         self._fd = fd
         self._body = body
         self._on_chunk = on_chunk

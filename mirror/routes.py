@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from mirror.errors import RegistryError
 from mirror.mediatypes import AcceptSet
-from mirror.ranges import parse_range
+from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
 from mirror.responses import BlobResponse
 
@@ -99,9 +99,9 @@ async def _tags(request: Request, name: str) -> Response:
     params = request.query_params
     n: int | None = None
     if "n" in params:
-        if not params["n"].isdigit() or len(params["n"]) > 9:
+        n = parse_length(params["n"])
+        if n is None:
             raise RegistryError("UNSUPPORTED", "n must be a non-negative integer", status=400)
-        n = int(params["n"])
     last = params.get("last")
     if last is not None and _LAST_RE.fullmatch(last) is None:
         validate_tag(last)  # raises TAG_INVALID with the offending value

@@ -30,8 +30,9 @@ DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker
 def make_client(connect_timeout: float, read_timeout: float) -> httpx.AsyncClient:
     """One pooled client for the app's lifetime, on the aiohttp transport.
 
-    httpx's default transport reads bodies at ~0.45 GB/s (CPU bound); the aiohttp
-    transport reaches ~2 GB/s with 1 MiB reads (FIELD-NOTES; bench/transport.py).
+    httpx's default transport reads bodies at ~0.6 GB/s (CPU bound); the aiohttp
+    transport reaches ~2.9 GB/s with 1 MiB reads once malloc is tuned
+    (mirror/tuning.py; bench/transport.py, docs/benchmarks.md).
     """
     from httpx_aiohttp import AiohttpTransport
     from httpx_aiohttp.transport import AiohttpResponseStream
@@ -71,7 +72,11 @@ class Upstream:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
-        self.host = urlsplit(self.url).netloc
+        parts = urlsplit(self.url)
+        self.host = parts.netloc
+        # Credentials go only to this origin: scheme included, so an https upstream's
+        # token never follows a redirect to plain http on the same host.
+        self.origin = (parts.scheme, parts.netloc)
         self.docker_hub = urlsplit(self.url).hostname in DOCKER_HUB_HOSTS
         self._client = client
         self._metrics = metrics
@@ -99,17 +104,24 @@ class Upstream:
         """
         hdrs = dict(headers or {})
         scope = f"repository:{repo}:pull" if repo else None
-        auth = await self._authorization(scope, refresh=False)
+        auth = await self._authorization(scope)
         resp = await self._send(method, self.url + path, hdrs, auth, kind)
         if resp.status_code == 401:
             challenge = parse_www_authenticate(resp.headers.get("www-authenticate", ""))
             await resp.aclose()
-            if challenge is None or (challenge.scheme == "basic" and self._credentials is None):
+            # Only the upstream itself may tell us how to authenticate: a 401 from a
+            # redirect target (a CDN, anything) must not steer our credentials.
+            from_upstream = _origin(str(resp.request.url)) == self.origin
+            if (
+                challenge is None
+                or not from_upstream
+                or (challenge.scheme == "basic" and self._credentials is None)
+            ):
                 raise UpstreamError(
                     "UNAUTHORIZED", "upstream requires authentication", upstream_status=401
                 )
             self._challenge = challenge
-            auth = await self._authorization(scope, refresh=True, asked=challenge.scope)
+            auth = await self._authorization(scope, rejected=auth, asked=challenge.scope)
             resp = await self._send(method, self.url + path, hdrs, auth, kind)
         return resp
 
@@ -148,13 +160,15 @@ class Upstream:
     # -- internals --------------------------------------------------------------------
 
     async def _authorization(
-        self, scope: str | None, *, refresh: bool, asked: str | None = None
+        self, scope: str | None, *, rejected: str | None = None, asked: str | None = None
     ) -> str | None:
         """The Authorization value for a request needing `scope`.
 
         Tokens are cached under the scope we derive from the repository, so the next
-        request finds them before sending; the token is fetched for the scope the
-        upstream `asked` for in its challenge, when it named one.
+        request finds them before sending; a token is fetched for the scope the
+        upstream `asked` for in its challenge, when it named one. After a 401,
+        `rejected` is the value that failed: a fresh token is fetched only if nobody
+        has replaced it meanwhile, so N concurrent 401s cost one token fetch.
         """
         challenge = self._challenge
         if challenge is None:
@@ -164,14 +178,14 @@ class Upstream:
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
         key = (challenge.realm, challenge.service or "", scope or "")
-        if not refresh and (token := self._tokens.get(key)) is not None:
+        token = self._tokens.get(key)
+        if token is not None and f"Bearer {token}" != rejected:
             return f"Bearer {token}"
         async with self._tokens.lock(key):
-            # Another request may have refreshed it while we waited for the lock.
-            if not refresh and (token := self._tokens.get(key)) is not None:
+            token = self._tokens.get(key)
+            if token is not None and f"Bearer {token}" != rejected:
                 return f"Bearer {token}"
-            if refresh:
-                self._tokens.invalidate(key)
+            self._tokens.invalidate(key)
             token, expires_in = await self._fetch_token(challenge, asked or scope)
             self._tokens.put(key, token, expires_in)
             return f"Bearer {token}"
@@ -182,6 +196,14 @@ class Upstream:
         pair = f"{self._credentials.username}:{self._credentials.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
 
+    def _may_send_credentials(self, realm: str) -> bool:
+        """Basic credentials go to a token realm on the upstream's own host, or over
+        https; never from an https upstream to a plain-http realm."""
+        scheme = urlsplit(realm).scheme
+        if self.origin[0] == "https" and scheme != "https":
+            return False
+        return scheme == "https" or urlsplit(realm).hostname == urlsplit(self.url).hostname
+
     async def _fetch_token(self, challenge: Challenge, scope: str | None) -> tuple[str, object]:
         assert challenge.realm is not None
         params = {}
@@ -190,7 +212,7 @@ class Upstream:
         if scope:
             params["scope"] = scope
         headers = {}
-        if (basic := self._basic()) is not None:
+        if (basic := self._basic()) is not None and self._may_send_credentials(challenge.realm):
             headers["Authorization"] = basic
         started = time.perf_counter()
         try:
@@ -230,7 +252,7 @@ class Upstream:
             hdrs = dict(headers)
             # Credentials go only to the upstream itself: a redirect to a CDN or any
             # other host gets no Authorization header (it carries its own signature).
-            if auth is not None and urlsplit(url).netloc == self.host:
+            if auth is not None and _origin(url) == self.origin:
                 hdrs["Authorization"] = auth
             started = time.perf_counter()
             try:
@@ -251,6 +273,11 @@ class Upstream:
             if resp.status_code == 303:
                 method = "GET"
         raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 def _is_timeout(exc: httpx.TransportError) -> bool:

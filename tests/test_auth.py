@@ -87,3 +87,17 @@ def test_short_lived_token_refreshed_at_half_life() -> None:
     assert cache.get(KEY) == "t"
     clock.now += 2
     assert cache.get(KEY) is None
+
+
+def test_idle_locks_and_expired_tokens_are_pruned(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mirror.auth
+
+    monkeypatch.setattr(mirror.auth, "MAX_IDLE_ENTRIES", 10)
+    clock = Clock()
+    cache = TokenCache(clock)
+    for i in range(100):
+        cache.lock(("realm", "svc", f"repository:r{i}:pull"))
+        cache.put(("realm", "svc", f"repository:r{i}:pull"), "t", 1)
+        clock.now += 5
+    assert len(cache._locks) <= 10
+    assert len(cache._tokens) <= 20  # pruned along with the locks

@@ -150,3 +150,100 @@ async def test_concurrent_misses_share_one_download(
         bodies = await asyncio.gather(*(c.get(f"/v2/a/blobs/{digest}") for _ in range(5)))
     assert all(b.content == BLOB for b in bodies)
     assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_disk_write_failure_cuts_clients_instead_of_hanging(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from mirror.downloads import _HashingWriter
+
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    real_write_all = _HashingWriter._write_all
+    calls = 0
+
+    def fill_disk(self: _HashingWriter, chunk: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(self, chunk)
+
+    monkeypatch.setattr(_HashingWriter, "_write_all", fill_disk)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=10) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.get(f"/v2/a/blobs/{digest}")
+        monkeypatch.setattr(_HashingWriter, "_write_all", real_write_all)
+        again = await c.get(f"/v2/a/blobs/{digest}")  # the failed download is gone
+        assert again.content == BLOB
+
+
+async def test_chunked_upstream_body_is_streamed_whole(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(chunked=True)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        cold = await c.get(f"/v2/a/blobs/{digest}")
+        assert "content-length" not in cold.headers  # unknown until the end: chunked
+        assert cold.content == BLOB
+        warm = await c.get(f"/v2/a/blobs/{digest}")
+        assert warm.headers["content-length"] == str(len(BLOB))
+
+
+async def test_refused_repository_does_not_fail_other_repositories(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.deny_repos.add("evil/x")
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        evil = asyncio.create_task(c.get(f"/v2/evil/x/blobs/{digest}"))
+        await asyncio.sleep(0.05)  # the good request joins the evil one's download
+        good = await c.get(f"/v2/good/app/blobs/{digest}")
+        assert (await evil).status_code == 404
+        assert good.status_code == 200
+        assert good.content == BLOB
+
+
+async def test_unsatisfiable_ranges_on_cached_blobs_leak_no_descriptors(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(b"0123456789")
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        assert (await c.get(f"/v2/a/blobs/{digest}")).status_code == 200
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            r = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=999-"})
+            assert r.status_code == 416
+            h = await c.head(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=5-"})
+            assert h.status_code == 206
+        assert len(os.listdir("/proc/self/fd")) < before + 5
+
+
+@pytest.mark.parametrize(
+    ("headers", "path", "status"),
+    [
+        pytest.param({"Range": "bytes=" + "9" * 5000 + "-"}, "/blobs/D", 416, id="huge-range"),
+        pytest.param({"Range": "bytes=²-".encode()}, "/blobs/D", 416, id="superscript-range"),
+        pytest.param({}, "/tags/list?n=%C2%B2", 400, id="superscript-n"),
+        pytest.param({}, "/tags/list?n=" + "9" * 5000, 400, id="huge-n"),
+    ],
+)
+async def test_hostile_numbers_are_client_errors(
+    fake: tuple[FakeUpstream, str],
+    mirror: MirrorFactory,
+    headers: dict[str, str],
+    path: str,
+    status: int,
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(b"x")
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get("/v2/a" + path.replace("D", digest), headers=headers)
+    assert r.status_code == status
+    assert "errors" in r.json()

@@ -174,3 +174,91 @@ async def test_silent_upstream_times_out_as_504() -> None:
 async def test_docker_hub_detection(client: httpx.AsyncClient) -> None:
     assert Upstream("https://registry-1.docker.io", client, Metrics()).docker_hub
     assert not Upstream("https://ghcr.io", client, Metrics()).docker_hub
+
+
+async def test_cold_concurrent_401s_cost_one_token_fetch(
+    fake: tuple[FakeUpstream, str], client: httpx.AsyncClient
+) -> None:
+    upstream, url = fake
+    upstream.token = "t"
+    digest = upstream.add_blob(b"x")
+    up = Upstream(url, client, Metrics())
+
+    async def one() -> int:
+        resp = await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+        await resp.aclose()
+        return resp.status_code
+
+    assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+    assert len(upstream.token_requests) == 1
+
+
+async def test_challenge_from_a_redirect_target_is_not_followed(
+    fake: tuple[FakeUpstream, str], client: httpx.AsyncClient
+) -> None:
+    from fakes.server import serve
+    from fakes.upstream import Fault
+
+    upstream, url = fake
+    upstream.token = "t"
+    evil, cdn = FakeUpstream(), FakeUpstream()
+    async with serve(evil) as evil_url, serve(cdn) as cdn_url:
+        cdn.token = "cdn-only"  # the CDN answers 401 pointing at a foreign realm
+        cdn.realm = f"{evil_url}/token"
+        plain = upstream.add_blob(b"plain")
+        digest = upstream.add_blob(b"x")
+        upstream.faults[digest] = Fault(redirect_to=cdn_url)
+        up = Upstream(url, client, Metrics(), credentials=Credentials("user", "secret"))
+        # Learn the upstream's own challenge first, so the CDN's 401 is a new one.
+        await (await up.get(f"/v2/a/blobs/{plain}", repo="a", kind="blob")).aclose()
+        with pytest.raises(UpstreamError) as err:
+            await up.get(f"/v2/a/blobs/{digest}", repo="a", kind="blob")
+        assert err.value.code == "UNAUTHORIZED"
+        assert len(upstream.token_requests) == 1  # still the upstream's own token
+    assert evil.token_requests == []
+    assert all("authorization" not in r.headers for r in cdn.requests)
+
+
+async def test_credentials_never_follow_a_downgrade_to_http() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/token":
+            return httpx.Response(200, json={"token": "tok"})
+        if request.url.scheme == "https" and "authorization" not in request.headers:
+            return httpx.Response(
+                401, headers={"www-authenticate": 'Bearer realm="https://reg.example/token"'}
+            )
+        if request.url.scheme == "https":
+            return httpx.Response(307, headers={"location": "http://reg.example/plain"})
+        return httpx.Response(200, content=b"ok")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+        up = Upstream("https://reg.example", c, Metrics(), credentials=Credentials("u", "p"))
+        resp = await up.get("/v2/a/blobs/x", repo="a", kind="blob")
+        await resp.aclose()
+    assert resp.status_code == 200
+    plain = [r for r in seen if r.url.scheme == "http"]
+    assert len(plain) == 1
+    assert "authorization" not in plain[0].headers
+
+
+async def test_no_basic_credentials_to_a_plain_http_realm_of_an_https_upstream() -> None:
+    token_auth: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            token_auth.append(request.headers.get("authorization"))
+            return httpx.Response(200, json={"token": "tok"})
+        if "authorization" not in request.headers:
+            return httpx.Response(
+                401, headers={"www-authenticate": 'Bearer realm="http://reg.example/token"'}
+            )
+        return httpx.Response(200, content=b"ok")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+        up = Upstream("https://reg.example", c, Metrics(), credentials=Credentials("u", "p"))
+        resp = await up.get("/v2/a/blobs/x", repo="a", kind="blob")
+        await resp.aclose()
+    assert token_auth == [None]

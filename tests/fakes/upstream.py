@@ -7,6 +7,7 @@ Faults are switched per blob: wrong bytes, a cut connection, 429, a redirect.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Fault:
     redirect_to: str | None = None  # 307 to this base URL + path
     chunk: int = 64 * 1024
     delay: float = 0.0  # pause between chunks, seconds
+    chunked: bool = False  # no Content-Length: the body's end is the end of the stream
 
 
 @dataclass
@@ -48,6 +50,7 @@ class FakeUpstream:
     token_requests: list[Seen] = field(default_factory=list)
     realm: str = ""  # set by the test once the server's URL is known
     token_response: dict[str, Any] | None = None  # default: {"token": ..., "expires_in": 300}
+    deny_repos: set[str] = field(default_factory=set)  # 404 (after 0.2 s) for these
 
     def add_blob(self, data: bytes) -> str:
         digest = sha256(data)
@@ -113,8 +116,6 @@ class FakeUpstream:
         await _respond(send, 404, b"{}", {})
 
     async def _blob(self, scope: Scope, send: Send, digest: str, headers: dict[str, str]) -> None:
-        import asyncio
-
         fault = self.faults.get(digest) or Fault()
         if fault.status is not None:
             extra = {"retry-after": fault.retry_after} if fault.retry_after else {}
@@ -124,6 +125,10 @@ class FakeUpstream:
             await _respond(send, 307, b"", {"location": f"{fault.redirect_to}/cdn/{digest}"})
             return
         data = self.blobs.get(digest)
+        repo = scope["path"][4:].rsplit("/", 2)[0]
+        if repo in self.deny_repos:
+            await asyncio.sleep(0.2)  # slow enough for other requests to join
+            data = None
         if data is None:
             await _respond(send, 404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}', {})
             return
@@ -136,14 +141,11 @@ class FakeUpstream:
             status = 206
             extra["content-range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
+        if not fault.chunked:
+            extra["content-length"] = str(len(body))
+        start_message = {"docker-content-digest": digest, **extra}
         await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": _raw(
-                    {"content-length": str(len(body)), "docker-content-digest": digest, **extra}
-                ),
-            }
+            {"type": "http.response.start", "status": status, "headers": _raw(start_message)}
         )
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b""})
