@@ -77,6 +77,7 @@ class AcceptSet:
         Only manifest media types influence the upstream's choice; order and
         unrelated types do not.
         """
-        if self.wildcard:
-            return "*"
-        return ",".join(sorted(t for t in self.types if t in MANIFEST_TYPES)) or "-"
+        listed = ",".join(sorted(t for t in self.types if t in MANIFEST_TYPES))
+        # The wildcard is part of the key: an upstream may answer a bare `*/*` with one
+        # platform's manifest, which an index-capable client must not be handed.
+        return ("*" if self.wildcard else "") + (listed or "-")
