@@ -258,3 +258,18 @@ async def test_metrics_use_route_templates(
     assert "some/repo" not in text
     assert 'mirror_upstream_requests_total{kind="blob",status="200"} 1.0' in text
     assert 'mirror_served_bytes_total{source="upstream"} 3.0' in text
+
+
+async def test_tags_list_forwards_pagination_and_link(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get("/v2/team/app/tags/list", params={"n": "2", "last": "a"})
+        bad = await c.get("/v2/team/app/tags/list", params={"last": "../x"})
+    assert r.status_code == 200
+    assert r.json() == {"name": "team/app", "tags": ["a", "b"]}
+    assert r.headers["link"] == '</v2/team/app/tags/list?last=b&n=2>; rel="next"'
+    assert upstream.requests[-1].query == "n=2&last=a"
+    assert bad.status_code == 400
+    assert bad.json()["errors"][0]["code"] == "TAG_INVALID"

@@ -25,6 +25,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    query: str = ""
 
 
 @dataclass
@@ -77,7 +78,7 @@ class FakeUpstream:
             await send({"type": "lifespan.shutdown.complete"})
             return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        seen = Seen(scope["method"], scope["path"], headers)
+        seen = Seen(scope["method"], scope["path"], headers, scope["query_string"].decode())
         if scope["path"] == "/token":
             self.token_requests.append(seen)
             answer = self.token_response or {"token": self.token, "expires_in": 300}
@@ -90,6 +91,12 @@ class FakeUpstream:
             scope_ = f"repository:{repo}:pull"
             challenge = f'Bearer realm="{self.realm}",service="fake",scope="{scope_}"'
             await _respond(send, 401, b"{}", {"www-authenticate": challenge})
+            return
+        if scope["path"].endswith("/tags/list"):
+            repo = scope["path"][4 : -len("/tags/list")]
+            body = json.dumps({"name": repo, "tags": ["a", "b"]}).encode()
+            link = f'</v2/{repo}/tags/list?last=b&n=2>; rel="next"'
+            await _respond(send, 200, body, {"content-type": "application/json", "link": link})
             return
         parts = scope["path"].split("/")
         ref = parts[-1]
