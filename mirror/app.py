@@ -67,6 +67,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         try:
             yield
         finally:
+            await proxy.aclose()
             await downloads.aclose()
             await client.aclose()
             storage.close()

@@ -182,7 +182,9 @@ class Downloads:
     def get_or_start(self, repo: str, digest: Digest) -> BlobDownload:
         key = str(digest)
         download = self._active.get(key)
-        if download is None:
+        if download is not None:
+            self._metrics.coalesced.labels("blob").inc()
+        else:
             download = BlobDownload(digest, self._storage.temp_path(), repo)
             # Created now, so a reader can open it before the first byte arrives.
             download.path.touch()

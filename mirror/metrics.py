@@ -102,6 +102,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.coalesced = Counter(
+            "mirror_coalesced_requests",
+            "Requests that joined an upstream fetch already in flight, by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.resumes = Counter(
             "mirror_upstream_resumes",
             "Blob downloads resumed with Range after a failure.",
@@ -114,6 +120,7 @@ class Metrics:
             self.request_duration.labels(route)
         for kind in KINDS:
             self.digest_mismatches.labels(kind)
+            self.coalesced.labels(kind)
             for result in CACHE_RESULTS:
                 self.cache.labels(kind, result)
         for source in SOURCES:

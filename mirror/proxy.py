@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mirror.downloads import BlobDownload, Downloads
 from mirror.errors import RegistryError, UpstreamError
+from mirror.inflight import SingleFlight
 from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
 from mirror.metrics import Metrics
 from mirror.ranges import ByteRange, RangeSpec, parse_length
@@ -69,6 +70,7 @@ class Proxy:
         self._tag_ttl = tag_ttl
         self._manifest_max = manifest_max_bytes
         self._clock = clock
+        self._manifest_flights: SingleFlight[StoredManifest] = SingleFlight()
 
     def repo(self, name: str) -> str:
         return upstream_name(name, docker_hub=self._upstream.docker_hub)
@@ -82,7 +84,14 @@ class Proxy:
             self._metrics.cache.labels("manifest", "hit").inc()
         else:
             self._metrics.cache.labels("manifest", "miss").inc()
-            manifest = Manifest(await self._fetch_manifest(repo, ref, accept), "upstream")
+            # N concurrent misses for one tag (a rollout) cause one upstream request.
+            stored, joined = await self._manifest_flights.run(
+                (repo, str(ref), accept.cache_key),
+                lambda: self._fetch_manifest(repo, ref, accept),
+            )
+            if joined:
+                self._metrics.coalesced.labels("manifest").inc()
+            manifest = Manifest(stored, "upstream")
         if not accept.accepts(manifest.stored.media_type):
             # A client that cannot read an index must never be handed one.
             raise RegistryError(
@@ -154,6 +163,9 @@ class Proxy:
                 TagEntry(stored.digest, stored.media_type, self._clock()),
             )
         return stored
+
+    async def aclose(self) -> None:
+        await self._manifest_flights.aclose()
 
     # -- blobs ------------------------------------------------------------------------
 

@@ -247,3 +247,82 @@ async def test_hostile_numbers_are_client_errors(
         r = await c.get("/v2/a" + path.replace("D", digest), headers=headers)
     assert r.status_code == status
     assert "errors" in r.json()
+
+
+async def test_twenty_concurrent_cold_requests_one_upstream_get(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    data = os.urandom(24 * 1024 * 1024)
+    digest = upstream.add_blob(data)
+    upstream.faults[digest] = Fault(delay=0.002, chunk=256 * 1024)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=60) as c:
+
+        async def pull() -> str:
+            h = hashlib.sha256()
+            async with c.stream("GET", f"/v2/team/app/blobs/{digest}") as r:
+                assert r.status_code == 200
+                async for chunk in r.aiter_raw():
+                    h.update(chunk)
+            return "sha256:" + h.hexdigest()
+
+        digests = await asyncio.gather(*(pull() for _ in range(20)))
+    assert digests == [digest] * 20
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+    assert m.metric("mirror_coalesced_requests_total", kind="blob") == 19
+    assert m.metric("mirror_upstream_bytes_total") == len(data)
+
+
+async def test_first_client_leaving_does_not_hurt_the_others(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(delay=0.005, chunk=64 * 1024)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
+        async with c.stream("GET", f"/v2/a/blobs/{digest}") as first:
+            async for _ in first.aiter_raw():
+                break  # the client that started the download hangs up at once
+        others = await asyncio.gather(*(c.get(f"/v2/a/blobs/{digest}") for _ in range(4)))
+        assert all(o.content == BLOB for o in others)
+        cached = await c.get(f"/v2/b/blobs/{digest}")
+        assert cached.content == BLOB
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+    assert m.metric("mirror_cache_requests_total", kind="blob", result="hit") == 1
+
+
+async def test_range_on_a_blob_in_flight_waits_for_its_bytes(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(delay=0.01, chunk=64 * 1024)  # about 0.5 s in all
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
+        full = asyncio.create_task(c.get(f"/v2/a/blobs/{digest}"))
+        await asyncio.sleep(0.1)  # the download is under way, far from done
+        tail = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=2000000-"})
+        head = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=0-99"})
+        assert (await full).content == BLOB
+    assert tail.status_code == 206
+    assert tail.content == BLOB[2000000:]
+    assert tail.headers["content-range"] == f"bytes 2000000-{len(BLOB) - 1}/{len(BLOB)}"
+    assert (head.status_code, head.content) == (206, BLOB[:100])
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_a_slow_client_does_not_slow_the_others(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
+        async with c.stream("GET", f"/v2/a/blobs/{digest}") as slow:
+            # The slow client reads one chunk and stalls while another client pulls
+            # the whole blob and the download commits.
+            chunks = slow.aiter_raw()
+            first = await anext(chunks)
+            fast = await asyncio.wait_for(c.get(f"/v2/b/blobs/{digest}"), timeout=10)
+            assert fast.content == BLOB
+            rest = b"".join([chunk async for chunk in chunks])
+        assert first + rest == BLOB
+    assert upstream.count("GET", f"/blobs/{digest}") == 1

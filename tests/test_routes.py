@@ -273,3 +273,24 @@ async def test_tags_list_forwards_pagination_and_link(
     assert upstream.requests[-1].query == "n=2&last=a"
     assert bad.status_code == 400
     assert bad.json()["errors"][0]["code"] == "TAG_INVALID"
+
+
+async def test_concurrent_tag_requests_cause_one_upstream_request(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_manifest(DOCKER_MANIFEST_V2, MANIFEST, tag="v1")
+    upstream.manifest_delay = 0.2
+    accept = {"Accept": DOCKER_MANIFEST_V2}
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        rs = await asyncio.gather(*(c.get("/v2/a/manifests/v1", headers=accept) for _ in range(20)))
+        by_digest = await asyncio.gather(
+            *(c.get(f"/v2/b/manifests/{digest}", headers=accept) for _ in range(5))
+        )
+    assert all(
+        r.status_code == 200 and r.headers["docker-content-digest"] == digest
+        for r in [*rs, *by_digest]
+    )
+    assert upstream.count("GET", "/manifests/v1") == 1
+    assert upstream.count("GET", f"/manifests/{digest}") == 0  # cached by the tag fetch
+    assert m.metric("mirror_coalesced_requests_total", kind="manifest") == 19

@@ -52,6 +52,7 @@ class FakeUpstream:
     realm: str = ""  # set by the test once the server's URL is known
     token_response: dict[str, Any] | None = None  # default: {"token": ..., "expires_in": 300}
     deny_repos: set[str] = field(default_factory=set)  # 404 (after 0.2 s) for these
+    manifest_delay: float = 0.0  # seconds before answering a manifest request
 
     def add_blob(self, data: bytes) -> str:
         digest = sha256(data)
@@ -101,6 +102,7 @@ class FakeUpstream:
         parts = scope["path"].split("/")
         ref = parts[-1]
         if "/manifests/" in scope["path"]:
+            await asyncio.sleep(self.manifest_delay)
             if ref not in self.manifests:
                 await _respond(send, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}', {})
                 return
