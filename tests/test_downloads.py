@@ -326,3 +326,29 @@ async def test_a_slow_client_does_not_slow_the_others(
             rest = b"".join([chunk async for chunk in chunks])
         assert first + rest == BLOB
     assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(Fault(wrong_bytes=True, delay=0.01, chunk=128 * 1024), id="digest-mismatch"),
+        pytest.param(
+            Fault(cut_after=1_500_000, cut_times=10, delay=0.01, chunk=128 * 1024),
+            id="cut-beyond-resume",
+        ),
+    ],
+)
+async def test_failure_cuts_every_attached_client(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, fault: Fault
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = fault
+    async with mirror(url, resume_attempts=2) as m, httpx.AsyncClient(base_url=m.url) as c:
+        results = await asyncio.gather(
+            *(c.get(f"/v2/a/blobs/{digest}") for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, httpx.RemoteProtocolError) for r in results), results
+        # Nothing was committed: after the fault is gone, a fresh download serves it.
+        del upstream.faults[digest]
+        assert (await c.get(f"/v2/a/blobs/{digest}")).content == BLOB
