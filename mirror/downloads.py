@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 # per download to QUEUE_DEPTH x chunk size (1 MiB reads) whatever the blob size.
 QUEUE_DEPTH = 8
 
-State = Literal["starting", "streaming", "committed", "failed"]
+# starting -> streaming -> verified -> committed, or -> failed before `verified`.
+# `verified`: every byte is on disk and the digest matched, so readers may send the
+# last byte; the fsync and the rename into the cache follow.
+State = Literal["starting", "streaming", "verified", "committed", "failed"]
 
 
 class DigestMismatch(Exception):
@@ -55,7 +58,8 @@ class _HashingWriter:
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._slots = asyncio.Semaphore(QUEUE_DEPTH)
         self._on_progress = on_progress
-        self._done: asyncio.Future[str] = self._loop.create_future()
+        self._hashed: asyncio.Future[str] = self._loop.create_future()
+        self._synced: asyncio.Future[None] = self._loop.create_future()
         self.submitted = 0  # bytes handed to the thread; the offset to resume from
         self._aborted = False
         self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
@@ -63,18 +67,22 @@ class _HashingWriter:
 
     async def write(self, chunk: bytes) -> None:
         await self._slots.acquire()
-        if self._done.done():
+        if self._hashed.done():
             # The thread has stopped (a write failed: ENOSPC, EIO): raise its error
             # instead of queueing into a queue nobody drains.
-            self._done.result()
+            self._hashed.result()
             raise RuntimeError("blob writer stopped early")
         self.submitted += len(chunk)
         self._queue.put(chunk)
 
     async def finish(self) -> str:
-        """Flush, fsync and close; returns the hex digest of everything written."""
+        """The hex digest of everything written, once it is all on disk (not yet synced)."""
         self._queue.put(None)
-        return await self._done
+        return await self._hashed
+
+    async def synced(self) -> None:
+        """Wait for the fsync that must precede publishing the file."""
+        await self._synced
 
     def abort(self) -> None:
         self._aborted = True
@@ -83,21 +91,27 @@ class _HashingWriter:
     def _run(self) -> None:
         written = 0
         try:
-            while (chunk := self._queue.get()) is not None and not self._aborted:
-                self._write_all(chunk)
-                self._hash.update(chunk)
-                written += len(chunk)
-                self._call_in_loop(self._progress, written)
+            try:
+                while (chunk := self._queue.get()) is not None and not self._aborted:
+                    self._write_all(chunk)
+                    self._hash.update(chunk)
+                    written += len(chunk)
+                    self._call_in_loop(self._progress, written)
+            except BaseException as exc:  # reported to the loop, never lost in the thread
+                self._call_in_loop(self._fail, exc)
+                return
+            self._call_in_loop(self._settle, (self._hashed, self._hash.hexdigest()))
             # Durable before the rename that publishes it: a crash must never leave a
             # committed name pointing at unwritten pages.
-            if not self._aborted:
-                os.fsync(self._fd)
-            result: str | BaseException = self._hash.hexdigest()
-        except BaseException as exc:  # reported to the loop, never lost in the thread
-            result = exc
+            try:
+                if not self._aborted:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                self._call_in_loop(self._settle, (self._synced, exc))
+                return
+            self._call_in_loop(self._settle, (self._synced, None))
         finally:
             os.close(self._fd)
-        self._call_in_loop(self._resolve, result)
 
     def _write_all(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -114,18 +128,22 @@ class _HashingWriter:
         self._slots.release()
         self._on_progress(written)
 
-    def _resolve(self, result: str | BaseException) -> None:
-        if self._done.done():
+    def _settle(self, pair: tuple[asyncio.Future[Any], Any]) -> None:
+        future, result = pair
+        if future.done():
             return
         if isinstance(result, BaseException):
-            self._done.set_exception(result)
-            # Mark it retrieved: an aborted download never awaits it.
-            self._done.add_done_callback(lambda f: f.exception())
-            # Wake a producer blocked on a full queue so write() can raise.
-            for _ in range(QUEUE_DEPTH):
-                self._slots.release()
+            future.set_exception(result)
+            future.add_done_callback(lambda f: f.exception())  # retrieved: no noise
         else:
-            self._done.set_result(result)
+            future.set_result(result)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._settle((self._hashed, exc))
+        self._settle((self._synced, exc))
+        # Wake a producer blocked on a full queue so write() can raise.
+        for _ in range(QUEUE_DEPTH):
+            self._slots.release()
 
 
 class BlobDownload:
@@ -236,12 +254,24 @@ class Downloads:
                 )
                 raise DigestMismatch(str(dl.digest))
             dl.size = total
+            dl.state = "verified"  # readers may finish now; the disk catches up below
+            dl._notify()
+            await writer.synced()
             dl.path = self._storage.commit_blob(dl.digest, dl.path, total)
             dl.state = "committed"
             dl._notify()
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
+            if dl.state == "verified":
+                # Clients have (or are reading) verified bytes from the temp file; only
+                # the cache lost this blob. Their open descriptors survive the unlink.
+                log.error("could not commit verified blob %s: %r", dl.digest, exc)
+                self._active.pop(str(dl.digest), None)
+                _unlink(dl.path)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
             dl.error = exc
             dl.state = "failed"
             # Forget it before anything else: the next request must start afresh,

@@ -39,8 +39,8 @@ async def read_download(
 ) -> AsyncIterator[bytes]:
     """Follow a download from `start` to `end` (None: to the blob's end).
 
-    The last byte of the response is held back until the download has verified and
-    committed: a client that has every byte may hang up at once, and must never have
+    The last byte of the response is held back until the download has verified its
+    digest: a client that has every byte may hang up at once, and must never have
     received a complete body whose digest failed (docs/design.md, "Blob path").
     """
     pos = start
@@ -48,7 +48,8 @@ async def read_download(
         event = dl.current_event()  # taken before reading state: no lost wake-ups
         if dl.state == "failed":
             raise AbortResponse(f"download of {dl.digest} failed")
-        committed = dl.state == "committed"
+        # Verified is enough to finish: the bytes are final, only the cache commit is left.
+        committed = dl.state in ("verified", "committed")
         stop = end if end is not None else dl.size
         if committed:
             assert dl.size is not None

@@ -352,3 +352,34 @@ async def test_failure_cuts_every_attached_client(
         # Nothing was committed: after the fault is gone, a fresh download serves it.
         del upstream.faults[digest]
         assert (await c.get(f"/v2/a/blobs/{digest}")).content == BLOB
+
+
+async def test_client_gets_verified_bytes_without_waiting_for_fsync(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    disk_caught_up = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        disk_caught_up.wait(timeout=30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)  # only the blob writer fsyncs
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=20) as c:
+        r = await c.get(f"/v2/a/blobs/{digest}")  # completes while fsync is still blocked
+        assert r.content == BLOB
+        assert not disk_caught_up.is_set()
+        assert m.metric("mirror_cache_requests_total", kind="blob", result="hit") == 0
+        disk_caught_up.set()
+        for _ in range(100):  # now the commit follows
+            await c.head(f"/v2/a/blobs/{digest}")
+            if m.metric("mirror_cache_requests_total", kind="blob", result="hit"):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the blob was never committed")
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
