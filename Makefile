@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -32,8 +32,10 @@ test: system-deps lint
 unit: install
 	$(BIN)/pytest -m "not e2e"
 
-## Measurements (results in docs/benchmarks.md): upstream read path, pull times.
+## Measurements (results in docs/benchmarks.md): side by side with Distribution's
+## proxy mode (rewrites its section and plots), upstream read path, pull times.
 bench: system-deps install
+	$(BIN)/python bench/compare.py --write-docs
 	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3
 	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3 --mallopt
 	$(BIN)/python bench/pull_times.py --repeat 3 --big-mib 256
