@@ -1363,7 +1363,8 @@ class Bench:
             alt = Ours(
                 self.work,
                 ours.front,
-                env={"MALLOC_MMAP_THRESHOLD_": "131072"},
+                # Same code as `ours` (--mirror-rev), with only the allocator changed.
+                env={**ours.extra_env, "MALLOC_MMAP_THRESHOLD_": "131072"},
                 label="ours-mmap128k",
             )
             try:
@@ -1722,7 +1723,7 @@ def analysis(bench: Bench) -> list[str]:
         f"GB, the reference {cpu1[0]:.2f} / {cpun[0]:.2f}. A 1.5\u00d7 throughput gap cannot "
         "show on 2 vCPUs while the clients' hashing needs most of them. In py-spy profiles "
         "(taken while writing this benchmark) our event loop spends its warm-hit time in the "
-        "1 MiB `pread` and in uvicorn's socket write, i.e. in the kernel's two copies per byte."
+        "256 KiB `pread` and in uvicorn's socket write, i.e. in the kernel's two copies per byte."
     )
     head, held = (
         v("cold1", "time to all but the last byte, s"),
@@ -1796,7 +1797,7 @@ def analysis(bench: Bench) -> list[str]:
         text = (
             f"**Peak RSS with {n_rss} streams.** Ours started at {start[1]:.0f} MiB (Python, "
             f"FastAPI, httpx, aiohttp, diskcache) and grew by {per[1]:.1f} MiB per stream to "
-            f"{peak[1]:.0f} MiB: a response reads the cached file in 1 MiB `pread` chunks "
+            f"{peak[1]:.0f} MiB: a response reads the cached file in 256 KiB `pread` chunks "
             "and hands each to uvicorn's transport, and every concurrent stream costs a few "
             "of those chunks at its peak."
         )
@@ -1821,7 +1822,7 @@ def analysis(bench: Bench) -> list[str]:
         f"{p50[1]:.0f} ms and p99 {lat[1]:.0f} ms (reference {p50[0]:.0f} / {lat[0]:.0f} ms). "
         f"The CPUs were {lbusy[1]:.0f}% busy (reference run: {lbusy[0]:.0f}%), and our "
         "single event loop serves each of the "
-        f"{n_cold} responses a blocking 1 MiB `pread` plus a socket write per turn, so a "
+        f"{n_cold} responses a blocking 256 KiB `pread` plus a socket write per turn, so a "
         "small request waits a few turns of the loop. (py-spy while writing this benchmark: "
         "during the cold downloads the loop's thread was never idle; about half of its time "
         "went to uvicorn's socket writes and a fifth to the `pread`s.)"
