@@ -1359,7 +1359,7 @@ class Bench:
         if self.args.malloc_variant:
             # The same, with glibc's mmap threshold back at its 128 KiB default: shows how
             # much of the peak is heap kept by `mirror serve`'s malloc pinning.
-            ours = next(s for s in self.subjects if s.label == OURS)
+            ours = next(s for s in self.subjects if isinstance(s, Ours) and s.label == OURS)
             alt = Ours(
                 self.work,
                 ours.front,
