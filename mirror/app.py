@@ -58,7 +58,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             downloads,
             metrics,
             upstream_key=upstream.host,
-            tag_ttl=settings.tag_ttl,
+            freshness=settings.freshness(),
             manifest_max_bytes=settings.manifest_max_bytes,
             clock=clock,
         )

@@ -11,13 +11,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from mirror.freshness import Freshness, TTLRule
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 MiB = 1 << 20
@@ -44,6 +46,18 @@ def parse_duration(value: Any) -> float:
     return float(m[1]) * _UNITS[m[2]]
 
 
+class TTLRuleSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str
+    ttl: float
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MIRROR_", extra="forbid", yaml_file=None)
 
@@ -53,6 +67,9 @@ class Settings(BaseSettings):
     upstream_password: SecretStr | None = None
     cache_dir: Path = Field(default_factory=default_cache_dir)
     tag_ttl: float = Field(default=300.0, description="Seconds a tag->digest answer is trusted")
+    # First match wins, against "<repository>:<tag>", e.g. {pattern: "*:latest", ttl: 1m}.
+    tag_ttl_rules: list[TTLRuleSetting] = Field(default_factory=list)
+    max_stale: float = Field(default=7 * 86400.0, description="Serve a tag stale this long")
     manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
     resume_attempts: int = Field(default=3, ge=0, le=100)
     connect_timeout: float = 10.0
@@ -60,7 +77,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = True
 
-    @field_validator("tag_ttl", mode="before")
+    @field_validator("tag_ttl", "max_stale", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)
@@ -79,6 +96,10 @@ class Settings(BaseSettings):
                 "upstream must be an http(s) URL without a path, e.g. https://registry-1.docker.io"
             )
         return value.rstrip("/")
+
+    def freshness(self) -> Freshness:
+        rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)
+        return Freshness(self.tag_ttl, self.max_stale, rules)
 
     @classmethod
     def settings_customise_sources(

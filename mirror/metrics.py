@@ -8,8 +8,16 @@ Each app gets its own CollectorRegistry so tests and embedded apps never collide
 from __future__ import annotations
 
 import platform
+from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 from mirror import __version__
 
@@ -22,7 +30,7 @@ ROUTES = (
     "other",
 )
 KINDS = ("manifest", "blob")
-CACHE_RESULTS = ("hit", "miss")
+CACHE_RESULTS = ("hit", "miss", "revalidated", "stale")
 SOURCES = ("cache", "upstream")
 UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "ping")
 
@@ -113,6 +121,24 @@ class Metrics:
             "Blob downloads resumed with Range after a failure.",
             registry=r,
         )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit",
+            "Pull rate limit the upstream announced (Docker Hub ratelimit-limit).",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's window (Docker Hub ratelimit-remaining).",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_window = Gauge(
+            "mirror_upstream_ratelimit_window_seconds",
+            "Length of the upstream's rate-limit window.",
+            ["upstream"],
+            registry=r,
+        )
         self.build_info = Info("mirror_build", "Version of mirror and Python.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Initialise label values so dashboards see zeros instead of gaps.
@@ -132,5 +158,33 @@ class Metrics:
         self.upstream_requests.labels(kind, status).inc()
         self.upstream_duration.labels(kind).observe(seconds)
 
+    def rate_limit(self, upstream: str, headers: Mapping[str, str]) -> None:
+        """Export Docker Hub's `ratelimit-limit: 100;w=21600` style headers."""
+        for header, gauge in (
+            ("ratelimit-limit", self.ratelimit_limit),
+            ("ratelimit-remaining", self.ratelimit_remaining),
+        ):
+            parsed = parse_rate_limit(headers.get(header))
+            if parsed is not None:
+                value, window = parsed
+                gauge.labels(upstream).set(value)
+                if window is not None:
+                    self.ratelimit_window.labels(upstream).set(window)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def parse_rate_limit(value: str | None) -> tuple[int, int | None] | None:
+    """`100;w=21600` -> (100, 21600); `76` -> (76, None); junk -> None."""
+    if not value:
+        return None
+    count, *params = (p.strip() for p in value.split(";"))
+    if not count.isascii() or not count.isdigit() or len(count) > 12:
+        return None
+    window = None
+    for param in params:
+        key, _, val = param.partition("=")
+        if key.strip() == "w" and val.isascii() and val.isdigit() and len(val) <= 12:
+            window = int(val)
+    return int(count), window

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mirror.downloads import BlobDownload, Downloads
 from mirror.errors import RegistryError, UpstreamError
+from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
 from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
 from mirror.metrics import Metrics
@@ -35,7 +36,11 @@ TAGS_LIST_MAX_BYTES = 16 << 20
 @dataclass(frozen=True, slots=True)
 class Manifest:
     stored: StoredManifest
-    source: str  # "cache" or "upstream"
+    result: str  # "hit", "miss", "revalidated" or "stale": also the X-Cache header
+
+    @property
+    def source(self) -> str:
+        return "upstream" if self.result == "miss" else "cache"
 
 
 @dataclass(slots=True)
@@ -58,7 +63,7 @@ class Proxy:
         metrics: Metrics,
         *,
         upstream_key: str,
-        tag_ttl: float,
+        freshness: Freshness,
         manifest_max_bytes: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -67,10 +72,11 @@ class Proxy:
         self._downloads = downloads
         self._metrics = metrics
         self._upstream_key = upstream_key
-        self._tag_ttl = tag_ttl
+        self._freshness = freshness
         self._manifest_max = manifest_max_bytes
         self._clock = clock
-        self._manifest_flights: SingleFlight[StoredManifest] = SingleFlight()
+        self._fetches: SingleFlight[StoredManifest] = SingleFlight()
+        self._revalidations: SingleFlight[Manifest] = SingleFlight()
 
     def repo(self, name: str) -> str:
         return upstream_name(name, docker_hub=self._upstream.docker_hub)
@@ -79,19 +85,14 @@ class Proxy:
 
     async def manifest(self, name: str, ref: Reference, accept: AcceptSet) -> Manifest:
         repo = self.repo(name)
-        manifest = self._cached_manifest(repo, ref, accept)
-        if manifest is not None:
-            self._metrics.cache.labels("manifest", "hit").inc()
-        else:
-            self._metrics.cache.labels("manifest", "miss").inc()
-            # N concurrent misses for one tag (a rollout) cause one upstream request.
-            stored, joined = await self._manifest_flights.run(
-                (repo, str(ref), accept.cache_key),
-                lambda: self._fetch_manifest(repo, ref, accept),
+        if ref.digest is not None:
+            stored = self._storage.get_manifest(ref.digest)
+            manifest = (
+                Manifest(stored, "hit") if stored else await self._shared_fetch(repo, ref, accept)
             )
-            if joined:
-                self._metrics.coalesced.labels("manifest").inc()
-            manifest = Manifest(stored, "upstream")
+        else:
+            manifest = await self._tag(repo, ref, accept)
+        self._metrics.cache.labels("manifest", manifest.result).inc()
         if not accept.accepts(manifest.stored.media_type):
             # A client that cannot read an index must never be handed one.
             raise RegistryError(
@@ -101,23 +102,68 @@ class Proxy:
             )
         return manifest
 
-    def _cached_manifest(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest | None:
-        digest = ref.digest
-        if digest is None:
-            assert ref.tag is not None
-            entry = self._storage.get_tag(self._upstream_key, repo, ref.tag, accept.cache_key)
-            if entry is None or self._clock() - entry.stored_at >= self._tag_ttl:
-                return None
-            digest = Digest.parse(entry.digest)
-        stored = self._storage.get_manifest(digest)
-        return None if stored is None else Manifest(stored, "cache")
+    async def _tag(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
+        assert ref.tag is not None
+        entry = self._storage.get_tag(self._upstream_key, repo, ref.tag, accept.cache_key)
+        stored = self._storage.get_manifest(Digest.parse(entry.digest)) if entry else None
+        if entry is None or stored is None:
+            return await self._shared_fetch(repo, ref, accept)
+        age = self._clock() - entry.stored_at
+        if age < self._freshness.ttl(repo, ref.tag):
+            return Manifest(stored, "hit")
+        # N concurrent requests for an expired tag cause one revalidation.
+        manifest, joined = await self._revalidations.run(
+            (repo, ref.tag, accept.cache_key),
+            lambda: self._revalidate(repo, ref, accept, stored, age),
+        )
+        if joined:
+            self._metrics.coalesced.labels("manifest").inc()
+        return manifest
+
+    async def _revalidate(
+        self, repo: str, ref: Reference, accept: AcceptSet, stored: StoredManifest, age: float
+    ) -> Manifest:
+        """HEAD the tag; fetch the body only if the digest moved; stale if upstream fails."""
+        assert ref.tag is not None
+        try:
+            resp = await self._upstream.get(
+                f"/v2/{repo}/manifests/{ref.tag}",
+                repo=repo,
+                kind="manifest",
+                headers=_accept_header(accept),
+                method="HEAD",
+            )
+            await resp.aclose()
+            await self._upstream.raise_for_status(resp, "manifest")
+            current = _header_digest(resp.headers.get("docker-content-digest"))
+            if current is not None and str(current) == stored.digest:
+                entry = TagEntry(stored.digest, stored.media_type, self._clock())
+                self._storage.put_tag(self._upstream_key, repo, ref.tag, accept.cache_key, entry)
+                return Manifest(stored, "revalidated")
+            # The tag moved (or the upstream named no digest): fetch the body.
+            return Manifest(await self._fetch_manifest(repo, ref, accept), "miss")
+        except UpstreamError as exc:
+            if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
+                raise
+            log.warning("serving %s:%s stale (%.0f s old): %s", repo, ref.tag, age, exc.message)
+            return Manifest(stored, "stale")
+
+    async def _shared_fetch(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
+        # N concurrent misses for one manifest (a rollout) cause one upstream request.
+        stored, joined = await self._fetches.run(
+            (repo, str(ref), accept.cache_key),
+            lambda: self._fetch_manifest(repo, ref, accept),
+        )
+        if joined:
+            self._metrics.coalesced.labels("manifest").inc()
+        return Manifest(stored, "miss")
 
     async def _fetch_manifest(self, repo: str, ref: Reference, accept: AcceptSet) -> StoredManifest:
-        headers = {}
-        if (accept_header := accept.header()) is not None:
-            headers["Accept"] = accept_header
         resp = await self._upstream.get(
-            f"/v2/{repo}/manifests/{ref}", repo=repo, kind="manifest", headers=headers
+            f"/v2/{repo}/manifests/{ref}",
+            repo=repo,
+            kind="manifest",
+            headers=_accept_header(accept),
         )
         await self._upstream.raise_for_status(resp, "manifest")
         try:
@@ -165,7 +211,8 @@ class Proxy:
         return stored
 
     async def aclose(self) -> None:
-        await self._manifest_flights.aclose()
+        await self._revalidations.aclose()
+        await self._fetches.aclose()
 
     # -- blobs ------------------------------------------------------------------------
 
@@ -259,6 +306,19 @@ class Proxy:
         finally:
             await resp.aclose()
         return bytes(body), resp.headers.get("link")
+
+
+def _accept_header(accept: AcceptSet) -> dict[str, str]:
+    value = accept.header()
+    return {} if value is None else {"Accept": value}
+
+
+def _upstream_trouble(exc: UpstreamError) -> bool:
+    """Failures that stale content may paper over: unreachable, timeouts, 5xx, 429.
+
+    A 404, 401 or 403 is the upstream's answer, not its trouble: never hidden.
+    """
+    return exc.upstream_status is None or exc.upstream_status == 429 or (exc.upstream_status >= 500)
 
 
 def _header_digest(value: str | None) -> Digest | None:

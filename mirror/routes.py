@@ -60,7 +60,11 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
     manifest = await services.proxy.manifest(name, ref, accept)
     stored = manifest.stored
     etag = f'"{stored.digest}"'
-    headers = {"Docker-Content-Digest": stored.digest, "ETag": etag}
+    headers = {
+        "Docker-Content-Digest": stored.digest,
+        "ETag": etag,
+        "X-Cache": manifest.result.upper(),  # HIT, MISS, REVALIDATED or STALE
+    }
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     if not head:
@@ -80,6 +84,7 @@ async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Resp
         # Content-addressed: the bytes behind this URL never change.
         "Cache-Control": "public, max-age=31536000, immutable",
         "ETag": f'"{digest}"',
+        "X-Cache": "HIT" if blob.source == "cache" else "MISS",
     }
     status = 200
     if blob.range is not None and blob.size is not None:

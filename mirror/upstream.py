@@ -265,6 +265,7 @@ class Upstream:
             self._metrics.upstream_request(
                 kind, str(resp.status_code), time.perf_counter() - started
             )
+            self._metrics.rate_limit(self.host, resp.headers)
             location = resp.headers.get("location")
             if resp.status_code not in _REDIRECTS or not location:
                 return resp

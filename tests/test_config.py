@@ -91,3 +91,21 @@ def test_durations(text: object, seconds: float) -> None:
 )
 def test_host_port(listen: str, expected: tuple[str, int]) -> None:
     assert host_port(listen) == expected
+
+
+def test_ttl_rules_and_max_stale_from_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        "max_stale: 2d\ntag_ttl: 10m\ntag_ttl_rules:\n"
+        "  - {pattern: '*:latest', ttl: 30s}\n  - {pattern: 'library/*', ttl: 1h}\n"
+    )
+    freshness = load_settings(config).freshness()
+    assert freshness.max_stale == 2 * 86400
+    assert freshness.ttl("team/app", "latest") == 30
+    assert freshness.ttl("library/alpine", "3.20") == 3600
+    assert freshness.ttl("team/app", "1.0") == 600
+
+
+def test_ttl_rules_from_environment_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIRROR_TAG_TTL_RULES", '[{"pattern": "*:latest", "ttl": "1m"}]')
+    assert Settings().freshness().ttl("a", "latest") == 60

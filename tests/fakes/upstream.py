@@ -53,6 +53,7 @@ class FakeUpstream:
     token_response: dict[str, Any] | None = None  # default: {"token": ..., "expires_in": 300}
     deny_repos: set[str] = field(default_factory=set)  # 404 (after 0.2 s) for these
     manifest_delay: float = 0.0  # seconds before answering a manifest request
+    rate_limit: tuple[str, str] | None = None  # (ratelimit-limit, ratelimit-remaining)
 
     def add_blob(self, data: bytes) -> str:
         digest = sha256(data)
@@ -109,15 +110,17 @@ class FakeUpstream:
             media_type, body = self.manifests[ref]
             digest = sha256(body)
             fault = self.faults.get(ref) or Fault()
+            if fault.status is not None:
+                extra = {"retry-after": fault.retry_after} if fault.retry_after else {}
+                await _respond(send, fault.status, b'{"errors":[{"code":"UNAVAILABLE"}]}', extra)
+                return
             if fault.wrong_bytes:
                 body = body.replace(b"}", b" }", 1)
-            await _respond(
-                send,
-                200,
-                b"" if scope["method"] == "HEAD" else body,
-                {"content-type": media_type, "docker-content-digest": digest},
-                length=len(body),
-            )
+            hdrs = {"content-type": media_type, "docker-content-digest": digest}
+            if self.rate_limit:
+                hdrs["ratelimit-limit"], hdrs["ratelimit-remaining"] = self.rate_limit
+            head = scope["method"] == "HEAD"
+            await _respond(send, 200, b"" if head else body, hdrs, length=len(body))
             return
         if "/blobs/" in scope["path"] or scope["path"].startswith("/cdn/"):
             await self._blob(scope, send, ref, headers)
