@@ -43,7 +43,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        storage = Storage(settings.cache_dir)
+        storage = Storage(settings.cache_dir, clock)
+        report = storage.recover()
+        log.info(
+            "cache recovered in %.2f s: %d blobs; removed %d temp files and %d orphan "
+            "files, dropped %d entries without files",
+            report.seconds,
+            report.blobs,
+            report.temp_removed,
+            report.orphan_files_removed,
+            report.entries_dropped,
+        )
         client = make_client(settings.connect_timeout, settings.read_timeout)
         credentials = None
         if settings.upstream_username and settings.upstream_password:

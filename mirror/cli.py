@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 import pydantic
 
 from mirror.config import host_port, load_settings
+from mirror.storage import Storage
 
 
 @click.group()
@@ -67,3 +70,77 @@ def serve(
         server_header=False,
         timeout_graceful_shutdown=10,
     )
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and check the cache directory (safe while the mirror runs)."""
+
+
+def _storage(config_file: Path | None, cache_dir: Path | None) -> Storage:
+    try:
+        settings = load_settings(config_file, cache_dir=cache_dir)
+    except (pydantic.ValidationError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    if not settings.cache_dir.is_dir():
+        raise click.UsageError(f"no cache at {settings.cache_dir}")
+    return Storage(settings.cache_dir)
+
+
+_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML settings file.",
+)
+_cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Cache directory.",
+)
+
+
+@cache.command()
+@_config_option
+@_cache_dir_option
+def stats(config_file: Path | None, cache_dir: Path | None) -> None:
+    """Entries, bytes, oldest and newest blob."""
+    storage = _storage(config_file, cache_dir)
+    try:
+        s = storage.stats()
+    finally:
+        storage.close()
+
+    def when(t: float | None) -> str:
+        if t is None:
+            return "-"
+        return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    click.echo(f"blobs:      {s.blobs}")
+    click.echo(f"blob bytes: {s.blob_bytes} ({s.blob_bytes / 2**30:.2f} GiB)")
+    click.echo(f"manifests:  {s.manifests}")
+    click.echo(f"tags:       {s.tags}")
+    click.echo(f"oldest:     {when(s.oldest)}")
+    click.echo(f"newest:     {when(s.newest)}")
+
+
+@cache.command()
+@_config_option
+@_cache_dir_option
+def verify(config_file: Path | None, cache_dir: Path | None) -> None:
+    """Re-hash every blob; remove any that does not match its digest (exit 1 if any)."""
+    storage = _storage(config_file, cache_dir)
+    try:
+        entries = list(storage.iter_blobs())
+        bad = []
+        with click.progressbar(entries, label="verifying", file=sys.stderr) as bar:
+            for entry in bar:
+                if not storage.verify_blob(entry):
+                    bad.append(str(entry.digest))
+    finally:
+        storage.close()
+    for digest in bad:
+        click.echo(f"removed {digest}: content did not match its digest")
+    click.echo(f"verified {len(entries)} blobs: {len(entries) - len(bad)} ok, {len(bad)} removed")
+    if bad:
+        raise SystemExit(1)

@@ -14,10 +14,13 @@ inline; anything that can take long (fsync, hashing) runs in worker threads else
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -43,14 +46,42 @@ class TagEntry:
     stored_at: float  # wall-clock seconds, from the injected clock
 
 
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    digest: Digest
+    size: int
+    stored_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What start-up recovery found and removed after an unclean stop."""
+
+    blobs: int
+    temp_removed: int
+    orphan_files_removed: int
+    entries_dropped: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    blobs: int
+    blob_bytes: int
+    manifests: int
+    tags: int
+    oldest: float | None  # stored_at of the oldest / newest blob
+    newest: float | None
+
+
 class Storage:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.blob_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
+        self._clock = clock
         for d in (self.blob_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._clear_tmp()
         # eviction_policy "none": diskcache must never drop index rows on its own,
         # or blob files would lose their entries behind our back.
         self._index: Any = diskcache.Cache(
@@ -60,14 +91,97 @@ class Storage:
     def close(self) -> None:
         self._index.close()
 
-    def _clear_tmp(self) -> None:
-        # Leftovers of a crash or kill: never verified, never served.
+    # -- recovery ---------------------------------------------------------------------
+
+    def recover(self) -> Recovery:
+        """Make the cache consistent after a crash or `kill -9` at any moment.
+
+        - `tmp/` holds downloads that never verified: all removed.
+        - A blob file without an index entry was renamed into place but never recorded
+          (killed mid-commit): removed rather than trusted.
+        - An index entry without its file (removed by hand, lost): dropped.
+        Committed files were fsynced before their rename, so what remains is verified.
+        """
+        started = time.perf_counter()
+        temp_removed = 0
         for entry in self.tmp_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if entry.is_dir():
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
+                temp_removed += 1
+        indexed = {str(b.digest): b for b in self.iter_blobs()}
+        on_disk = set()
+        orphans = 0
+        for algorithm_dir in _subdirs(self.blob_dir):
+            for prefix_dir in _subdirs(Path(algorithm_dir.path)):
+                for file in os.scandir(prefix_dir.path):
+                    digest = f"{algorithm_dir.name}:{file.name}"
+                    if digest in indexed:
+                        on_disk.add(digest)
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(file.path)
+                    orphans += 1
+        dropped = 0
+        for digest in indexed.keys() - on_disk:
+            self._index.delete(f"blob/{digest}")
+            dropped += 1
+        return Recovery(len(on_disk), temp_removed, orphans, dropped, time.perf_counter() - started)
+
+    def iter_blobs(self) -> Iterator[BlobEntry]:
+        keys = [k for k in self._index.iterkeys() if isinstance(k, str) and k.startswith("blob/")]
+        # One transaction for all the reads: ~3x faster than a transaction per get.
+        with self._index.transact():
+            values = [(k, self._index.get(k)) for k in keys]
+        for key, value in values:
+            if value is None:
+                continue  # removed meanwhile
+            size, stored_at = _blob_value(value)
+            yield BlobEntry(Digest.parse(key[5:]), size, stored_at)
+
+    def stats(self) -> Stats:
+        blobs = list(self.iter_blobs())
+        manifests = tags = 0
+        for key in self._index.iterkeys():
+            if isinstance(key, str) and key.startswith("manifest/"):
+                manifests += 1
+            elif isinstance(key, str) and key.startswith("tag/"):
+                tags += 1
+        times = [b.stored_at for b in blobs]
+        return Stats(
+            len(blobs),
+            sum(b.size for b in blobs),
+            manifests,
+            tags,
+            min(times, default=None),
+            max(times, default=None),
+        )
+
+    def verify_blob(self, entry: BlobEntry) -> bool:
+        """Re-hash one blob file; drop it (file and entry) unless it matches."""
+        digest = entry.digest
+        h = hashlib.new(digest.algorithm)
+        size = 0
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            self.drop_blob(digest)
+            return False
+        if h.hexdigest() == digest.hex and size == entry.size:
+            return True
+        log.error("cached blob %s failed verification; removed", digest)
+        self.drop_blob(digest)
+        return False
+
+    def drop_blob(self, digest: Digest) -> None:
+        self._index.delete(f"blob/{digest}")
+        with contextlib.suppress(FileNotFoundError):
+            self.blob_path(digest).unlink()
 
     # -- manifests --------------------------------------------------------------------
 
@@ -107,8 +221,8 @@ class Storage:
         return self.blob_dir / digest.algorithm / digest.hex[:2] / digest.hex
 
     def blob_size(self, digest: Digest) -> int | None:
-        size = self._index.get(f"blob/{digest}")
-        return None if size is None else int(size)
+        value = self._index.get(f"blob/{digest}")
+        return None if value is None else _blob_value(value)[0]
 
     def open_blob(self, digest: Digest) -> tuple[int, int] | None:
         """Open a cached blob: (fd, size), or None on a miss. The caller closes fd."""
@@ -132,5 +246,16 @@ class Storage:
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, final)
-        self._index.set(f"blob/{digest}", size)
+        self._index.set(f"blob/{digest}", (size, self._clock()))
         return final
+
+
+def _blob_value(value: Any) -> tuple[int, float]:
+    if isinstance(value, int):  # written before stored_at was recorded
+        return value, 0.0
+    size, stored_at = cast(tuple[int, float], value)
+    return int(size), float(stored_at)
+
+
+def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+    return [e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fakes.server import serve
 from fakes.upstream import FakeUpstream
@@ -77,3 +79,17 @@ def real_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealUpst
     with TokenServer(workdir) as tokens, Registry(workdir / "registry", tokens) as registry:
         images = build_and_push_test_images(workdir, registry)
         yield RealUpstream(tokens, registry, images, workdir)
+
+
+async def get_when_cached(client: httpx.AsyncClient, path: str) -> httpx.Response:
+    """GET `path` until the mirror answers from its cache (`X-Cache: HIT`).
+
+    A client finishes once the blob's digest verifies; the commit into the cache
+    (fsync, rename) follows a moment later, so "cached" is awaited, not assumed.
+    """
+    for _ in range(250):
+        resp = await client.get(path)
+        if resp.headers.get("x-cache") == "HIT":
+            return resp
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{path} never reached the cache")

@@ -32,3 +32,38 @@ def test_version() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0
     assert "version" in result.output
+
+
+def test_cache_stats_and_verify(tmp_path: Path) -> None:
+    import hashlib
+
+    from mirror.reference import Digest
+    from mirror.storage import Storage
+
+    storage = Storage(tmp_path)
+    good = b"good bytes"
+    for data in (good, b"soon rotten"):
+        temp = storage.temp_path()
+        temp.write_bytes(data)
+        storage.commit_blob(Digest("sha256", hashlib.sha256(data).hexdigest()), temp, len(data))
+    rotten = Digest("sha256", hashlib.sha256(b"soon rotten").hexdigest())
+    storage.blob_path(rotten).write_bytes(b"soon rotteN")
+    storage.close()
+
+    stats = CliRunner().invoke(main, ["cache", "stats", "--cache-dir", str(tmp_path)])
+    assert stats.exit_code == 0, stats.output
+    assert "blobs:      2" in stats.output
+    assert f"blob bytes: {len(good) + 11}" in stats.output
+
+    verify = CliRunner().invoke(main, ["cache", "verify", "--cache-dir", str(tmp_path)])
+    assert verify.exit_code == 1
+    assert f"removed {rotten}" in verify.output
+    again = CliRunner().invoke(main, ["cache", "verify", "--cache-dir", str(tmp_path)])
+    assert again.exit_code == 0
+    assert "verified 1 blobs: 1 ok, 0 removed" in again.output
+
+
+def test_cache_commands_need_an_existing_cache(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["cache", "stats", "--cache-dir", str(tmp_path / "no")])
+    assert result.exit_code == 2
+    assert "no cache at" in result.output
