@@ -1,9 +1,10 @@
-"""Start-up recovery time for a cache of N blobs (issue #4: "seconds for 100k entries").
+"""Start-up recovery time and eviction throughput for a cache of N blobs.
 
     .venv/bin/python bench/recovery.py [--entries 100000]
 
 Builds a cache of N committed tiny blobs plus a few crash leftovers (temp files, orphan
-files, entries without files), then times `Storage.recover()` as `mirror serve` runs it.
+files, entries without files), then times `Storage.recover()` as `mirror serve` runs it,
+and an eviction round that must remove half of the blobs to get under `max_size`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mirror.eviction import Evictor
 from mirror.reference import Digest
 from mirror.storage import Storage
 
@@ -46,6 +48,10 @@ def main() -> None:
         storage = Storage(root)
         report = storage.recover()
         again = storage.recover()
+        evictor = Evictor(
+            storage, None, content_ttl=7 * 86400, max_size=args.entries * 4, max_stale=7 * 86400
+        )
+        evicted = evictor.evict()
         storage.close()
     print("| entries | recovery s | removed temp | removed orphans | dropped entries |")
     print("|---:|---:|---:|---:|---:|")
@@ -54,6 +60,12 @@ def main() -> None:
         f"{report.orphan_files_removed} | {report.entries_dropped} |"
     )
     print(f"| {again.blobs} (clean cache) | {again.seconds:.2f} | 0 | 0 | 0 |")
+    print()
+    rate = evicted.size_blobs / evicted.seconds
+    print(
+        f"eviction round over {report.blobs} blobs: {evicted.size_blobs} evicted by size "
+        f"in {evicted.seconds:.2f} s ({rate:,.0f} blobs/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mirror.config import Settings
 from mirror.downloads import Downloads
 from mirror.errors import AbortResponse, RegistryError
+from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.proxy import Proxy
 from mirror.routes import router
@@ -62,6 +64,14 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             )
         upstream = Upstream(settings.upstream, client, metrics, credentials=credentials)
         downloads = Downloads(storage, upstream, metrics, resume_attempts=settings.resume_attempts)
+        evictor = Evictor(
+            storage,
+            metrics,
+            content_ttl=settings.content_ttl,
+            max_size=settings.max_size,
+            max_stale=settings.max_stale,
+            clock=clock,
+        )
         proxy = Proxy(
             storage,
             upstream,
@@ -70,13 +80,19 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             upstream_key=upstream.host,
             freshness=settings.freshness(),
             manifest_max_bytes=settings.manifest_max_bytes,
+            touch=evictor.touch,
             clock=clock,
         )
         app.state.services = Services(settings, metrics, proxy, storage)
         log.info("mirror ready: upstream %s, cache %s", settings.upstream, settings.cache_dir)
+        app.state.evictor = evictor
+        # Eviction runs in the background, in a worker thread: never in a request's path.
+        eviction = asyncio.create_task(evictor.run_forever(settings.eviction_interval))
         try:
             yield
         finally:
+            eviction.cancel()
+            await asyncio.gather(eviction, return_exceptions=True)
             await proxy.aclose()
             await downloads.aclose()
             await client.aclose()

@@ -144,3 +144,31 @@ def verify(config_file: Path | None, cache_dir: Path | None) -> None:
     click.echo(f"verified {len(entries)} blobs: {len(entries) - len(bad)} ok, {len(bad)} removed")
     if bad:
         raise SystemExit(1)
+
+
+@cache.command()
+@_config_option
+@_cache_dir_option
+def prune(config_file: Path | None, cache_dir: Path | None) -> None:
+    """Apply content_ttl and max_size now (the server also does this every minute)."""
+    from mirror.eviction import Evictor
+
+    settings = load_settings(config_file, cache_dir=cache_dir)
+    storage = _storage(config_file, cache_dir)
+    try:
+        evictor = Evictor(
+            storage,
+            None,
+            content_ttl=settings.content_ttl,
+            max_size=settings.max_size,
+            max_stale=settings.max_stale,
+        )
+        r = evictor.evict()
+    finally:
+        storage.close()
+    click.echo(
+        f"evicted {r.ttl_blobs + r.size_blobs} blobs ({r.ttl_blobs} unused for "
+        f"{settings.content_ttl:.0f} s, {r.size_blobs} over max_size), "
+        f"{r.ttl_manifests} manifests, {r.ttl_tags} tags; freed {r.bytes_freed} bytes; "
+        f"{r.blob_bytes} bytes cached"
+    )

@@ -36,6 +36,35 @@ def default_cache_dir() -> Path:
     return Path(base) / "mirror"
 
 
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from a number or `50GiB`, `500MB`, `1.5TiB`; none/unlimited/0 -> no cap."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.lower() in ("", "none", "unlimited", "0"):
+        return None
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"invalid size {value!r}: use bytes or e.g. 50GiB, 500MB")
+    return int(float(m[1]) * _SIZE_UNITS[(m[2] or "b").lower()])
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string like `300`, `5m`, `7d`, `1.5h`."""
     if isinstance(value, int | float):
@@ -70,6 +99,9 @@ class Settings(BaseSettings):
     # First match wins, against "<repository>:<tag>", e.g. {pattern: "*:latest", ttl: 1m}.
     tag_ttl_rules: list[TTLRuleSetting] = Field(default_factory=list)
     max_stale: float = Field(default=7 * 86400.0, description="Serve a tag stale this long")
+    content_ttl: float = Field(default=7 * 86400.0, description="Evict content unused this long")
+    max_size: int | None = Field(default=50 * 2**30, description="Cap on cached blob bytes")
+    eviction_interval: float = Field(default=60.0, description="Seconds between rounds")
     manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
     resume_attempts: int = Field(default=3, ge=0, le=100)
     connect_timeout: float = 10.0
@@ -77,7 +109,12 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = True
 
-    @field_validator("tag_ttl", "max_stale", mode="before")
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        return parse_size(value)
+
+    @field_validator("tag_ttl", "max_stale", "content_ttl", "eviction_interval", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)

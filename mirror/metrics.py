@@ -121,6 +121,18 @@ class Metrics:
             "Blob downloads resumed with Range after a failure.",
             registry=r,
         )
+        self.evictions = Counter(
+            "mirror_evictions",
+            "Cache entries evicted, by kind and reason (ttl, size).",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes",
+            "Blob bytes evicted, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit",
             "Pull rate limit the upstream announced (Docker Hub ratelimit-limit).",
@@ -149,6 +161,10 @@ class Metrics:
             self.coalesced.labels(kind)
             for result in CACHE_RESULTS:
                 self.cache.labels(kind, result)
+        for reason in ("ttl", "size"):
+            self.evicted_bytes.labels(reason)
+            for kind in KINDS:
+                self.evictions.labels(kind, reason)
         for source in SOURCES:
             self.served_bytes.labels(source)
         for kind in UPSTREAM_KINDS:

@@ -66,6 +66,7 @@ class Proxy:
         freshness: Freshness,
         manifest_max_bytes: int,
         clock: Callable[[], float] = time.time,
+        touch: Callable[[str], None] = lambda key: None,
     ) -> None:
         self._storage = storage
         self._upstream = upstream
@@ -75,6 +76,7 @@ class Proxy:
         self._freshness = freshness
         self._manifest_max = manifest_max_bytes
         self._clock = clock
+        self._touch = touch  # records accesses for eviction (no I/O)
         self._fetches: SingleFlight[StoredManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
 
@@ -93,6 +95,7 @@ class Proxy:
         else:
             manifest = await self._tag(repo, ref, accept)
         self._metrics.cache.labels("manifest", manifest.result).inc()
+        self._touch(f"manifest/{manifest.stored.digest}")
         if not accept.accepts(manifest.stored.media_type):
             # A client that cannot read an index must never be handed one.
             raise RegistryError(
@@ -221,6 +224,7 @@ class Proxy:
         cached = self._storage.open_blob(digest)
         if cached is not None:
             self._metrics.cache.labels("blob", "hit").inc()
+            self._touch(f"blob/{digest}")
             fd, size = cached
             try:
                 rng = spec.resolve(size) if spec is not None else None

@@ -51,6 +51,7 @@ class BlobEntry:
     digest: Digest
     size: int
     stored_at: float
+    atime: float  # last access, as last recorded by the evictor
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +139,8 @@ class Storage:
         for key, value in values:
             if value is None:
                 continue  # removed meanwhile
-            size, stored_at = _blob_value(value)
-            yield BlobEntry(Digest.parse(key[5:]), size, stored_at)
+            size, stored_at, atime = _blob_value(value)
+            yield BlobEntry(Digest.parse(key[5:]), size, stored_at, atime)
 
     def stats(self) -> Stats:
         blobs = list(self.iter_blobs())
@@ -179,9 +180,61 @@ class Storage:
         return False
 
     def drop_blob(self, digest: Digest) -> None:
+        # An open reader keeps reading: POSIX unlink semantics.
         self._index.delete(f"blob/{digest}")
         with contextlib.suppress(FileNotFoundError):
             self.blob_path(digest).unlink()
+
+    # -- access times (for eviction) --------------------------------------------------
+
+    def record_access(self, times: dict[str, float]) -> None:
+        """Store last-access times, keyed "blob/<digest>" or "manifest/<digest>".
+
+        Batched by the evictor, so a cache hit never writes to the index. A blob keeps
+        its access time in its own entry (one key per blob to scan and to delete).
+        """
+        with self._index.transact():
+            for key, when in times.items():
+                if key.startswith("blob/"):
+                    value = self._index.get(key)
+                    if value is not None:
+                        size, stored_at, atime = _blob_value(value)
+                        self._index.set(key, (size, stored_at, max(atime, when)))
+                else:
+                    self._index.set(f"atime/{key}", when)
+
+    def last_access(self, key: str, default: float) -> float:
+        value = self._index.get(f"atime/{key}")
+        return default if value is None else float(value)
+
+    def drop_blobs(self, digests: list[Digest]) -> None:
+        """Bulk `drop_blob`: index rows in one transaction, then the files."""
+        with self._index.transact():
+            for digest in digests:
+                self._index.delete(f"blob/{digest}")
+        for digest in digests:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(digest).unlink()
+
+    def iter_manifests(self) -> Iterator[str]:
+        for key in self._index.iterkeys():
+            if isinstance(key, str) and key.startswith("manifest/"):
+                yield key[len("manifest/") :]
+
+    def drop_manifest(self, digest: str) -> None:
+        self._index.delete(f"manifest/{digest}")
+        self._index.delete(f"atime/manifest/{digest}")
+
+    def iter_tags(self) -> Iterator[tuple[str, float]]:
+        """(index key, stored_at) of every tag entry."""
+        for key in self._index.iterkeys():
+            if isinstance(key, str) and key.startswith("tag/"):
+                value = self._index.get(key)
+                if value is not None:
+                    yield key, float(cast(tuple[str, str, float], value)[2])
+
+    def drop_key(self, key: str) -> None:
+        self._index.delete(key)
 
     # -- manifests --------------------------------------------------------------------
 
@@ -194,6 +247,7 @@ class Storage:
 
     def put_manifest(self, manifest: StoredManifest) -> None:
         self._index.set(f"manifest/{manifest.digest}", (manifest.media_type, manifest.body))
+        self._index.set(f"atime/manifest/{manifest.digest}", self._clock())
 
     # -- tags -------------------------------------------------------------------------
 
@@ -246,15 +300,19 @@ class Storage:
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, final)
-        self._index.set(f"blob/{digest}", (size, self._clock()))
+        now = self._clock()
+        self._index.set(f"blob/{digest}", (size, now, now))
         return final
 
 
-def _blob_value(value: Any) -> tuple[int, float]:
-    if isinstance(value, int):  # written before stored_at was recorded
-        return value, 0.0
-    size, stored_at = cast(tuple[int, float], value)
-    return int(size), float(stored_at)
+def _blob_value(value: Any) -> tuple[int, float, float]:
+    """(size, stored_at, atime); older entries lack the later fields."""
+    if isinstance(value, int):
+        return value, 0.0, 0.0
+    fields = cast(tuple[Any, ...], value)
+    size, stored_at = int(fields[0]), float(fields[1])
+    atime = float(fields[2]) if len(fields) > 2 else stored_at
+    return size, stored_at, atime
 
 
 def _subdirs(path: Path) -> list[os.DirEntry[str]]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mirror.cli import main
@@ -67,3 +68,23 @@ def test_cache_commands_need_an_existing_cache(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["cache", "stats", "--cache-dir", str(tmp_path / "no")])
     assert result.exit_code == 2
     assert "no cache at" in result.output
+
+
+def test_cache_prune_applies_the_size_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from mirror.reference import Digest
+    from mirror.storage import Storage
+
+    storage = Storage(tmp_path)
+    for i in range(4):
+        data = bytes([i]) * 1000
+        temp = storage.temp_path()
+        temp.write_bytes(data)
+        storage.commit_blob(Digest("sha256", hashlib.sha256(data).hexdigest()), temp, 1000)
+    storage.close()
+    monkeypatch.setenv("MIRROR_MAX_SIZE", "2500B")
+    result = CliRunner().invoke(main, ["cache", "prune", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "evicted 2 blobs (0 unused" in result.output
+    assert "2000 bytes cached" in result.output

@@ -1,0 +1,148 @@
+"""Eviction: content unused for `content_ttl` goes, and the cache stays under `max_size`.
+
+Access times are kept in memory (`touch`, called on every hit) and written to the index
+in one batch per round, so serving a hit never writes to SQLite. A round runs in a
+worker thread every `interval` seconds (and on demand: `mirror cache prune`):
+
+1. blobs and manifests not accessed for `content_ttl` are removed ("ttl");
+2. tag entries older than their usefulness (`max_stale`) are removed ("ttl");
+3. while blob bytes exceed `max_size`, the least recently used blob goes ("size").
+
+Removing a blob someone is reading is safe (POSIX unlink keeps open files readable);
+downloads in flight are not in the index yet, so they are never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mirror.metrics import Metrics
+from mirror.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    ttl_blobs: int
+    ttl_manifests: int
+    ttl_tags: int
+    size_blobs: int
+    bytes_freed: int
+    blob_bytes: int  # after the round
+    seconds: float
+
+
+class Evictor:
+    def __init__(
+        self,
+        storage: Storage,
+        metrics: Metrics | None,
+        *,
+        content_ttl: float,
+        max_size: int | None,
+        max_stale: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._storage = storage
+        self._metrics = metrics
+        self._content_ttl = content_ttl
+        self._max_size = max_size
+        self._tag_lifetime = max_stale
+        self._clock = clock
+        self._touched: dict[str, float] = {}
+
+    def touch(self, key: str) -> None:
+        """Record an access to "blob/<digest>" or "manifest/<digest>" (no I/O)."""
+        self._touched[key] = self._clock()
+
+    async def run_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("eviction round failed; retrying next interval")
+
+    async def run_once(self) -> Round:
+        # Swap the dict in the loop's thread; the worker thread owns the old one.
+        touched, self._touched = self._touched, {}
+        result = await asyncio.to_thread(self.evict, touched)
+        return result
+
+    def evict(self, touched: dict[str, float] | None = None) -> Round:
+        started = time.perf_counter()
+        storage = self._storage
+        if touched:
+            storage.record_access(touched)
+        now = self._clock()
+        ttl_blobs = ttl_manifests = ttl_tags = size_blobs = freed = 0
+
+        blobs = []
+        expired = []
+        for entry in storage.iter_blobs():
+            atime = entry.atime
+            if now - atime > self._content_ttl:
+                expired.append(entry)
+            else:
+                blobs.append((atime, entry))
+        storage.drop_blobs([e.digest for e in expired])
+        for entry in expired:
+            ttl_blobs += 1
+            freed += entry.size
+            self._count("blob", "ttl", entry.size)
+        for digest in list(storage.iter_manifests()):
+            if now - storage.last_access(f"manifest/{digest}", now) > self._content_ttl:
+                storage.drop_manifest(digest)
+                ttl_manifests += 1
+                self._count("manifest", "ttl", 0)
+        for key, stored_at in list(storage.iter_tags()):
+            if now - stored_at > self._tag_lifetime:
+                storage.drop_key(key)
+                ttl_tags += 1
+
+        total = sum(e.size for _, e in blobs)
+        if self._max_size is not None and total > self._max_size:
+            blobs.sort(key=lambda pair: pair[0])  # least recently used first
+            victims = []
+            for _, entry in blobs:
+                if total <= self._max_size:
+                    break
+                victims.append(entry)
+                total -= entry.size
+                freed += entry.size
+                size_blobs += 1
+                self._count("blob", "size", entry.size)
+            storage.drop_blobs([e.digest for e in victims])
+        result = Round(
+            ttl_blobs,
+            ttl_manifests,
+            ttl_tags,
+            size_blobs,
+            freed,
+            total,
+            time.perf_counter() - started,
+        )
+        if freed or ttl_manifests or ttl_tags:
+            log.info(
+                "evicted %d blobs (%d by ttl, %d by size), %d manifests, %d tags: "
+                "%d bytes freed, %d bytes cached, %.2f s",
+                ttl_blobs + size_blobs,
+                ttl_blobs,
+                size_blobs,
+                ttl_manifests,
+                ttl_tags,
+                freed,
+                total,
+                result.seconds,
+            )
+        return result
+
+    def _count(self, kind: str, reason: str, size: int) -> None:
+        if self._metrics is not None:
+            self._metrics.evictions.labels(kind, reason).inc()
+            self._metrics.evicted_bytes.labels(reason).inc(size)
