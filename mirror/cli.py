@@ -172,3 +172,48 @@ def prune(config_file: Path | None, cache_dir: Path | None) -> None:
         f"{r.ttl_manifests} manifests, {r.ttl_tags} tags; freed {r.bytes_freed} bytes; "
         f"{r.blob_bytes} bytes cached"
     )
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--mirror",
+    "mirror_url",
+    default="http://127.0.0.1:5000",
+    show_default=True,
+    help="The running mirror to warm.",
+)
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    help="os/arch[/variant] to warm from multi-platform images (repeatable); "
+    "default: all platforms.",
+)
+def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -> None:
+    """Pre-pull IMAGES (name[:tag] or name@digest) through the mirror's cache."""
+    import httpx
+
+    from mirror.errors import RegistryError
+    from mirror.warm import fetch_blobs, parse_image, plan
+
+    wanted = set(platforms) if platforms and "all" not in platforms else None
+    failed = False
+    with httpx.Client(base_url=mirror_url.rstrip("/"), timeout=httpx.Timeout(30, read=300)) as c:
+        for image in images:
+            try:
+                p = plan(c, image, wanted)
+                total = sum(p.blobs.values())
+                with click.progressbar(length=total, label=image, file=sys.stderr) as bar:
+                    fetch_blobs(c, parse_image(image)[0], p.blobs, bar.update)
+            except (httpx.HTTPError, RegistryError, ValueError, KeyError) as exc:
+                click.echo(f"{image}: failed: {exc}", err=True)
+                failed = True
+                continue
+            chosen = f" ({', '.join(p.platforms)})" if p.platforms else ""
+            click.echo(
+                f"{image}{chosen}: {len(p.manifests)} manifests, {len(p.blobs)} blobs, "
+                f"{total} bytes warm"
+            )
+    if failed:
+        raise SystemExit(1)

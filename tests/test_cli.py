@@ -88,3 +88,17 @@ def test_cache_prune_applies_the_size_cap(tmp_path: Path, monkeypatch: pytest.Mo
     assert result.exit_code == 0, result.output
     assert "evicted 2 blobs (0 unused" in result.output
     assert "2000 bytes cached" in result.output
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("alpine", ("alpine", "latest")),
+        ("library/alpine:3.20", ("library/alpine", "3.20")),
+        ("a/b@sha256:" + "c" * 64, ("a/b", "sha256:" + "c" * 64)),
+    ],
+)
+def test_parse_image(image: str, expected: tuple[str, str]) -> None:
+    from mirror.warm import parse_image
+
+    assert parse_image(image) == expected
