@@ -82,9 +82,10 @@ class Evictor:
         now = self._clock()
         ttl_blobs = ttl_manifests = ttl_tags = size_blobs = freed = 0
 
+        scan = storage.scan()
         blobs = []
         expired = []
-        for entry in storage.iter_blobs():
+        for entry in scan.blobs:
             atime = entry.atime
             if now - atime > self._content_ttl:
                 expired.append(entry)
@@ -95,12 +96,12 @@ class Evictor:
             ttl_blobs += 1
             freed += entry.size
             self._count("blob", "ttl", entry.size)
-        for digest in list(storage.iter_manifests()):
+        for digest in scan.manifests:
             if now - storage.last_access(f"manifest/{digest}", now) > self._content_ttl:
                 storage.drop_manifest(digest)
                 ttl_manifests += 1
                 self._count("manifest", "ttl", 0)
-        for key, stored_at in list(storage.iter_tags()):
+        for key, stored_at in scan.tags:
             if now - stored_at > self._tag_lifetime:
                 storage.drop_key(key)
                 ttl_tags += 1

@@ -53,9 +53,9 @@ async def read_download(
         if dl.state == "failed":
             raise AbortResponse(f"download of {dl.digest} failed")
         # Verified is enough to finish: the bytes are final, only the cache commit is left.
-        committed = dl.state in ("verified", "committed")
+        final = dl.state in ("verified", "committed")
         stop = end if end is not None else dl.size
-        if committed:
+        if final:
             assert dl.size is not None
             stop = dl.size if stop is None else min(stop, dl.size)
             readable = stop
@@ -70,7 +70,7 @@ async def read_download(
             pos += len(chunk)
             yield chunk
             continue
-        if committed and stop is not None and pos >= stop:
+        if final and stop is not None and pos >= stop:
             return
         await event.wait()
 

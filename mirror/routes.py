@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -13,14 +14,18 @@ from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
 from mirror.responses import BlobResponse
 
+if TYPE_CHECKING:  # app imports this module
+    from mirror.app import Services
+
 router = APIRouter()
 
 READ_METHODS = ("GET", "HEAD")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def _services(request: Request):  # type: ignore[no-untyped-def]
-    return request.app.state.services
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
 @router.api_route("/v2/", methods=["GET", "HEAD"])

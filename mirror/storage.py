@@ -66,6 +66,13 @@ class Recovery:
 
 
 @dataclass(frozen=True, slots=True)
+class Scan:
+    blobs: list[BlobEntry]
+    manifests: list[str]  # digests
+    tags: list[tuple[str, float]]  # (index key, stored_at)
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     blobs: int
     blob_bytes: int
@@ -131,31 +138,46 @@ class Storage:
             dropped += 1
         return Recovery(len(on_disk), temp_removed, orphans, dropped, time.perf_counter() - started)
 
-    def iter_blobs(self) -> Iterator[BlobEntry]:
-        keys = [k for k in self._index.iterkeys() if isinstance(k, str) and k.startswith("blob/")]
-        # One transaction for all the reads: ~3x faster than a transaction per get.
+    def scan(self) -> Scan:
+        """Every blob, manifest and tag entry, from one pass over the index keys.
+
+        Recovery, stats and each eviction round need all three; walking the keys once
+        (and reading the values in one transaction) keeps a round cheap at 100k entries.
+        """
+        blob_keys: list[str] = []
+        manifests: list[str] = []
+        tag_keys: list[str] = []
+        for key in self._index.iterkeys():
+            if not isinstance(key, str):
+                continue
+            if key.startswith("blob/"):
+                blob_keys.append(key)
+            elif key.startswith("manifest/"):
+                manifests.append(key[len("manifest/") :])
+            elif key.startswith("tag/"):
+                tag_keys.append(key)
         with self._index.transact():
-            values = [(k, self._index.get(k)) for k in keys]
-        for key, value in values:
-            if value is None:
-                continue  # removed meanwhile
-            size, stored_at, atime = _blob_value(value)
-            yield BlobEntry(Digest.parse(key[5:]), size, stored_at, atime)
+            blob_values = [(k, self._index.get(k)) for k in blob_keys]
+            tag_values = [(k, self._index.get(k)) for k in tag_keys]
+        blobs = []
+        for key, value in blob_values:
+            if value is not None:  # None: removed meanwhile
+                size, stored_at, atime = _blob_value(value)
+                blobs.append(BlobEntry(Digest.parse(key[5:]), size, stored_at, atime))
+        tags = [(k, float(cast(tuple[str, str, float], v)[2])) for k, v in tag_values if v]
+        return Scan(blobs, manifests, tags)
+
+    def iter_blobs(self) -> Iterator[BlobEntry]:
+        return iter(self.scan().blobs)
 
     def stats(self) -> Stats:
-        blobs = list(self.iter_blobs())
-        manifests = tags = 0
-        for key in self._index.iterkeys():
-            if isinstance(key, str) and key.startswith("manifest/"):
-                manifests += 1
-            elif isinstance(key, str) and key.startswith("tag/"):
-                tags += 1
-        times = [b.stored_at for b in blobs]
+        scan = self.scan()
+        times = [b.stored_at for b in scan.blobs]
         return Stats(
-            len(blobs),
-            sum(b.size for b in blobs),
-            manifests,
-            tags,
+            len(scan.blobs),
+            sum(b.size for b in scan.blobs),
+            len(scan.manifests),
+            len(scan.tags),
             min(times, default=None),
             max(times, default=None),
         )
@@ -180,10 +202,7 @@ class Storage:
         return False
 
     def drop_blob(self, digest: Digest) -> None:
-        # An open reader keeps reading: POSIX unlink semantics.
-        self._index.delete(f"blob/{digest}")
-        with contextlib.suppress(FileNotFoundError):
-            self.blob_path(digest).unlink()
+        self.drop_blobs([digest])
 
     # -- access times (for eviction) --------------------------------------------------
 
@@ -208,7 +227,8 @@ class Storage:
         return default if value is None else float(value)
 
     def drop_blobs(self, digests: list[Digest]) -> None:
-        """Bulk `drop_blob`: index rows in one transaction, then the files."""
+        """Index rows in one transaction, then the files. Open readers keep reading
+        (POSIX unlink semantics)."""
         with self._index.transact():
             for digest in digests:
                 self._index.delete(f"blob/{digest}")
@@ -216,22 +236,9 @@ class Storage:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
 
-    def iter_manifests(self) -> Iterator[str]:
-        for key in self._index.iterkeys():
-            if isinstance(key, str) and key.startswith("manifest/"):
-                yield key[len("manifest/") :]
-
     def drop_manifest(self, digest: str) -> None:
         self._index.delete(f"manifest/{digest}")
         self._index.delete(f"atime/manifest/{digest}")
-
-    def iter_tags(self) -> Iterator[tuple[str, float]]:
-        """(index key, stored_at) of every tag entry."""
-        for key in self._index.iterkeys():
-            if isinstance(key, str) and key.startswith("tag/"):
-                value = self._index.get(key)
-                if value is not None:
-                    yield key, float(cast(tuple[str, str, float], value)[2])
 
     def drop_key(self, key: str) -> None:
         self._index.delete(key)
@@ -288,7 +295,7 @@ class Storage:
         except FileNotFoundError:
             # The index outlived its file (removed by hand, or a crash): a miss.
             log.warning("cache index had %s but its file is gone; dropping the entry", digest)
-            self._index.delete(f"blob/{digest}")
+            self.drop_blob(digest)
             return None
         return fd, size
 
