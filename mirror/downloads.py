@@ -8,6 +8,14 @@ never affects the download, and every byte is fetched from upstream once.
 Hashing and writing run in one worker thread per download, fed by a bounded queue:
 measured faster than a thread hop per chunk or hashing in the event loop, and it
 keeps the loop free for other requests (docs/design.md, "Blob path").
+
+When the cache cannot take the bytes (ENOSPC, a read-only file system, EIO), the
+download *spills*: it leaves the cache behind, keeps hashing, and relays the rest of
+the body from memory to the clients already attached, so they still get every byte
+(and the digest check) while the mirror stays up. New requests start their own
+download. The relay is a bounded window that moves at the pace of the slowest
+attached reader; a reader that stalls it for `RELAY_STALL` seconds is cut (it can
+resume with Range) rather than holding everyone back.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+import weakref
+from collections import deque
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +48,11 @@ log = logging.getLogger(__name__)
 # per download to QUEUE_DEPTH x chunk size (1 MiB reads) whatever the blob size.
 QUEUE_DEPTH = 8
 
+# A spilled download relays from memory: this many bytes may wait for the slowest
+# reader, and a reader that holds the window full this long is cut.
+RELAY_WINDOW = 32 << 20
+RELAY_STALL = 30.0
+
 # starting -> streaming -> verified -> committed, or -> failed before `verified`.
 # `verified`: every byte is on disk and the digest matched, so readers may send the
 # last byte; the fsync and the rename into the cache follow.
@@ -48,16 +63,35 @@ class DigestMismatch(Exception):
     pass
 
 
-class _HashingWriter:
-    """Writes and hashes chunks in a dedicated thread; reports progress to the loop."""
+class Abandoned(Exception):
+    """A spilled download lost its last reader: with no cache to fill, it stops."""
 
-    def __init__(self, path: Path, algorithm: str, on_progress: Callable[[int], None]) -> None:
+
+class _HashingWriter:
+    """Writes and hashes chunks in a dedicated thread; reports progress to the loop.
+
+    `fd` None means there is no cache file to write (it could not be created): every
+    chunk is only hashed and relayed. The same happens from the first write that
+    fails with an OSError: `on_spill` is called once, then `on_relay` for that chunk
+    and each one after it, in order.
+    """
+
+    def __init__(
+        self,
+        fd: int | None,
+        algorithm: str,
+        on_progress: Callable[[int], None],
+        on_spill: Callable[[OSError | None], None],
+        on_relay: Callable[[bytes], None],
+    ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = fd
         self._hash = hashlib.new(algorithm)
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._slots = asyncio.Semaphore(QUEUE_DEPTH)
         self._on_progress = on_progress
+        self._on_spill = on_spill
+        self._on_relay = on_relay
         self._hashed: asyncio.Future[str] = self._loop.create_future()
         self._synced: asyncio.Future[None] = self._loop.create_future()
         self.submitted = 0  # bytes handed to the thread; the offset to resume from
@@ -68,8 +102,8 @@ class _HashingWriter:
     async def write(self, chunk: bytes) -> None:
         await self._slots.acquire()
         if self._hashed.done():
-            # The thread has stopped (a write failed: ENOSPC, EIO): raise its error
-            # instead of queueing into a queue nobody drains.
+            # The thread has stopped (an unexpected error): raise it instead of
+            # queueing into a queue nobody drains.
             self._hashed.result()
             raise RuntimeError("blob writer stopped early")
         self.submitted += len(chunk)
@@ -90,13 +124,22 @@ class _HashingWriter:
 
     def _run(self) -> None:
         written = 0
+        spilled = self._fd is None
         try:
             try:
                 while (chunk := self._queue.get()) is not None and not self._aborted:
-                    self._write_all(chunk)
+                    if not spilled:
+                        try:
+                            self._write_all(chunk)
+                        except OSError as exc:
+                            spilled = True
+                            self._call_in_loop(self._on_spill, exc)
                     self._hash.update(chunk)
                     written += len(chunk)
-                    self._call_in_loop(self._progress, written)
+                    if spilled:
+                        self._call_in_loop(self._relay, chunk)
+                    else:
+                        self._call_in_loop(self._progress, written)
             except BaseException as exc:  # reported to the loop, never lost in the thread
                 self._call_in_loop(self._fail, exc)
                 return
@@ -104,16 +147,18 @@ class _HashingWriter:
             # Durable before the rename that publishes it: a crash must never leave a
             # committed name pointing at unwritten pages.
             try:
-                if not self._aborted:
+                if not self._aborted and not spilled and self._fd is not None:
                     os.fsync(self._fd)
             except OSError as exc:
                 self._call_in_loop(self._settle, (self._synced, exc))
                 return
             self._call_in_loop(self._settle, (self._synced, None))
         finally:
-            os.close(self._fd)
+            if self._fd is not None:
+                os.close(self._fd)
 
     def _write_all(self, chunk: bytes) -> None:
+        assert self._fd is not None
         view = memoryview(chunk)
         while view:
             n = os.write(self._fd, view)
@@ -127,6 +172,10 @@ class _HashingWriter:
     def _progress(self, written: int) -> None:
         self._slots.release()
         self._on_progress(written)
+
+    def _relay(self, chunk: bytes) -> None:
+        self._slots.release()
+        self._on_relay(chunk)
 
     def _settle(self, pair: tuple[asyncio.Future[Any], Any]) -> None:
         future, result = pair
@@ -146,6 +195,17 @@ class _HashingWriter:
             self._slots.release()
 
 
+class Cursor:
+    """One reader's position in a download: what a spilled relay may let go of."""
+
+    __slots__ = ("__weakref__", "closed", "lagged", "pos")
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.closed = False
+        self.lagged = False
+
+
 class BlobDownload:
     """One upstream fetch of one digest, observed by any number of readers."""
 
@@ -155,9 +215,16 @@ class BlobDownload:
         self.path = path  # the temp file; the final path once committed
         self.state: State = "starting"
         self.size: int | None = None  # from Content-Length, known once streaming
-        self.written = 0  # bytes on disk, readable by readers
+        self.written = 0  # bytes readers may read: from the file, then from the relay
+        self.on_disk = 0  # bytes readable from the file (frozen once spilled)
+        self.spilled = False  # the cache refused the bytes; the rest comes from memory
         self.error: BaseException | None = None
         self._changed = asyncio.Event()
+        self._relay: deque[bytes] = deque()
+        self._relay_start = 0  # offset of the first byte in `_relay`
+        self._relay_bytes = 0
+        self._cursors: weakref.WeakSet[Cursor] = weakref.WeakSet()
+        self._room = asyncio.Event()
 
     def _notify(self) -> None:
         # Replace-then-set: every waiter that grabbed the old event wakes once.
@@ -183,6 +250,70 @@ class BlobDownload:
         while self.state in ("starting", "streaming"):
             await self.changed()
 
+    # -- readers ----------------------------------------------------------------------
+
+    def attach(self) -> Cursor:
+        """Register a reader. Weakly held: a reader that vanishes never pins the relay."""
+        cursor = Cursor()
+        self._cursors.add(cursor)
+        return cursor
+
+    def moved(self) -> None:
+        """A reader advanced or left: the relay may drop what everyone has read."""
+        if not self.spilled:
+            return
+        floor = min((c.pos for c in self._live()), default=self.written)
+        while self._relay and self._relay_start + len(self._relay[0]) <= floor:
+            chunk = self._relay.popleft()
+            self._relay_start += len(chunk)
+            self._relay_bytes -= len(chunk)
+        self._room.set()
+
+    def relay_read(self, pos: int, limit: int) -> bytes | None:
+        """Up to `limit` bytes at `pos` from the relay; None if they were let go."""
+        if pos < self._relay_start:
+            return None
+        offset = self._relay_start
+        for chunk in self._relay:
+            if pos < offset + len(chunk):
+                return chunk[pos - offset : pos - offset + limit]
+            offset += len(chunk)
+        return b""
+
+    def _live(self) -> list[Cursor]:
+        return [c for c in self._cursors if not c.closed and not c.lagged]
+
+    # -- the producer side of a spilled download --------------------------------------
+
+    def spill(self) -> None:
+        self.spilled = True
+        self._relay_start = self.on_disk = self.written
+
+    def push(self, chunk: bytes) -> None:
+        self._relay.append(chunk)
+        self._relay_bytes += len(chunk)
+        self.written += len(chunk)
+        self._notify()
+
+    async def room(self) -> None:
+        """Wait until the relay has room; cut readers that stall it for RELAY_STALL."""
+        while True:
+            live = self._live()
+            if not live:
+                raise Abandoned(str(self.digest))
+            if self._relay_bytes <= RELAY_WINDOW:
+                return
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), RELAY_STALL)
+            except TimeoutError:
+                keep_from = self.written - RELAY_WINDOW
+                for cursor in live:
+                    if cursor.pos < keep_from:
+                        cursor.lagged = True
+                self.moved()
+                self._notify()  # a lagged reader waiting for bytes learns it was cut
+
 
 class Downloads:
     """The app's in-flight blob downloads, at most one per digest."""
@@ -204,9 +335,16 @@ class Downloads:
             self._metrics.coalesced.labels("blob").inc()
         else:
             download = BlobDownload(digest, self._storage.temp_path(), repo)
-            # Created now, so a reader can open it before the first byte arrives.
-            download.path.touch()
-            self._active[key] = download
+            try:
+                # Created now, so a reader can open it before the first byte arrives.
+                download.path.touch()
+            except OSError as exc:
+                # No cache file (full or read-only disk): relay-only from byte 0, and
+                # not shared, since a relay cannot serve readers who join late.
+                download.spill()
+                self._cache_write_failed(download, exc)
+            else:
+                self._active[key] = download
             task = asyncio.get_running_loop().create_task(self._run(repo, download))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -220,6 +358,37 @@ class Downloads:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def _cache_write_failed(self, dl: BlobDownload, exc: OSError | None) -> None:
+        """The cache refused a blob: stream it on, uncached, and free what it took."""
+        self._metrics.cache_write_failures.labels("blob").inc()
+        log.error(
+            "cannot write blob %s to the cache (%s); streaming it to its clients uncached",
+            dl.digest,
+            exc,
+        )
+        if self._active.get(str(dl.digest)) is dl:
+            del self._active[str(dl.digest)]  # later requests start their own download
+        self._background(asyncio.to_thread(_unlink, dl.path))
+
+    def _spill(self, dl: BlobDownload, exc: OSError | None) -> None:
+        dl.spill()
+        self._cache_write_failed(dl, exc)
+        dl._notify()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _open_for_write(self, dl: BlobDownload) -> int | None:
+        if dl.spilled:
+            return None
+        try:
+            return os.open(dl.path, os.O_WRONLY | os.O_TRUNC)
+        except OSError as exc:
+            self._spill(dl, exc)
+            return None
+
     async def _run(self, repo: str, dl: BlobDownload) -> None:
         path = f"/v2/{repo}/blobs/{dl.digest}"
         writer: _HashingWriter | None = None
@@ -229,17 +398,23 @@ class Downloads:
             dl.size = parse_length(resp.headers.get("content-length"))
 
             def progress(written: int) -> None:
-                dl.written = written
+                dl.written = dl.on_disk = written
                 dl._notify()
 
             try:
-                writer = _HashingWriter(dl.path, dl.digest.algorithm, progress)
+                writer = _HashingWriter(
+                    self._open_for_write(dl),
+                    dl.digest.algorithm,
+                    progress,
+                    lambda exc: self._spill(dl, exc),
+                    dl.push,
+                )
             except BaseException:
                 await resp.aclose()
                 raise
             dl.state = "streaming"
             dl._notify()
-            await self._copy(resp, writer, path, repo)
+            await self._copy(resp, writer, dl, path, repo)
             hexdigest = await writer.finish()
             total = writer.submitted
             if hexdigest != dl.digest.hex or (dl.size is not None and total != dl.size):
@@ -256,6 +431,9 @@ class Downloads:
             dl.size = total
             dl.state = "verified"  # readers may finish now; the disk catches up below
             dl._notify()
+            if dl.spilled:
+                log.info("blob %s verified and served uncached", dl.digest)
+                return
             await writer.synced()
             dl.path = self._storage.commit_blob(dl.digest, dl.path, total)
             dl.state = "committed"
@@ -267,6 +445,7 @@ class Downloads:
                 # Clients have (or are reading) verified bytes from the temp file; only
                 # the cache lost this blob. Their open descriptors survive the unlink.
                 log.error("could not commit verified blob %s: %r", dl.digest, exc)
+                self._metrics.cache_write_failures.labels("blob").inc()
                 self._active.pop(str(dl.digest), None)
                 _unlink(dl.path)
                 if isinstance(exc, asyncio.CancelledError):
@@ -278,7 +457,9 @@ class Downloads:
             # never join a failed download whose file is being removed.
             self._active.pop(str(dl.digest), None)
             dl._notify()
-            if not isinstance(exc, RegistryError | DigestMismatch):
+            if isinstance(exc, Abandoned):
+                log.info("uncached download of %s stopped: no client left", dl.digest)
+            elif not isinstance(exc, RegistryError | DigestMismatch):
                 log.warning("download of %s from %s failed: %r", dl.digest, repo, exc)
             if isinstance(exc, asyncio.CancelledError):
                 _unlink(dl.path)
@@ -290,7 +471,7 @@ class Downloads:
                 del self._active[str(dl.digest)]
 
     async def _copy(
-        self, resp: httpx.Response, writer: _HashingWriter, path: str, repo: str
+        self, resp: httpx.Response, writer: _HashingWriter, dl: BlobDownload, path: str, repo: str
     ) -> None:
         """Stream the body into the writer; resume with Range after a broken read."""
         attempts = 0
@@ -299,6 +480,8 @@ class Downloads:
                 async for chunk in resp.aiter_raw():
                     await writer.write(chunk)
                     self._metrics.upstream_bytes.inc(len(chunk))
+                    if dl.spilled:
+                        await dl.room()  # the relay moves at its readers' pace
                 return
             except httpx.TransportError as exc:
                 if attempts >= self._resume_attempts:

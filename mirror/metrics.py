@@ -121,6 +121,13 @@ class Metrics:
             "Blob downloads resumed with Range after a failure.",
             registry=r,
         )
+        self.cache_write_failures = Counter(
+            "mirror_cache_write_failures",
+            "Content served but not cached because the cache refused the write "
+            "(ENOSPC, read-only file system), by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.evictions = Counter(
             "mirror_evictions",
             "Cache entries evicted, by kind and reason (ttl, size).",
@@ -159,6 +166,7 @@ class Metrics:
         for kind in KINDS:
             self.digest_mismatches.labels(kind)
             self.coalesced.labels(kind)
+            self.cache_write_failures.labels(kind)
             for result in CACHE_RESULTS:
                 self.cache.labels(kind, result)
         for reason in ("ttl", "size"):

@@ -12,11 +12,12 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from mirror.downloads import BlobDownload, Downloads
+from mirror.downloads import BlobDownload, Cursor, Downloads
 from mirror.errors import RegistryError, UpstreamError
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
@@ -141,7 +142,11 @@ class Proxy:
             current = _header_digest(resp.headers.get("docker-content-digest"))
             if current is not None and str(current) == stored.digest:
                 entry = TagEntry(stored.digest, stored.media_type, self._clock())
-                self._storage.put_tag(self._upstream_key, repo, ref.tag, accept.cache_key, entry)
+                self._cache_write(
+                    lambda: self._storage.put_tag(
+                        self._upstream_key, repo, ref.tag or "", accept.cache_key, entry
+                    )
+                )
                 return Manifest(stored, "revalidated")
             # The tag moved (or the upstream named no digest): fetch the body.
             return Manifest(await self._fetch_manifest(repo, ref, accept), "miss")
@@ -202,16 +207,24 @@ class Proxy:
         stored = StoredManifest(
             str(actual), _media_type(resp.headers.get("content-type"), body), bytes(body)
         )
-        self._storage.put_manifest(stored)
-        if ref.tag is not None:
-            self._storage.put_tag(
-                self._upstream_key,
-                repo,
-                ref.tag,
-                accept.cache_key,
-                TagEntry(stored.digest, stored.media_type, self._clock()),
-            )
+        tag = ref.tag
+        entry = TagEntry(stored.digest, stored.media_type, self._clock())
+
+        def remember() -> None:
+            self._storage.put_manifest(stored)
+            if tag is not None:
+                self._storage.put_tag(self._upstream_key, repo, tag, accept.cache_key, entry)
+
+        self._cache_write(remember)
         return stored
+
+    def _cache_write(self, write: Callable[[], None]) -> None:
+        """Cache a manifest or tag; a full or read-only disk costs the cache, not the pull."""
+        try:
+            write()
+        except (OSError, sqlite3.Error) as exc:
+            self._metrics.cache_write_failures.labels("manifest").inc()
+            log.error("cannot write a manifest to the cache (%s); served uncached", exc)
 
     async def aclose(self) -> None:
         await self._revalidations.aclose()
@@ -240,43 +253,46 @@ class Proxy:
         if head and self._downloads.active(digest) is None:
             # A HEAD must not start a multi-GB download: ask upstream for the size only.
             return await self._head_upstream(repo, digest, spec)
-        dl, fd = await self._attach(repo, digest)
+        dl, dl_fd, cursor = await self._attach(repo, digest)
         try:
             if dl.size is None and spec is not None:
                 await dl.finished()  # a range needs the size; chunked upstreams are rare
                 await dl.ready()
             rng = spec.resolve(dl.size) if spec is not None and dl.size is not None else None
         except BaseException:
-            os.close(fd)
+            _close(dl_fd)
             raise
         if head:
-            os.close(fd)
+            _close(dl_fd)
             return Blob(dl.size, rng, None, None, "upstream")
         if rng is not None:
-            body = read_download(dl, fd, rng.start, rng.end)
+            body = read_download(dl, dl_fd, cursor, rng.start, rng.end)
         else:
-            body = read_download(dl, fd, 0, None)
-        return Blob(dl.size, rng, fd, body, "upstream")
+            body = read_download(dl, dl_fd, cursor, 0, None)
+        return Blob(dl.size, rng, dl_fd, body, "upstream")
 
-    async def _attach(self, repo: str, digest: Digest) -> tuple[BlobDownload, int]:
-        """Join (or start) the download of `digest`; returns it with a read fd on its file.
+    async def _attach(self, repo: str, digest: Digest) -> tuple[BlobDownload, int | None, Cursor]:
+        """Join (or start) the download of `digest`: it, a read fd on its file, a cursor.
 
-        A download started for another repository that the upstream refused (404,
-        401, 403) says nothing about this repository: then this request asks for
-        itself, so one client's bad name cannot fail everybody else's pull.
+        The fd is None when the cache could not even create the file (the download
+        relays from memory). A download started for another repository that the
+        upstream refused (404, 401, 403) says nothing about this repository: then this
+        request asks for itself, so one client's bad name cannot fail everybody else's.
         """
         while True:
             dl = self._downloads.get_or_start(repo, digest)
-            fd = os.open(dl.path, os.O_RDONLY)  # before any await: the path may be renamed
+            cursor = dl.attach()
+            # Before any await: the path may be renamed, or unlinked if the download spills.
+            fd = None if dl.spilled else os.open(dl.path, os.O_RDONLY)
             try:
                 await dl.ready()
-                return dl, fd
+                return dl, fd, cursor
             except UpstreamError as exc:
-                os.close(fd)
+                _close(fd)
                 if dl.repo == repo or exc.status >= 500:
                     raise
             except BaseException:
-                os.close(fd)
+                _close(fd)
                 raise
 
     async def _head_upstream(self, repo: str, digest: Digest, spec: RangeSpec | None) -> Blob:
@@ -310,6 +326,11 @@ class Proxy:
         finally:
             await resp.aclose()
         return bytes(body), resp.headers.get("link")
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def _accept_header(accept: AcceptSet) -> dict[str, str]:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from mirror.downloads import BlobDownload
+from mirror.downloads import BlobDownload, Cursor
 from mirror.errors import AbortResponse
 
 # 256 KiB per read and send: each stream holds about two chunks (ours, plus the
@@ -39,40 +39,56 @@ async def read_file(fd: int, start: int, end: int) -> AsyncIterator[bytes]:
 
 
 async def read_download(
-    dl: BlobDownload, fd: int, start: int, end: int | None
+    dl: BlobDownload, fd: int | None, cursor: Cursor, start: int, end: int | None
 ) -> AsyncIterator[bytes]:
     """Follow a download from `start` to `end` (None: to the blob's end).
 
     The last byte of the response is held back until the download has verified its
     digest: a client that has every byte may hang up at once, and must never have
     received a complete body whose digest failed (docs/design.md, "Blob path").
+    Bytes come from the download's file, or from its relay once it has spilled.
     """
-    pos = start
-    while True:
-        event = dl.current_event()  # taken before reading state: no lost wake-ups
-        if dl.state == "failed":
-            raise AbortResponse(f"download of {dl.digest} failed")
-        # Verified is enough to finish: the bytes are final, only the cache commit is left.
-        final = dl.state in ("verified", "committed")
-        stop = end if end is not None else dl.size
-        if final:
-            assert dl.size is not None
-            stop = dl.size if stop is None else min(stop, dl.size)
-            readable = stop
-        else:
-            readable = dl.written if stop is None else min(dl.written, stop)
-            if stop is None or readable >= stop:
-                readable -= 1
-        if pos < readable:
-            chunk = os.pread(fd, min(CHUNK, readable - pos), pos)
-            if not chunk:
-                raise AbortResponse(f"download of {dl.digest} shrank")
-            pos += len(chunk)
-            yield chunk
-            continue
-        if final and stop is not None and pos >= stop:
-            return
-        await event.wait()
+    pos = cursor.pos = start
+    try:
+        while True:
+            event = dl.current_event()  # taken before reading state: no lost wake-ups
+            if dl.state == "failed":
+                raise AbortResponse(f"download of {dl.digest} failed")
+            if cursor.lagged:
+                raise AbortResponse(f"client fell behind the uncached relay of {dl.digest}")
+            # Verified is enough to finish: the bytes are final, only the commit is left.
+            final = dl.state in ("verified", "committed")
+            stop = end if end is not None else dl.size
+            if final:
+                assert dl.size is not None
+                stop = dl.size if stop is None else min(stop, dl.size)
+                readable = stop
+            else:
+                readable = dl.written if stop is None else min(dl.written, stop)
+                if stop is None or readable >= stop:
+                    readable -= 1
+            if pos < readable:
+                want = min(CHUNK, readable - pos)
+                chunk: bytes | None
+                if pos < dl.on_disk:
+                    assert fd is not None
+                    chunk = os.pread(fd, min(want, dl.on_disk - pos), pos)
+                else:
+                    chunk = dl.relay_read(pos, want)
+                    if chunk is None:
+                        raise AbortResponse(f"client fell behind the relay of {dl.digest}")
+                if not chunk:
+                    raise AbortResponse(f"download of {dl.digest} shrank")
+                pos = cursor.pos = pos + len(chunk)
+                dl.moved()
+                yield chunk
+                continue
+            if final and stop is not None and pos >= stop:
+                return
+            await event.wait()
+    finally:
+        cursor.closed = True
+        dl.moved()
 
 
 class BlobResponse(Response):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -153,32 +154,150 @@ async def test_concurrent_misses_share_one_download(
     assert upstream.count("GET", f"/blobs/{digest}") == 1
 
 
-async def test_disk_write_failure_cuts_clients_instead_of_hanging(
-    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import errno
-
+def _disk_fills_after(monkeypatch: pytest.MonkeyPatch, capacity: int) -> None:
+    """Writes fail with ENOSPC once `capacity` bytes (of any download) are on disk."""
     from mirror.downloads import _HashingWriter
 
-    upstream, url = fake
-    digest = upstream.add_blob(BLOB)
     real_write_all = _HashingWriter._write_all
-    calls = 0
+    used = 0
 
     def fill_disk(self: _HashingWriter, chunk: bytes) -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 2:
+        nonlocal used
+        if used + len(chunk) > capacity:
             raise OSError(errno.ENOSPC, "No space left on device")
+        used += len(chunk)
         real_write_all(self, chunk)
 
     monkeypatch.setattr(_HashingWriter, "_write_all", fill_disk)
-    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=10) as c:
-        with pytest.raises(httpx.RemoteProtocolError):
-            await c.get(f"/v2/a/blobs/{digest}")
-        monkeypatch.setattr(_HashingWriter, "_write_all", real_write_all)
-        again = await c.get(f"/v2/a/blobs/{digest}")  # the failed download is gone
+
+
+async def test_full_disk_still_streams_the_whole_blob_to_every_client(
+    fake: tuple[FakeUpstream, str],
+    mirror: MirrorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(delay=0.005, chunk=128 * 1024)  # clients attach mid-body
+    _disk_fills_after(monkeypatch, 1 << 20)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=20) as c:
+        bodies = await asyncio.gather(*(c.get(f"/v2/a/blobs/{digest}") for _ in range(5)))
+        assert [b.status_code for b in bodies] == [200] * 5
+        assert all(b.content == BLOB for b in bodies)
+        assert m.metric("mirror_cache_write_failures_total", kind="blob") == 1
+        assert upstream.count("GET", f"/blobs/{digest}") == 1  # still one download
+        # Nothing partial was kept: the next request is a miss, and the temp file is gone.
+        again = await c.get(f"/v2/a/blobs/{digest}")
         assert again.content == BLOB
+        assert again.headers["x-cache"] == "MISS"
+        assert upstream.count("GET", f"/blobs/{digest}") == 2
+        assert m.metric("mirror_cache_write_failures_total", kind="blob") == 2
+        for _ in range(100):
+            if not any((tmp_path / "cache" / "tmp").iterdir()):
+                break
+            await asyncio.sleep(0.02)
+        assert not any((tmp_path / "cache" / "tmp").iterdir())
+        assert not any(p.is_file() for p in (tmp_path / "cache" / "blobs").rglob("*"))
+        # Space came back: the mirror caches again without a restart.
+        monkeypatch.undo()
+        cached = await get_when_cached(c, f"/v2/a/blobs/{digest}")
+        assert cached.content == BLOB
+
+
+async def test_unwritable_cache_directory_still_serves_blobs_and_manifests(
+    fake: tuple[FakeUpstream, str],
+    mirror: MirrorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from mirror.storage import Storage
+
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+    upstream.manifests["v1"] = ("application/vnd.oci.image.manifest.v1+json", manifest)
+    # As if the file system went read-only: no temp file, no index writes.
+    monkeypatch.setattr(Storage, "temp_path", lambda self: tmp_path / "gone" / "x")
+
+    def read_only(*args: object) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(Storage, "put_manifest", read_only)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=20) as c:
+        blob = await c.get(f"/v2/a/blobs/{digest}")
+        assert blob.status_code == 200
+        assert blob.content == BLOB
+        assert blob.headers["docker-content-digest"] == digest
+        ranged = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=100-199"})
+        assert ranged.status_code == 206
+        assert ranged.content == BLOB[100:200]
+        r = await c.get("/v2/a/manifests/v1")
+        assert r.status_code == 200
+        assert r.content == manifest
+        assert m.metric("mirror_cache_write_failures_total", kind="blob") == 2
+        assert m.metric("mirror_cache_write_failures_total", kind="manifest") == 1
+        assert (await c.get("/v2/")).status_code == 200
+
+
+async def test_full_disk_with_a_wrong_digest_still_never_completes_a_body(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = Fault(wrong_bytes=True)
+    _disk_fills_after(monkeypatch, 100_000)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=20) as c:
+        results = await asyncio.gather(
+            *(c.get(f"/v2/a/blobs/{digest}") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, httpx.RemoteProtocolError) for r in results), results
+    assert m.metric("mirror_digest_mismatches_total", kind="blob") == 1
+
+
+async def test_full_disk_relay_cuts_a_stalled_reader_not_the_others(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mirror import downloads
+
+    big = os.urandom(48 << 20)  # well past what loopback socket buffers absorb
+    upstream, url = fake
+    digest = upstream.add_blob(big)
+    # Slow enough that both clients attach before the disk fills at 8 MiB (~0.4 s).
+    upstream.faults[digest] = Fault(chunk=1 << 20, delay=0.05)
+    monkeypatch.setattr(downloads, "RELAY_WINDOW", 1 << 20)
+    monkeypatch.setattr(downloads, "RELAY_STALL", 0.5)
+    _disk_fills_after(monkeypatch, 8 << 20)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
+        async with c.stream("GET", f"/v2/a/blobs/{digest}") as stalled:
+            assert stalled.status_code == 200
+            fast = await c.get(f"/v2/a/blobs/{digest}")
+            assert fast.content == big  # the stalled reader did not hold it back for good
+            with pytest.raises(httpx.RemoteProtocolError):
+                await stalled.aread()  # it was cut, not handed a short "complete" body
+    assert upstream.count("GET", f"/blobs/{digest}") == 1  # they shared one download
+    assert m.metric("mirror_cache_write_failures_total", kind="blob") == 1
+
+
+async def test_full_disk_download_stops_when_its_last_client_leaves(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = os.urandom(16 << 20)
+    upstream, url = fake
+    digest = upstream.add_blob(big)
+    upstream.faults[digest] = Fault(chunk=256 * 1024, delay=0.05)  # 3.2 s for the body
+    _disk_fills_after(monkeypatch, 0)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
+        async with c.stream("GET", f"/v2/a/blobs/{digest}") as r:
+            async for _ in r.aiter_raw():
+                break  # the only client hangs up after its first chunk
+        fetched = -1.0
+        while fetched != (fetched := m.metric("mirror_upstream_bytes_total")):
+            await asyncio.sleep(0.5)  # until the download stops moving
+        # Nobody is left to relay to, and nothing can be cached: the fetch stopped early.
+        assert fetched < len(big) / 2
 
 
 async def test_chunked_upstream_body_is_streamed_whole(
