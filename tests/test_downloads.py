@@ -270,13 +270,16 @@ async def test_full_disk_relay_cuts_a_stalled_reader_not_the_others(
     monkeypatch.setattr(downloads, "RELAY_WINDOW", 1 << 20)
     monkeypatch.setattr(downloads, "RELAY_STALL", 0.5)
     _disk_fills_after(monkeypatch, 8 << 20)
-    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
-        async with c.stream("GET", f"/v2/a/blobs/{digest}") as stalled:
-            assert stalled.status_code == 200
-            fast = await c.get(f"/v2/a/blobs/{digest}")
-            assert fast.content == big  # the stalled reader did not hold it back for good
-            with pytest.raises(httpx.RemoteProtocolError):
-                await stalled.aread()  # it was cut, not handed a short "complete" body
+    async with (
+        mirror(url) as m,
+        httpx.AsyncClient(base_url=m.url, timeout=30) as c,
+        c.stream("GET", f"/v2/a/blobs/{digest}") as stalled,
+    ):
+        assert stalled.status_code == 200
+        fast = await c.get(f"/v2/a/blobs/{digest}")
+        assert fast.content == big  # the stalled reader did not hold it back for good
+        with pytest.raises(httpx.RemoteProtocolError):
+            await stalled.aread()  # it was cut, not handed a short "complete" body
     assert upstream.count("GET", f"/blobs/{digest}") == 1  # they shared one download
     assert m.metric("mirror_cache_write_failures_total", kind="blob") == 1
 
