@@ -41,6 +41,7 @@ __all__ = [
     "free_port",
     "push",
     "registry_get",
+    "require_root",
     "require_tool",
     "sha256_digest",
 ]
@@ -55,3 +56,12 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_root(why: str) -> None:
+    """Tests that mount file systems or run daemons need root; in CI that is a given."""
+    if os.geteuid() != 0:
+        message = f"needs root to {why}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
