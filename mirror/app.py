@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mirror.config import Settings
+from mirror.config import Settings, UpstreamSettings
 from mirror.downloads import Downloads
 from mirror.errors import AbortResponse, RegistryError
 from mirror.eviction import Evictor
 from mirror.metrics import Metrics
+from mirror.policy import RepoPolicy
 from mirror.proxy import Proxy
 from mirror.routes import router
 from mirror.storage import Storage
 from mirror.upstream import Credentials, Upstream, make_client
+from mirror.upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,7 @@ class Services:
 
     settings: Settings
     metrics: Metrics
-    proxy: Proxy
-    storage: Storage
+    upstreams: Upstreams
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> FastAPI:
@@ -56,35 +59,61 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             report.orphan_files_removed,
             report.entries_dropped,
         )
-        client = make_client(settings.connect_timeout, settings.read_timeout)
-        credentials = None
-        if settings.upstream_username and settings.upstream_password:
-            credentials = Credentials(
-                settings.upstream_username, settings.upstream_password.get_secret_value()
-            )
-        upstream = Upstream(settings.upstream, client, metrics, credentials=credentials)
-        downloads = Downloads(storage, upstream, metrics, resume_attempts=settings.resume_attempts)
+        downloads = Downloads(storage, metrics, resume_attempts=settings.resume_attempts)
+        configured = settings.resolved_upstreams()
+        freshness = settings.freshness()
         evictor = Evictor(
             storage,
             metrics,
             content_ttl=settings.content_ttl,
             max_size=settings.max_size,
-            max_stale=settings.max_stale,
+            # A tag is kept as long as any upstream may still serve it stale.
+            max_stale=max(u.freshness(freshness).max_stale for u in configured),
             clock=clock,
         )
-        proxy = Proxy(
-            storage,
-            upstream,
-            downloads,
-            metrics,
-            upstream_key=upstream.host,
-            freshness=settings.freshness(),
-            manifest_max_bytes=settings.manifest_max_bytes,
-            touch=evictor.touch,
-            clock=clock,
+        clients: list[httpx.AsyncClient] = []
+        proxies: dict[str, Proxy] = {}
+        for config in configured:
+            client = make_client(
+                settings.connect_timeout, settings.read_timeout, verify=_tls(config)
+            )
+            clients.append(client)
+            secret = config.secret()
+            credentials = (
+                Credentials(config.username, secret) if config.username and secret else None
+            )
+            upstream = Upstream(
+                config.base_url,
+                client,
+                metrics,
+                name=config.name,
+                credentials=credentials,
+                token_hosts=tuple(config.token_hosts),
+            )
+            metrics.add_upstream(config.name)
+            proxies[config.name] = Proxy(
+                storage,
+                upstream,
+                downloads,
+                metrics,
+                freshness=config.freshness(freshness),
+                policy=RepoPolicy(tuple(config.allow), tuple(config.deny)),
+                manifest_max_bytes=settings.manifest_max_bytes,
+                touch=evictor.touch,
+                clock=clock,
+            )
+        upstreams = Upstreams(
+            proxies,
+            settings.default_upstream_name(),
+            {c.path_prefix: c.name for c in configured if c.path_prefix},
         )
-        app.state.services = Services(settings, metrics, proxy, storage)
-        log.info("mirror ready: upstream %s, cache %s", settings.upstream, settings.cache_dir)
+        app.state.services = Services(settings, metrics, upstreams)
+        log.info(
+            "mirror ready: upstreams %s (default %s), cache %s",
+            ", ".join(f"{c.name}={c.base_url}" for c in configured),
+            settings.default_upstream_name(),
+            settings.cache_dir,
+        )
         app.state.evictor = evictor
         # Eviction runs in the background, in a worker thread: never in a request's path.
         eviction = asyncio.create_task(evictor.run_forever(settings.eviction_interval))
@@ -93,9 +122,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         finally:
             eviction.cancel()
             await asyncio.gather(eviction, return_exceptions=True)
-            await proxy.aclose()
+            await upstreams.aclose()
             await downloads.aclose()
-            await client.aclose()
+            for client in clients:
+                await client.aclose()
             storage.close()
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
@@ -107,6 +137,15 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(ObserveMiddleware, metrics=metrics)
     return app
+
+
+def _tls(config: UpstreamSettings) -> ssl.SSLContext | bool:
+    if config.insecure_skip_verify:
+        log.warning("TLS verification is off for upstream %s", config.name)
+        return False
+    if config.ca_bundle is not None:
+        return ssl.create_default_context(cafile=str(config.ca_bundle))
+    return True
 
 
 def error_response(err: RegistryError) -> Response:

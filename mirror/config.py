@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,9 @@ from pydantic_settings import (
 from mirror.freshness import Freshness, TTLRule
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+DOCKER_HUB = "docker.io"
+# What clients may call Docker Hub: containerd sends ns=docker.io; others use the API host.
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 MiB = 1 << 20
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
@@ -87,13 +90,144 @@ class TTLRuleSetting(BaseModel):
         return parse_duration(value)
 
 
+_REGISTRY_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
+_URL_RE = re.compile(r"https?://[^/\s]+/?")
+
+
+def _url(value: str) -> str:
+    if not _URL_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r}: an upstream URL is http(s)://host[:port], e.g. https://ghcr.io"
+        )
+    return value.rstrip("/")
+
+
+def registry_name_of(url: str) -> str:
+    """The name clients use for the registry behind `url` (docker.io for Docker Hub)."""
+    netloc = url.split("://", 1)[1].rstrip("/").lower()
+    return DOCKER_HUB if netloc in DOCKER_HUB_ALIASES else netloc
+
+
+class UpstreamSettings(BaseModel):
+    """One upstream registry, as clients name it (`docker.io`, `ghcr.io`, `host:5000`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    # Default: https://<name>; docker.io -> https://registry-1.docker.io.
+    url: str | None = None
+    # Credentials: the password (a token for ghcr.io, quay.io robots, ...) inline in the
+    # YAML, from a file (a mounted Secret), or from a named environment variable.
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    ca_bundle: Path | None = None  # PEM file of CAs to trust for this upstream
+    insecure_skip_verify: bool = False  # no TLS verification: test registries only
+    # fnmatch patterns on the upstream repository name (`library/alpine`, `org/*`);
+    # empty `allow` means everything not denied.
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    # Hosts besides the upstream's own host and registrable domain where a token realm
+    # may live (e.g. a separate auth host).
+    token_hosts: list[str] = Field(default_factory=list)
+    # `/v2/<path_prefix>/<repo>/...` reaches this upstream, for clients that send no ns.
+    path_prefix: str | None = None
+    tag_ttl: float | None = None
+    tag_ttl_rules: list[TTLRuleSetting] | None = None
+    max_stale: float | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in DOCKER_HUB_ALIASES:
+            return DOCKER_HUB
+        if not _REGISTRY_NAME_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a registry host name (e.g. ghcr.io, host:5000)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip("/")
+        if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", value):
+            raise ValueError(f"path_prefix {value!r} must be one path component, e.g. ghcr")
+        return value
+
+    @field_validator("tag_ttl", "max_stale", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return None if value is None else parse_duration(value)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> UpstreamSettings:
+        sources = [self.password, self.password_file, self.password_env]
+        if sum(s is not None for s in sources) > 1:
+            raise ValueError(
+                f"upstream {self.name}: give one of password, password_file, password_env"
+            )
+        if any(s is not None for s in sources) and not self.username:
+            raise ValueError(f"upstream {self.name}: a password needs a username")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        if self.url is not None:
+            return self.url
+        return DEFAULT_UPSTREAM if self.name == DOCKER_HUB else f"https://{self.name}"
+
+    def secret(self) -> str | None:
+        """The password, read now from wherever it is configured; never logged."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"upstream {self.name}: cannot read password_file {self.password_file}: "
+                    f"{exc.strerror}"
+                ) from None
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ValueError(
+                    f"upstream {self.name}: environment variable {self.password_env} is not set"
+                )
+            return value
+        return None
+
+    def freshness(self, default: Freshness) -> Freshness:
+        rules = default.rules
+        if self.tag_ttl_rules is not None:
+            rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)
+        return Freshness(
+            default.default_ttl if self.tag_ttl is None else self.tag_ttl,
+            default.max_stale if self.max_stale is None else self.max_stale,
+            rules,
+        )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MIRROR_", extra="forbid", yaml_file=None)
 
     listen: str = Field(default="0.0.0.0:5000", description="HOST:PORT to listen on")
-    upstream: str = Field(default=DEFAULT_UPSTREAM, description="Upstream registry URL")
+    # The single-upstream shorthand (`--upstream URL`); `upstreams` configures several.
+    upstream: str | None = Field(default=None, description="Upstream registry URL")
     upstream_username: str | None = None
     upstream_password: SecretStr | None = None
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
+    # The upstream for requests without `ns` (Docker's); default docker.io if configured,
+    # else the first upstream.
+    default_upstream: str | None = None
     cache_dir: Path = Field(default_factory=default_cache_dir)
     tag_ttl: float = Field(default=300.0, description="Seconds a tag->digest answer is trusted")
     # First match wins, against "<repository>:<tag>", e.g. {pattern: "*:latest", ttl: 1m}.
@@ -127,12 +261,48 @@ class Settings(BaseSettings):
 
     @field_validator("upstream")
     @classmethod
-    def _upstream(cls, value: str) -> str:
-        if not re.fullmatch(r"https?://[^/\s]+/?", value):
+    def _upstream(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value)
+
+    @model_validator(mode="after")
+    def _upstream_set(self) -> Settings:
+        if self.upstreams and (self.upstream or self.upstream_username or self.upstream_password):
             raise ValueError(
-                "upstream must be an http(s) URL without a path, e.g. https://registry-1.docker.io"
+                "give either `upstream` (with upstream_username/password) or `upstreams`, not both"
             )
-        return value.rstrip("/")
+        names = [u.name for u in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError(f"upstream names must be unique: {names}")
+        prefixes = [u.path_prefix for u in self.upstreams if u.path_prefix]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(f"upstream path prefixes must be unique: {prefixes}")
+        resolved = self.resolved_upstreams()  # the shorthand's credentials validate here
+        if self.default_upstream is not None:
+            default = UpstreamSettings(name=self.default_upstream).name
+            if default not in {u.name for u in resolved}:
+                raise ValueError(f"default_upstream {default!r} is not a configured upstream")
+            self.default_upstream = default
+        return self
+
+    def resolved_upstreams(self) -> list[UpstreamSettings]:
+        """The configured upstreams, or the one the shorthand settings describe."""
+        if self.upstreams:
+            return list(self.upstreams)
+        url = self.upstream or DEFAULT_UPSTREAM
+        return [
+            UpstreamSettings(
+                name=registry_name_of(url),
+                url=url,
+                username=self.upstream_username,
+                password=self.upstream_password,
+            )
+        ]
+
+    def default_upstream_name(self) -> str:
+        if self.default_upstream is not None:
+            return self.default_upstream
+        names = [u.name for u in self.resolved_upstreams()]
+        return DOCKER_HUB if DOCKER_HUB in names else names[0]
 
     def freshness(self) -> Freshness:
         rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)

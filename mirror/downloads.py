@@ -209,9 +209,11 @@ class Cursor:
 class BlobDownload:
     """One upstream fetch of one digest, observed by any number of readers."""
 
-    def __init__(self, digest: Digest, path: Path, repo: str) -> None:
+    def __init__(self, digest: Digest, path: Path, upstream: str, repo: str) -> None:
         self.digest = digest
-        self.repo = repo  # the repository the upstream was asked under
+        # Which upstream and repository were asked: a refusal there says nothing
+        # about the same digest under another name.
+        self.source = (upstream, repo)
         self.path = path  # the temp file; the final path once committed
         self.state: State = "starting"
         self.size: int | None = None  # from Content-Length, known once streaming
@@ -318,23 +320,22 @@ class BlobDownload:
 class Downloads:
     """The app's in-flight blob downloads, at most one per digest."""
 
-    def __init__(
-        self, storage: Storage, upstream: Upstream, metrics: Metrics, *, resume_attempts: int
-    ) -> None:
+    def __init__(self, storage: Storage, metrics: Metrics, *, resume_attempts: int) -> None:
         self._storage = storage
-        self._upstream = upstream
         self._metrics = metrics
         self._resume_attempts = resume_attempts
         self._active: dict[str, BlobDownload] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def get_or_start(self, repo: str, digest: Digest) -> BlobDownload:
+    def get_or_start(self, upstream: Upstream, repo: str, digest: Digest) -> BlobDownload:
+        """The download of `digest` in flight, from any upstream (the digest makes the
+        bytes the same), or a new one from `upstream`."""
         key = str(digest)
         download = self._active.get(key)
         if download is not None:
             self._metrics.coalesced.labels("blob").inc()
         else:
-            download = BlobDownload(digest, self._storage.temp_path(), repo)
+            download = BlobDownload(digest, self._storage.temp_path(), upstream.name, repo)
             try:
                 # Created now, so a reader can open it before the first byte arrives.
                 download.path.touch()
@@ -345,7 +346,7 @@ class Downloads:
                 self._cache_write_failed(download, exc)
             else:
                 self._active[key] = download
-            task = asyncio.get_running_loop().create_task(self._run(repo, download))
+            task = asyncio.get_running_loop().create_task(self._run(upstream, repo, download))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return download
@@ -389,12 +390,12 @@ class Downloads:
             self._spill(dl, exc)
             return None
 
-    async def _run(self, repo: str, dl: BlobDownload) -> None:
+    async def _run(self, upstream: Upstream, repo: str, dl: BlobDownload) -> None:
         path = f"/v2/{repo}/blobs/{dl.digest}"
         writer: _HashingWriter | None = None
         try:
-            resp = await self._upstream.get(path, repo=repo, kind="blob")
-            await self._upstream.raise_for_status(resp, "blob")
+            resp = await upstream.get(path, repo=repo, kind="blob")
+            await upstream.raise_for_status(resp, "blob")
             dl.size = parse_length(resp.headers.get("content-length"))
 
             def progress(written: int) -> None:
@@ -414,7 +415,7 @@ class Downloads:
                 raise
             dl.state = "streaming"
             dl._notify()
-            await self._copy(resp, writer, dl, path, repo)
+            await self._copy(upstream, resp, writer, dl, path, repo)
             hexdigest = await writer.finish()
             total = writer.submitted
             if hexdigest != dl.digest.hex or (dl.size is not None and total != dl.size):
@@ -471,7 +472,13 @@ class Downloads:
                 del self._active[str(dl.digest)]
 
     async def _copy(
-        self, resp: httpx.Response, writer: _HashingWriter, dl: BlobDownload, path: str, repo: str
+        self,
+        upstream: Upstream,
+        resp: httpx.Response,
+        writer: _HashingWriter,
+        dl: BlobDownload,
+        path: str,
+        repo: str,
     ) -> None:
         """Stream the body into the writer; resume with Range after a broken read."""
         attempts = 0
@@ -499,10 +506,10 @@ class Downloads:
                 self._metrics.resumes.inc()
             finally:
                 await resp.aclose()
-            resp = await self._upstream.get(
+            resp = await upstream.get(
                 path, repo=repo, kind="blob", headers={"Range": f"bytes={offset}-"}
             )
-            await self._upstream.raise_for_status(resp, "blob")
+            await upstream.raise_for_status(resp, "blob")
             if resp.status_code != 206 or not resp.headers.get("content-range", "").startswith(
                 f"bytes {offset}-"
             ):

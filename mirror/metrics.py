@@ -88,14 +88,14 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "mirror_upstream_requests",
-            "Requests sent upstream, by kind and status.",
-            ["kind", "status"],
+            "Requests sent upstream, by upstream, kind and status.",
+            ["upstream", "kind", "status"],
             registry=r,
         )
         self.upstream_duration = Histogram(
             "mirror_upstream_request_duration_seconds",
-            "Time until upstream response headers, by kind.",
-            ["kind"],
+            "Time until upstream response headers, by upstream and kind.",
+            ["upstream", "kind"],
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
@@ -175,12 +175,15 @@ class Metrics:
                 self.evictions.labels(kind, reason)
         for source in SOURCES:
             self.served_bytes.labels(source)
-        for kind in UPSTREAM_KINDS:
-            self.upstream_duration.labels(kind)
 
-    def upstream_request(self, kind: str, status: str, seconds: float) -> None:
-        self.upstream_requests.labels(kind, status).inc()
-        self.upstream_duration.labels(kind).observe(seconds)
+    def add_upstream(self, upstream: str) -> None:
+        """Initialise an upstream's label values, so its panels start at zero."""
+        for kind in UPSTREAM_KINDS:
+            self.upstream_duration.labels(upstream, kind)
+
+    def upstream_request(self, upstream: str, kind: str, status: str, seconds: float) -> None:
+        self.upstream_requests.labels(upstream, kind, status).inc()
+        self.upstream_duration.labels(upstream, kind).observe(seconds)
 
     def rate_limit(self, upstream: str, headers: Mapping[str, str]) -> None:
         """Export Docker Hub's `ratelimit-limit: 100;w=21600` style headers."""

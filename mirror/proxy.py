@@ -23,6 +23,7 @@ from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
 from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
 from mirror.metrics import Metrics
+from mirror.policy import RepoPolicy
 from mirror.ranges import ByteRange, RangeSpec, parse_length
 from mirror.reference import Digest, Reference, upstream_name
 from mirror.responses import read_download, read_file
@@ -63,8 +64,8 @@ class Proxy:
         downloads: Downloads,
         metrics: Metrics,
         *,
-        upstream_key: str,
         freshness: Freshness,
+        policy: RepoPolicy | None = None,
         manifest_max_bytes: int,
         clock: Callable[[], float] = time.time,
         touch: Callable[[str], None] = lambda key: None,
@@ -73,7 +74,8 @@ class Proxy:
         self._upstream = upstream
         self._downloads = downloads
         self._metrics = metrics
-        self._upstream_key = upstream_key
+        self._upstream_key = upstream.name  # tags are cached per upstream, never mixed
+        self._policy = policy or RepoPolicy()
         self._freshness = freshness
         self._manifest_max = manifest_max_bytes
         self._clock = clock
@@ -81,8 +83,15 @@ class Proxy:
         self._fetches: SingleFlight[StoredManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
 
+    @property
+    def name(self) -> str:
+        return self._upstream.name
+
     def repo(self, name: str) -> str:
-        return upstream_name(name, docker_hub=self._upstream.docker_hub)
+        """The upstream's repository name for `name`, if this mirror may serve it."""
+        repo = upstream_name(name, docker_hub=self._upstream.docker_hub)
+        self._policy.check(self._upstream.name, repo)
+        return repo
 
     # -- manifests --------------------------------------------------------------------
 
@@ -280,7 +289,7 @@ class Proxy:
         request asks for itself, so one client's bad name cannot fail everybody else's.
         """
         while True:
-            dl = self._downloads.get_or_start(repo, digest)
+            dl = self._downloads.get_or_start(self._upstream, repo, digest)
             cursor = dl.attach()
             # Before any await: the path may be renamed, or unlinked if the download spills.
             fd = None if dl.spilled else os.open(dl.path, os.O_RDONLY)
@@ -289,7 +298,7 @@ class Proxy:
                 return dl, fd, cursor
             except UpstreamError as exc:
                 _close(fd)
-                if dl.repo == repo or exc.status >= 500:
+                if dl.source == (self._upstream.name, repo) or exc.status >= 500:
                     raise
             except BaseException:
                 _close(fd)

@@ -62,7 +62,8 @@ async def registry(request: Request, rest: str) -> Response:
 async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> Response:
     services = _services(request)
     accept = AcceptSet.from_headers(request.headers.getlist("accept"))
-    manifest = await services.proxy.manifest(name, ref, accept)
+    route = services.upstreams.route(request.query_params.get("ns"), name)
+    manifest = await route.proxy.manifest(route.name, ref, accept)
     stored = manifest.stored
     etag = f'"{stored.digest}"'
     headers = {
@@ -81,7 +82,8 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
 async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Response:
     services = _services(request)
     spec = parse_range(request.headers.get("range"))
-    blob = await services.proxy.blob(name, digest, spec, head=head)
+    route = services.upstreams.route(request.query_params.get("ns"), name)
+    blob = await route.proxy.blob(route.name, digest, spec, head=head)
     headers = {
         "Docker-Content-Digest": str(digest),
         "Accept-Ranges": "bytes",
@@ -115,6 +117,7 @@ async def _tags(request: Request, name: str) -> Response:
     last = params.get("last")
     if last is not None and _LAST_RE.fullmatch(last) is None:
         validate_tag(last)  # raises TAG_INVALID with the offending value
-    body, link = await _services(request).proxy.tags(name, n, last)
+    route = _services(request).upstreams.route(params.get("ns"), name)
+    body, link = await route.proxy.tags(route.name, n, last)
     headers = {"Link": link} if link else {}
     return Response(body, media_type="application/json", headers=headers)

@@ -8,7 +8,9 @@ maps upstream failures to the error table.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from mirror.auth import Challenge, TokenCache, parse_www_authenticate
+from mirror.domains import registrable_domain
 from mirror.errors import UpstreamError
 from mirror.metrics import Metrics
 
@@ -27,8 +30,10 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 
 
-def make_client(connect_timeout: float, read_timeout: float) -> httpx.AsyncClient:
-    """One pooled client for the app's lifetime, on the aiohttp transport.
+def make_client(
+    connect_timeout: float, read_timeout: float, *, verify: ssl.SSLContext | bool = True
+) -> httpx.AsyncClient:
+    """One pooled client per upstream for the app's lifetime, on the aiohttp transport.
 
     httpx's default transport reads bodies at ~0.6 GB/s (CPU bound); the aiohttp
     transport reaches ~2.9 GB/s with 1 MiB reads once malloc is tuned
@@ -45,7 +50,9 @@ def make_client(connect_timeout: float, read_timeout: float) -> httpx.AsyncClien
     )
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
+        # trust_env off: no HTTP(S)_PROXY or netrc from the environment may see our
+        # credentials or reroute an upstream.
+        transport=AiohttpTransport(limits=limits, verify=verify, trust_env=False),
         timeout=timeout,
         follow_redirects=False,  # followed by hand: see Upstream._send
         # Byte-exact bodies: a content-encoded blob would not match its digest.
@@ -60,7 +67,7 @@ class Credentials:
 
 
 class Upstream:
-    """One upstream registry, reached through a shared pooled client."""
+    """One upstream registry, reached through its own pooled client."""
 
     def __init__(
         self,
@@ -68,12 +75,16 @@ class Upstream:
         client: httpx.AsyncClient,
         metrics: Metrics,
         *,
+        name: str | None = None,
         credentials: Credentials | None = None,
+        token_hosts: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         self.host = parts.netloc
+        self.name = name or parts.netloc  # as clients call it: docker.io, ghcr.io
+        self._token_hosts = frozenset(h.lower() for h in token_hosts)
         # Credentials go only to this origin: scheme included, so an https upstream's
         # token never follows a redirect to plain http on the same host.
         self.origin = (parts.scheme, parts.netloc)
@@ -177,6 +188,16 @@ class Upstream:
             return self._basic()
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
+        if not self._realm_allowed(challenge.realm):
+            # A registry (or whoever answers for it) naming a foreign token service
+            # would learn our credentials, or hand us tokens from anywhere.
+            log.warning("upstream %s named a foreign token realm; refused", self.name)
+            raise UpstreamError(
+                "UNAUTHORIZED",
+                f"upstream {self.name} named a token realm on a host not allowed for it",
+                status=502,
+                upstream_status=401,
+            )
         key = (challenge.realm, challenge.service or "", scope or "")
         token = self._tokens.get(key)
         if token is not None and f"Bearer {token}" != rejected:
@@ -195,6 +216,21 @@ class Upstream:
             return None
         pair = f"{self._credentials.username}:{self._credentials.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
+
+    def _realm_allowed(self, realm: str) -> bool:
+        """The upstream's own host, its registrable domain (registry-1.docker.io ->
+        auth.docker.io), or a host configured in `token_hosts`."""
+        parts = urlsplit(realm)
+        host = (parts.hostname or "").lower()
+        own = (urlsplit(self.url).hostname or "").lower()
+        if parts.scheme not in ("http", "https") or not host:
+            return False
+        if host == own or host in self._token_hosts or parts.netloc.lower() in self._token_hosts:
+            return True
+        if _is_ip(host) or _is_ip(own):
+            return False  # addresses have no registrable domain to share
+        domain = registrable_domain(own)
+        return domain is not None and domain == registrable_domain(host)
 
     def _may_send_credentials(self, realm: str) -> bool:
         """Basic credentials go to a token realm on the upstream's own host, or over
@@ -218,10 +254,12 @@ class Upstream:
         try:
             resp = await self._client.get(challenge.realm, params=params, headers=headers)
         except httpx.TransportError as exc:
-            self._metrics.upstream_request("token", "error", time.perf_counter() - started)
+            self._metrics.upstream_request(
+                self.name, "token", "error", time.perf_counter() - started
+            )
             raise _transport_error(exc, "token service") from exc
         self._metrics.upstream_request(
-            "token", str(resp.status_code), time.perf_counter() - started
+            self.name, "token", str(resp.status_code), time.perf_counter() - started
         )
         if resp.status_code in (401, 403):
             raise UpstreamError(
@@ -260,12 +298,14 @@ class Upstream:
                     self._client.build_request(method, url, headers=hdrs), stream=True
                 )
             except httpx.TransportError as exc:
-                self._metrics.upstream_request(kind, "error", time.perf_counter() - started)
+                self._metrics.upstream_request(
+                    self.name, kind, "error", time.perf_counter() - started
+                )
                 raise _transport_error(exc, "upstream") from exc
             self._metrics.upstream_request(
-                kind, str(resp.status_code), time.perf_counter() - started
+                self.name, kind, str(resp.status_code), time.perf_counter() - started
             )
-            self._metrics.rate_limit(self.host, resp.headers)
+            self._metrics.rate_limit(self.name, resp.headers)
             location = resp.headers.get("location")
             if resp.status_code not in _REDIRECTS or not location:
                 return resp
@@ -274,6 +314,14 @@ class Upstream:
             if resp.status_code == 303:
                 method = "GET"
         raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host == "localhost"
+    return True
 
 
 def _origin(url: str) -> tuple[str, str]:

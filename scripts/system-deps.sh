@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install the system packages the test suite runs for real: the CNCF Distribution
-# registry (the upstream) and skopeo (a real client). Idempotent and quick when
+# registry (the upstream), skopeo and containerd (real clients). Idempotent and quick when
 # everything is present; needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
+command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

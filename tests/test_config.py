@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pydantic
@@ -19,7 +20,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     s = Settings()
-    assert s.upstream == "https://registry-1.docker.io"
+    [hub] = s.resolved_upstreams()
+    assert (hub.name, hub.base_url) == ("docker.io", "https://registry-1.docker.io")
+    assert s.default_upstream_name() == "docker.io"
     assert s.listen == "0.0.0.0:5000"
     assert s.tag_ttl == 300
     assert s.manifest_max_bytes == 4 * 1024 * 1024
@@ -109,3 +112,88 @@ def test_ttl_rules_and_max_stale_from_yaml(tmp_path: Path) -> None:
 def test_ttl_rules_from_environment_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MIRROR_TAG_TTL_RULES", '[{"pattern": "*:latest", "ttl": "1m"}]')
     assert Settings().freshness().ttl("a", "latest") == 60
+
+
+def test_upstream_shorthand_names_the_registry_by_host() -> None:
+    [one] = Settings(upstream="http://127.0.0.1:5001").resolved_upstreams()
+    assert (one.name, one.base_url) == ("127.0.0.1:5001", "http://127.0.0.1:5001")
+    [hub] = Settings(upstream="https://registry-1.docker.io").resolved_upstreams()
+    assert hub.name == "docker.io"
+
+
+def test_several_upstreams_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ghcr-token").write_text("ghp_secret\n")
+    monkeypatch.setenv("QUAY_PASSWORD", "quay-secret")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"""
+upstreams:
+  - name: docker.io
+    username: hubuser
+    password: hub-secret
+    tag_ttl: 1m
+  - name: ghcr.io
+    username: bot
+    password_file: {tmp_path / "ghcr-token"}
+    path_prefix: ghcr
+    allow: ["myorg/*"]
+  - name: quay.io
+    username: robot
+    password_env: QUAY_PASSWORD
+    deny: ["*/secret*"]
+  - name: registry.example.com:5000
+    url: http://10.0.0.5:5000
+    token_hosts: [auth.example.com]
+    max_stale: 1d
+default_upstream: registry-1.docker.io
+"""
+    )
+    s = load_settings(config)
+    hub, ghcr, quay, private = s.resolved_upstreams()
+    assert s.default_upstream_name() == "docker.io"  # aliases name the same registry
+    assert hub.base_url == "https://registry-1.docker.io"
+    assert ghcr.base_url == "https://ghcr.io"
+    assert private.base_url == "http://10.0.0.5:5000"
+    assert (hub.secret(), ghcr.secret(), quay.secret()) == (
+        "hub-secret",
+        "ghp_secret",
+        "quay-secret",
+    )
+    assert private.secret() is None
+    base = s.freshness()
+    assert hub.freshness(base).ttl("library/alpine", "3") == 60
+    assert private.freshness(base).max_stale == 86400
+    assert quay.freshness(base) == base
+    assert "hub-secret" not in repr(s) and "hub-secret" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ("upstreams: [{name: a.io}, {name: a.io}]", "unique"),
+        ("upstreams: [{name: a.io, path_prefix: x}, {name: b.io, path_prefix: x}]", "unique"),
+        ("upstreams: [{name: 'http://a.io'}]", "registry host name"),
+        ("upstreams: [{name: a.io, url: 'ftp://a.io'}]", "http(s)"),
+        ("upstreams: [{name: a.io, password: x}]", "needs a username"),
+        ("upstreams: [{name: a.io, username: u, password: x, password_env: Y}]", "one of"),
+        ("upstreams: [{name: a.io}]\ndefault_upstream: b.io", "not a configured upstream"),
+        ("upstream: https://a.io\nupstreams: [{name: b.io}]", "not both"),
+        ("upstreams: [{name: a.io, path_prefix: 'a/b'}]", "one path component"),
+    ],
+)
+def test_bad_upstream_settings_are_clear_errors(tmp_path: Path, yaml: str, message: str) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(yaml + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_settings(config)
+
+
+def test_missing_password_sources_are_clear_errors(tmp_path: Path) -> None:
+    from mirror.config import UpstreamSettings
+
+    gone = UpstreamSettings(name="a.io", username="u", password_file=tmp_path / "none")
+    with pytest.raises(ValueError, match="cannot read password_file"):
+        gone.secret()
+    unset = UpstreamSettings(name="a.io", username="u", password_env="MIRROR_TEST_UNSET_VAR")
+    with pytest.raises(ValueError, match="MIRROR_TEST_UNSET_VAR is not set"):
+        unset.secret()

@@ -110,7 +110,13 @@ def test_warm_pull_by_digest_needs_no_upstream_even_after_restart(
             assert again.returncode == 0, again.stderr
             assert _index_digest(tmp_path / "again") == image.digest
             assert (
-                restarted.metric("mirror_upstream_requests_total", kind="blob", status="200") == 0
+                restarted.metric(
+                    "mirror_upstream_requests_total",
+                    upstream=real_upstream.registry.host,
+                    kind="blob",
+                    status="200",
+                )
+                == 0
             )
     finally:
         real_upstream.registry.start()
@@ -126,7 +132,12 @@ def test_token_fetched_once_per_repository_scope(
             f"docker://{mirror.host}/{image.repo}:{image.tag}", f"oci:{tmp_path / 'out'}:x"
         )
         assert result.returncode == 0, result.stderr
-        upstream_gets = mirror.metric("mirror_upstream_requests_total", kind="blob", status="200")
+        upstream_gets = mirror.metric(
+            "mirror_upstream_requests_total",
+            upstream=real_upstream.registry.host,
+            kind="blob",
+            status="200",
+        )
     scopes = [s for r in real_upstream.tokens.requests for s in r.scopes]
     # Manifest + config + three layers went upstream on one cached token.
     assert upstream_gets == len(image.layer_digests)

@@ -1,0 +1,103 @@
+"""End to end: a real containerd (`ctr images pull` with a hosts.toml mirror entry)
+pulls through the real `mirror serve` process from the real Distribution registry."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import RealUpstream
+from harness import LoggedRequest, require_root, require_tool
+from harness.containerd import Containerd, write_hosts_toml
+from harness.mirror import MirrorProcess
+
+pytestmark = pytest.mark.e2e
+
+# Nothing listens on the discard port: if containerd ever fell back from the mirror
+# to the `server`, the pull would fail instead of reaching Docker Hub.
+UNREACHABLE = "http://127.0.0.1:9"
+
+# Uvicorn's access log: `INFO:     127.0.0.1:PORT - "GET /v2/... HTTP/1.1" 200 OK`.
+# It prints the path percent-quoted (`sha256%3A...`) and the query string as sent.
+_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
+_HARNESS_PATHS = ("/v2/", "/metrics")  # MirrorProcess's readiness probe and metric()
+
+
+def _mirror_requests(
+    mirror: MirrorProcess, expected: list[tuple[str, str, int]], timeout: float = 5.0
+) -> list[tuple[str, str, int]]:
+    """(method, target, status) of the clients' requests in the mirror's access log,
+    once it holds all of `expected` (uvicorn logs a request after its response)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for line in mirror.log().splitlines():
+            match = _ACCESS.search(line)
+            if match and match["target"] not in _HARNESS_PATHS:
+                found.append((match["method"], match["target"], int(match["status"])))
+        if all(e in found for e in expected) or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _get_of(path_end: str) -> Callable[[LoggedRequest], bool]:
+    return lambda r: r.method == "GET" and r.status == 200 and r.path.endswith(path_end)
+
+
+def test_containerd_pulls_docker_hub_image_through_the_mirror(
+    real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    require_root("run containerd")
+    require_tool("containerd")
+    require_tool("ctr")
+    image = real_upstream.images["schema2"]
+    ref = f"docker.io/{image.repo}:{image.tag}"
+    hosts_dir = tmp_path / "hosts"
+    real_upstream.registry.clear_log()
+    with MirrorProcess(tmp_path / "mirror", real_upstream.registry.url) as mirror:
+        write_hosts_toml(hosts_dir, "docker.io", mirror.url, server=UNREACHABLE)
+
+        with Containerd(tmp_path / "cold") as containerd:
+            result = containerd.pull(ref, hosts_dir)
+            assert result.returncode == 0, f"{result.stderr}\n{mirror.log()}"
+            assert containerd.image_digest(ref) == image.digest
+            check = containerd.check(ref)
+            assert check.status == "complete"
+            assert check.unpacked
+            # The layer really was unpacked into the snapshotter.
+            motd = [d / "etc/motd" for d in containerd.snapshot_dirs() if (d / "etc/motd").exists()]
+            assert [p.read_bytes() for p in motd] == [b"small image\n"]
+        assert mirror.metric("mirror_cache_requests_total", kind="blob", result="miss") > 0
+
+        # Every request containerd made went to the mirror, tagged with the registry
+        # it stands in for (`?ns=docker.io`), and the mirror answered it.
+        # The access log quotes the path: `sha256:` shows as `sha256%3A`.
+        prefix = f"/v2/{image.repo}/"
+        expected = [("HEAD", f"{prefix}manifests/{image.tag}?ns=docker.io", 200)]
+        expected += [
+            ("GET", f"{prefix}{kind}/{digest.replace(':', '%3A')}?ns=docker.io", 200)
+            for kind, digests in (("manifests", [image.digest]), ("blobs", image.layer_digests))
+            for digest in digests
+        ]
+        requests = _mirror_requests(mirror, expected)
+        assert sorted(requests) == sorted(expected), mirror.log()
+
+        # The real registry served them, without the mirror's query parameter.
+        for blob in image.layer_digests:
+            real_upstream.registry.wait_for_request(_get_of(f"/blobs/{blob}"))
+        upstream = real_upstream.registry.requests()
+        assert all(r.path.startswith(f"/v2/{image.repo}/") for r in upstream if r.path != "/v2/")
+        assert not [r for r in upstream if "ns=" in r.path]
+
+        # A second, empty containerd gets everything from the mirror's cache.
+        real_upstream.registry.clear_log()
+        with Containerd(tmp_path / "warm") as containerd:
+            result = containerd.pull(ref, hosts_dir)
+            assert result.returncode == 0, f"{result.stderr}\n{mirror.log()}"
+            assert containerd.image_digest(ref) == image.digest
+        hits = mirror.metric("mirror_cache_requests_total", kind="blob", result="hit")
+        assert hits == len(image.layer_digests)
+        assert not [r for r in real_upstream.registry.requests() if "/blobs/" in r.path]

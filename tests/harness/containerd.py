@@ -1,0 +1,329 @@
+"""Run a real containerd daemon, private to one test, and pull images with `ctr`.
+
+The daemon gets its own root, state and config; it listens on a unix socket only
+(no debug, metrics or TCP gRPC address), and has CRI, the runtimes and every
+snapshotter but `native` disabled, so it needs no kernel support beyond bind mounts.
+
+Pulls go through `ctr images pull --hosts-dir`: the `ctr` process resolves and
+fetches over HTTP itself (the daemon only stores content and unpacks), so
+`hosts.toml` files written by `write_hosts_toml` decide where the requests go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+# Everything that could make containerd touch host paths, the network or the kernel
+# in ways a test does not need. The daemon then loads: content, metadata (bolt),
+# the native snapshotter, the walking differ, gc, and the gRPC image/content services.
+DISABLED_PLUGINS = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.internal.v1.opt",  # would create /opt/containerd
+    "io.containerd.internal.v1.tracing",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.overlayfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.runtime.v1.linux",
+    "io.containerd.runtime.v2.task",
+    "io.containerd.monitor.v1.cgroups",
+    "io.containerd.internal.v1.restart",
+    "io.containerd.service.v1.tasks-service",
+    "io.containerd.grpc.v1.tasks",
+)
+
+SNAPSHOTTER = "native"
+
+# Proxy variables would only matter for non-loopback hosts (Go never proxies
+# 127.0.0.1), but a test must not depend on that.
+_PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
+def _toml_str(value: str) -> str:
+    # A JSON string is a valid TOML basic string.
+    return json.dumps(value)
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below `path`, deepest first."""
+    base = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            point = _unescape_mountinfo(line.split()[4])
+            if point == base or point.startswith(base + "/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def hosts_directory(registry: str) -> str:
+    """The directory name containerd 1.6 looks up under --hosts-dir for `registry`.
+
+    It is the registry host as written in the reference, port included
+    (`regb.test:5000`); Docker Hub is `docker.io`. A registry without a directory
+    of its own falls back to `_default` (checked with containerd 1.6.20), so
+    `registry="_default"` configures every other registry.
+    """
+    if "/" in registry or registry in ("", ".", ".."):
+        raise ValueError(f"not a registry host: {registry!r}")
+    return registry
+
+
+def write_hosts_toml(
+    hosts_dir: Path, registry: str, mirror_url: str, server: str | None = None
+) -> Path:
+    """Write `<hosts_dir>/<registry>/hosts.toml` sending pulls of `registry` to the mirror.
+
+    `mirror_url` is the mirror's base URL (`http://127.0.0.1:PORT`): with the scheme
+    in the host key, plain HTTP needs neither `--plain-http` nor `skip_verify` (those
+    are about TLS). `server` is where containerd falls back when the mirror fails;
+    tests must set it to an unreachable loopback address so nothing can leave the
+    machine (without it, `docker.io` falls back to registry-1.docker.io).
+    """
+    if urlsplit(mirror_url).scheme not in ("http", "https"):
+        raise ValueError(f"mirror_url needs a scheme: {mirror_url!r}")
+    lines = []
+    if server is not None:
+        lines.append(f"server = {_toml_str(server)}")
+        lines.append("")
+    lines.append(f"[host.{_toml_str(mirror_url.rstrip('/'))}]")
+    lines.append('  capabilities = ["pull", "resolve"]')
+    directory = hosts_dir / hosts_directory(registry)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "hosts.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class CtrImage:
+    """One row of `ctr images ls`."""
+
+    ref: str
+    media_type: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class CtrCheck:
+    """One row of `ctr images check`: `complete` once every blob of the platform is in."""
+
+    status: str
+    unpacked: bool
+
+
+class Containerd:
+    """A private containerd daemon: `with Containerd(workdir) as ctd: ctd.pull(...)`."""
+
+    def __init__(self, workdir: Path, *, namespace: str = "mirror-test") -> None:
+        self.workdir = Path(workdir).absolute()
+        self.namespace = namespace
+        self.root = self.workdir / "root"
+        self.state = self.workdir / "state"
+        self.config_path = self.workdir / "config.toml"
+        self.log_path = self.workdir / "containerd.log"
+        self._sockdir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        # A unix socket path must fit in sun_path (108 bytes): pytest's tmp_path
+        # may not, so the sockets live in a short directory of their own.
+        if self._sockdir is None:
+            raise RuntimeError("containerd is not started")
+        return str(self._sockdir / "c.sock")
+
+    def _write_config(self) -> None:
+        disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
+        config = f"""\
+version = 2
+root = {_toml_str(str(self.root))}
+state = {_toml_str(str(self.state))}
+temp = {_toml_str(str(self.workdir / "tmp"))}
+disabled_plugins = [{disabled}]
+
+[grpc]
+  address = {_toml_str(self.address)}
+  tcp_address = ""
+
+[ttrpc]
+  address = {_toml_str(self.address + ".ttrpc")}
+
+[debug]
+  address = ""
+  level = "debug"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.gc.v1.scheduler"]
+  startup_delay = "100ms"
+"""
+        self.config_path.write_text(config)
+
+    def start(self, timeout: float = 20.0) -> Containerd:
+        binary = shutil.which("containerd")
+        if binary is None:
+            raise RuntimeError("containerd is not on PATH (apt-get install containerd)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        self._sockdir = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+        self._write_config()
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [binary, "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,  # a ^C in pytest must not reach it first
+            )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no attempt made"
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                last = f"containerd exited with code {self._proc.returncode}"
+                break
+            if Path(self.address).exists():
+                result = self.ctr("version", timeout=5)
+                if result.returncode == 0:
+                    return
+                last = result.stderr.strip()
+            time.sleep(0.05)
+        raise RuntimeError(f"containerd did not become ready: {last}\n{self.log()}")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            self._unmount()
+            if self._sockdir is not None:
+                shutil.rmtree(self._sockdir, ignore_errors=True)
+                self._sockdir = None
+
+    def _unmount(self) -> None:
+        # The native snapshotter unpacks through bind mounts under root/tmpmounts;
+        # containerd removes them itself, unless it was killed mid-unpack.
+        for base in (self.root, self.state, self.workdir / "tmp"):
+            for point in mounts_under(base):
+                subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
+
+    def ctr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """`ctr --address SOCK --namespace NS ARGS...`; never raises on a non-zero exit."""
+        binary = shutil.which("ctr")
+        if binary is None:
+            raise RuntimeError("ctr is not on PATH (apt-get install containerd)")
+        cmd = [binary, "--address", self.address, "--namespace", self.namespace, *args]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=self._env(), check=False
+        )
+
+    def pull(
+        self,
+        ref: str,
+        hosts_dir: Path,
+        platform: str = "linux/amd64",
+        *,
+        timeout: float = 60.0,
+        http_dump: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
+        """`ctr images pull` with unpack into the native snapshotter.
+
+        `ref` is fully qualified (`docker.io/library/small:v1`); `hosts_dir` holds
+        the `hosts.toml` files. With `http_dump`, ctr writes every request and
+        response to stderr.
+        """
+        args = ["images", "pull", "--hosts-dir", str(hosts_dir), "--platform", platform]
+        args += ["--snapshotter", SNAPSHOTTER]
+        if http_dump:
+            args.append("--http-dump")
+        return self.ctr(*args, ref, timeout=timeout)
+
+    def images(self) -> dict[str, CtrImage]:
+        """The images in our namespace, by reference."""
+        result = self.ctr("images", "ls")
+        if result.returncode != 0:
+            raise RuntimeError(f"ctr images ls failed: {result.stderr}")
+        found = {}
+        for line in result.stdout.splitlines()[1:]:  # REF TYPE DIGEST SIZE PLATFORMS LABELS
+            fields = line.split()
+            if len(fields) >= 3:
+                found[fields[0]] = CtrImage(fields[0], fields[1], fields[2])
+        return found
+
+    def image_digest(self, ref: str) -> str:
+        """The digest of the manifest (or index) `ref` points to."""
+        images = self.images()
+        if ref not in images:
+            raise AssertionError(f"{ref} is not in containerd; it has {sorted(images)}")
+        return images[ref].digest
+
+    def check(self, ref: str) -> CtrCheck:
+        """`ctr images check` for `ref`, against our snapshotter (ctr's default is overlayfs)."""
+        result = self.ctr("images", "check", "--snapshotter", SNAPSHOTTER, f"name=={ref}")
+        if result.returncode != 0:
+            raise RuntimeError(f"ctr images check failed: {result.stderr}")
+        # REF TYPE DIGEST STATUS SIZE UNPACKED, e.g. `... complete (2/2) 4.5 KiB/4.5 KiB true`
+        for line in result.stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == ref:
+                return CtrCheck(status=fields[3], unpacked=fields[-1] == "true")
+        raise AssertionError(f"{ref} missing from ctr images check:\n{result.stdout}")
+
+    def snapshot_dirs(self) -> list[Path]:
+        """The native snapshotter's layer directories: unpacked files live here."""
+        snapshots = self.root / f"io.containerd.snapshotter.v1.{SNAPSHOTTER}" / "snapshots"
+        if not snapshots.is_dir():
+            return []
+        return sorted(p for p in snapshots.iterdir() if p.is_dir())
