@@ -220,6 +220,7 @@ class BlobDownload:
         self.written = 0  # bytes readers may read: from the file, then from the relay
         self.on_disk = 0  # bytes readable from the file (frozen once spilled)
         self.spilled = False  # the cache refused the bytes; the rest comes from memory
+        self.write_error: OSError | None = None  # why the temp file could not be created
         self.error: BaseException | None = None
         self._changed = asyncio.Event()
         self._relay: deque[bytes] = deque()
@@ -310,6 +311,10 @@ class BlobDownload:
                 await asyncio.wait_for(self._room.wait(), RELAY_STALL)
             except TimeoutError:
                 keep_from = self.written - RELAY_WINDOW
+                if self._relay:
+                    # A reader stalled inside the oldest chunk must go too, or nothing
+                    # is freed and the producer waits forever.
+                    keep_from = max(keep_from, self._relay_start + len(self._relay[0]))
                 for cursor in live:
                     if cursor.pos < keep_from:
                         cursor.lagged = True
@@ -342,8 +347,9 @@ class Downloads:
             except OSError as exc:
                 # No cache file (full or read-only disk): relay-only from byte 0, and
                 # not shared, since a relay cannot serve readers who join late.
+                # Counted once the upstream answers: a 404 lost nothing.
                 download.spill()
-                self._cache_write_failed(download, exc)
+                download.write_error = exc
             else:
                 self._active[key] = download
             task = asyncio.get_running_loop().create_task(self._run(upstream, repo, download))
@@ -367,14 +373,20 @@ class Downloads:
             dl.digest,
             exc,
         )
-        if self._active.get(str(dl.digest)) is dl:
-            del self._active[str(dl.digest)]  # later requests start their own download
+        self._forget(dl)  # later requests start their own download
         self._background(asyncio.to_thread(_unlink, dl.path))
 
     def _spill(self, dl: BlobDownload, exc: OSError | None) -> None:
+        if dl.state == "failed":
+            return  # a chunk still queued when the download failed: nobody to relay to
         dl.spill()
         self._cache_write_failed(dl, exc)
         dl._notify()
+
+    def _forget(self, dl: BlobDownload) -> None:
+        """Drop `dl` from the table, but never a newer download of the same digest."""
+        if self._active.get(str(dl.digest)) is dl:
+            del self._active[str(dl.digest)]
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -397,6 +409,8 @@ class Downloads:
             resp = await upstream.get(path, repo=repo, kind="blob")
             await upstream.raise_for_status(resp, "blob")
             dl.size = parse_length(resp.headers.get("content-length"))
+            if dl.write_error is not None:
+                self._cache_write_failed(dl, dl.write_error)
 
             def progress(written: int) -> None:
                 dl.written = dl.on_disk = written
@@ -446,8 +460,9 @@ class Downloads:
                 # Clients have (or are reading) verified bytes from the temp file; only
                 # the cache lost this blob. Their open descriptors survive the unlink.
                 log.error("could not commit verified blob %s: %r", dl.digest, exc)
-                self._metrics.cache_write_failures.labels("blob").inc()
-                self._active.pop(str(dl.digest), None)
+                if not isinstance(exc, asyncio.CancelledError):
+                    self._metrics.cache_write_failures.labels("blob").inc()
+                self._forget(dl)
                 _unlink(dl.path)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
@@ -456,7 +471,7 @@ class Downloads:
             dl.state = "failed"
             # Forget it before anything else: the next request must start afresh,
             # never join a failed download whose file is being removed.
-            self._active.pop(str(dl.digest), None)
+            self._forget(dl)
             dl._notify()
             if isinstance(exc, Abandoned):
                 log.info("uncached download of %s stopped: no client left", dl.digest)
@@ -468,8 +483,7 @@ class Downloads:
             # Unlinking a multi-GB file can take a while: not in the event loop.
             await asyncio.to_thread(_unlink, dl.path)
         finally:
-            if self._active.get(str(dl.digest)) is dl:
-                del self._active[str(dl.digest)]
+            self._forget(dl)
 
     async def _copy(
         self,

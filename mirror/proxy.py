@@ -265,7 +265,14 @@ class Proxy:
         dl, dl_fd, cursor = await self._attach(repo, digest)
         try:
             if dl.size is None and spec is not None:
-                await dl.finished()  # a range needs the size; chunked upstreams are rare
+                # A range needs the size; chunked upstreams are rare. While it waits,
+                # it holds a spilled relay only from where it will start reading; a
+                # suffix range (start unknown) cannot, and may find its bytes gone.
+                if spec.first is None:
+                    cursor.closed = True
+                else:
+                    cursor.pos = spec.first
+                await dl.finished()
                 await dl.ready()
             rng = spec.resolve(dl.size) if spec is not None and dl.size is not None else None
         except BaseException:

@@ -308,7 +308,12 @@ class Storage:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, final)
         now = self._clock()
-        self._index.set(f"blob/{digest}", (size, now, now))
+        try:
+            self._index.set(f"blob/{digest}", (size, now, now))
+        except BaseException:
+            # An unindexed file would hold its space, unseen, until the next recovery.
+            final.unlink(missing_ok=True)
+            raise
         return final
 
 

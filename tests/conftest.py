@@ -5,14 +5,23 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 from fakes.server import serve
 from fakes.upstream import FakeUpstream
 from fastapi import FastAPI
-from harness import Registry, TestImage, TokenServer, build_and_push_test_images, require_tool
+from harness import (
+    Layout,
+    Registry,
+    TestImage,
+    TokenServer,
+    build_and_push_test_images,
+    push,
+    require_tool,
+)
+from harness.images import read_back
 from prometheus_client import CollectorRegistry
 
 from mirror.app import create_app
@@ -79,6 +88,54 @@ def real_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealUpst
     with TokenServer(workdir) as tokens, Registry(workdir / "registry", tokens) as registry:
         images = build_and_push_test_images(workdir, registry)
         yield RealUpstream(tokens, registry, images, workdir)
+
+
+@dataclass
+class SecondUpstream:
+    """Another real registry with its own token service, users and content ("regb").
+
+    Private: pulls need bob's credentials. `team/app/oci:1.0` exists here too, with
+    other content than on the first registry; `shared/app:1.0` is byte for byte the
+    first registry's `team/app/oci:1.0`, so their blobs share digests.
+    """
+
+    NAME: ClassVar[str] = "regb.test:5000"
+    CREDS: ClassVar[tuple[str, str]] = ("bob", "b-secret")
+
+    tokens: TokenServer
+    registry: Registry
+    own: TestImage  # team/app/oci:1.0, different from the first registry's
+    shared: TestImage  # shared/app:1.0, the same bytes as the first's team/app/oci:1.0
+
+
+@pytest.fixture(scope="module")
+def second_upstream(
+    real_upstream: RealUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecondUpstream]:
+    workdir = tmp_path_factory.mktemp("regb")
+    pusher = ("pushb", "pushb-pass")
+    users = dict([SecondUpstream.CREDS, pusher])
+    with (
+        TokenServer(
+            workdir, users=users, issuer="auth.regb.test", service="regb", anonymous_pull=False
+        ) as tokens,
+        Registry(workdir / "registry", tokens) as registry,
+    ):
+        layout = Layout(workdir / "layout")
+        own = layout.image([[("etc/which-registry", b"regb\n")]])
+        layout.tag(own, "own")
+        own_digest = push(layout.root, "own", registry, "team/app/oci", "1.0", creds=pusher)
+        first = real_upstream.images["oci"]
+        shared_digest = push(
+            real_upstream.workdir / "layout", "oci", registry, "shared/app", "1.0", creds=pusher
+        )
+        assert shared_digest == first.digest
+        yield SecondUpstream(
+            tokens,
+            registry,
+            read_back(registry, "team/app/oci", "1.0", own_digest, SecondUpstream.CREDS),
+            read_back(registry, "shared/app", "1.0", shared_digest, SecondUpstream.CREDS),
+        )
 
 
 async def get_when_cached(client: httpx.AsyncClient, path: str) -> httpx.Response:

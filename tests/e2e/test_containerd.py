@@ -3,13 +3,14 @@ pulls through the real `mirror serve` process from the real Distribution registr
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import RealUpstream
+from conftest import RealUpstream, SecondUpstream
 from harness import LoggedRequest, require_root, require_tool
 from harness.containerd import Containerd, write_hosts_toml
 from harness.mirror import MirrorProcess
@@ -57,7 +58,10 @@ def test_containerd_pulls_docker_hub_image_through_the_mirror(
     ref = f"docker.io/{image.repo}:{image.tag}"
     hosts_dir = tmp_path / "hosts"
     real_upstream.registry.clear_log()
-    with MirrorProcess(tmp_path / "mirror", real_upstream.registry.url) as mirror:
+    # The mirror stands in for docker.io, which here is the real registry on loopback.
+    upstreams = json.dumps([{"name": "docker.io", "url": real_upstream.registry.url}])
+    env = {"MIRROR_UPSTREAMS": upstreams}
+    with MirrorProcess(tmp_path / "mirror", None, env=env) as mirror:
         write_hosts_toml(hosts_dir, "docker.io", mirror.url, server=UNREACHABLE)
 
         with Containerd(tmp_path / "cold") as containerd:
@@ -101,3 +105,52 @@ def test_containerd_pulls_docker_hub_image_through_the_mirror(
         hits = mirror.metric("mirror_cache_requests_total", kind="blob", result="hit")
         assert hits == len(image.layer_digests)
         assert not [r for r in real_upstream.registry.requests() if "/blobs/" in r.path]
+
+
+def test_containerd_pulls_a_non_docker_hub_registry_through_the_mirror(
+    real_upstream: RealUpstream, second_upstream: SecondUpstream, tmp_path: Path
+) -> None:
+    """`regb.test:5000/team/app/oci:1.0`: containerd asks the mirror with
+    `?ns=regb.test:5000`, and the mirror fetches from the second (private) registry
+    with its own credentials, not from docker.io, which has a repository of that name
+    with other content."""
+    require_root("run containerd")
+    require_tool("containerd")
+    require_tool("ctr")
+    image = second_upstream.own
+    ref = f"{SecondUpstream.NAME}/{image.repo}:1.0"
+    hosts_dir = tmp_path / "hosts"
+    upstreams = [
+        {"name": "docker.io", "url": real_upstream.registry.url},
+        {
+            "name": SecondUpstream.NAME,
+            "url": second_upstream.registry.url,
+            "username": SecondUpstream.CREDS[0],
+            "password_env": "TEST_B_PASSWORD",
+        },
+    ]
+    env = {"MIRROR_UPSTREAMS": json.dumps(upstreams), "TEST_B_PASSWORD": SecondUpstream.CREDS[1]}
+    second_upstream.registry.clear_log()
+    second_upstream.tokens.clear()
+    with MirrorProcess(tmp_path / "mirror", None, env=env) as mirror:
+        write_hosts_toml(hosts_dir, SecondUpstream.NAME, mirror.url, server=UNREACHABLE)
+        with Containerd(tmp_path / "ctd") as containerd:
+            result = containerd.pull(ref, hosts_dir)
+            assert result.returncode == 0, f"{result.stderr}\n{mirror.log()}"
+            assert containerd.image_digest(ref) == image.digest
+            check = containerd.check(ref)
+            assert check.status == "complete" and check.unpacked
+            marker = [
+                d / "etc/which-registry"
+                for d in containerd.snapshot_dirs()
+                if (d / "etc/which-registry").exists()
+            ]
+            assert [p.read_bytes() for p in marker] == [b"regb\n"]
+        ns = "ns=" + SecondUpstream.NAME.replace(":", "%3A")
+        expected = [("HEAD", f"/v2/{image.repo}/manifests/1.0?{ns}", 200)]
+        requests = _mirror_requests(mirror, expected)
+        assert expected[0] in requests
+        assert all(target.endswith(f"?{ns}") for _, target, _ in requests), requests
+    for blob in image.layer_digests:
+        second_upstream.registry.wait_for_request(_get_of(f"/blobs/{blob}"))
+    assert {r.user for r in second_upstream.tokens.requests} == {"bob"}

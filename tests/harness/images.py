@@ -248,9 +248,11 @@ class TestImage:
         return f"{self.repo}:{self.tag}"
 
 
-def read_back(registry: Registry, repo: str, tag: str, digest: str) -> TestImage:
+def read_back(
+    registry: Registry, repo: str, tag: str, digest: str, creds: tuple[str, str] | None = None
+) -> TestImage:
     """Describe an image from what the registry actually stores, not from what was pushed."""
-    token = fetch_token(registry.tokenserver, repo)
+    token = fetch_token(registry.tokenserver, repo, creds=creds)
 
     def manifest(ref: str) -> tuple[str, bytes, dict[str, Any]]:
         status, headers, body = registry_get(registry, f"/v2/{repo}/manifests/{ref}", token)

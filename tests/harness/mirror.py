@@ -25,7 +25,7 @@ class MirrorProcess:
     def __init__(
         self,
         workdir: Path,
-        upstream: str,
+        upstream: str | None,
         *,
         cache_dir: Path | None = None,
         env: dict[str, str] | None = None,
@@ -56,11 +56,11 @@ class MirrorProcess:
             "serve",
             "--listen",
             self.host,
-            "--upstream",
-            self.upstream,
             "--cache-dir",
             str(self.cache_dir),
         ]
+        if self.upstream is not None:  # else `upstreams` come from env or a config file
+            cmd += ["--upstream", self.upstream]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(

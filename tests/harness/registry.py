@@ -50,8 +50,18 @@ def _find_binary() -> str:
 
 
 class Registry:
-    def __init__(self, workdir: Path, tokenserver: TokenServer, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        tokenserver: TokenServer,
+        *,
+        port: int | None = None,
+        realm_host: str = "127.0.0.1",
+    ) -> None:
         self.workdir = Path(workdir)
+        # The host name the registry's challenges give for the token service: another
+        # name for the same loopback server makes it a "foreign" realm.
+        self.realm_host = realm_host
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tokenserver = tokenserver
         self.port = port or free_port()
@@ -86,7 +96,7 @@ class Registry:
             "auth": {
                 "token": {
                     # Read at start(), so a restarted token server is picked up.
-                    "realm": self.tokenserver.realm,
+                    "realm": self.tokenserver.realm.replace("127.0.0.1", self.realm_host),
                     "service": self.tokenserver.service,
                     "issuer": self.tokenserver.issuer,
                     "rootcertbundle": str(self.tokenserver.cert_path),

@@ -110,8 +110,11 @@ class TokenServer:
         issuer: str = "auth.docker.io",
         service: str = "registry.docker.io",
         expires_in: int = 300,
+        anonymous_pull: bool = True,
     ) -> None:
         self.users = dict(DEFAULT_USERS if users is None else users)
+        # False: a private registry, where pulling needs a valid user.
+        self.anonymous_pull = anonymous_pull
         self.issuer = issuer
         self.service = service
         self.expires_in = expires_in
@@ -214,7 +217,10 @@ class TokenServer:
             )
         if status != 200:
             return status, {"details": "not found" if status == 404 else "access denied"}
-        token = self.issue(self._grant(scopes, authenticated=user is not None), user or "")
+        grants = self._grant(scopes, authenticated=user is not None)
+        if user is None and not self.anonymous_pull:
+            grants = []
+        token = self.issue(grants, user or "")
         return 200, {
             "token": token,
             "access_token": token,
