@@ -191,11 +191,15 @@ def prune(config_file: Path | None, cache_dir: Path | None) -> None:
     "default: all platforms.",
 )
 def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -> None:
-    """Pre-pull IMAGES (name[:tag] or name@digest) through the mirror's cache."""
+    """Pre-pull IMAGES ([registry/]name[:tag] or ...@digest) through the mirror's cache.
+
+    A registry other than the default is named to the mirror with `?ns=`, as
+    containerd does, e.g. `mirror warm ghcr.io/myorg/app:1.2`.
+    """
     import httpx
 
     from mirror.errors import RegistryError
-    from mirror.warm import fetch_blobs, parse_image, plan
+    from mirror.warm import fetch_blobs, plan
 
     wanted = set(platforms) if platforms and "all" not in platforms else None
     failed = False
@@ -205,7 +209,7 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
                 p = plan(c, image, wanted)
                 total = sum(p.blobs.values())
                 with click.progressbar(length=total, label=image, file=sys.stderr) as bar:
-                    fetch_blobs(c, parse_image(image)[0], p.blobs, bar.update)
+                    fetch_blobs(c, image, p.blobs, bar.update)
             except (httpx.HTTPError, RegistryError, ValueError, KeyError) as exc:
                 click.echo(f"{image}: failed: {exc}", err=True)
                 failed = True

@@ -28,8 +28,17 @@ class Plan:
     platforms: list[str] = field(default_factory=list)
 
 
-def parse_image(image: str) -> tuple[str, str]:
-    """`name[:tag]` or `name@digest` -> (name, reference); tag defaults to latest."""
+def parse_image(image: str) -> tuple[str | None, str, str]:
+    """`[registry/]name[:tag]` or `...@digest` -> (registry, name, reference).
+
+    The first component is a registry when it looks like a host (a dot, a port, or
+    `localhost`), as Docker decides; the mirror is then asked with `?ns=<registry>`,
+    as containerd does. The tag defaults to latest.
+    """
+    registry = None
+    first, sep, rest = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        registry, image = first.lower(), rest
     if "@" in image:
         name, ref = image.split("@", 1)
     else:
@@ -39,7 +48,11 @@ def parse_image(image: str) -> tuple[str, str]:
         ref = tag if sep else "latest"
     validate_name(name)
     Reference.parse(ref)
-    return name, ref
+    return registry, name, ref
+
+
+def ns_params(registry: str | None) -> dict[str, str]:
+    return {"ns": registry} if registry else {}
 
 
 def _platform(entry: dict[str, object]) -> str:
@@ -52,11 +65,15 @@ def _platform(entry: dict[str, object]) -> str:
 
 def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
     """Fetch the image's manifests (through the mirror) and list the blobs to warm."""
-    name, ref = parse_image(image)
+    registry, name, ref = parse_image(image)
     result = Plan(image)
 
     def manifest(reference: str) -> tuple[str, dict[str, object]]:
-        r = client.get(f"/v2/{name}/manifests/{reference}", headers={"Accept": ACCEPT})
+        r = client.get(
+            f"/v2/{name}/manifests/{reference}",
+            headers={"Accept": ACCEPT},
+            params=ns_params(registry),
+        )
         r.raise_for_status()
         result.manifests.append(r.headers["docker-content-digest"])
         return r.headers["content-type"].split(";")[0], json.loads(r.content)
@@ -87,10 +104,14 @@ def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
 
 
 def fetch_blobs(
-    client: httpx.Client, name: str, blobs: dict[str, int], on_bytes: Callable[[int], None]
+    client: httpx.Client,
+    image: str,
+    blobs: dict[str, int],
+    on_bytes: Callable[[int], None],
 ) -> None:
+    registry, name, _ = parse_image(image)
     for digest in blobs:
-        with client.stream("GET", f"/v2/{name}/blobs/{digest}") as r:
+        with client.stream("GET", f"/v2/{name}/blobs/{digest}", params=ns_params(registry)) as r:
             r.raise_for_status()
             for chunk in r.iter_raw(1 << 20):
                 on_bytes(len(chunk))

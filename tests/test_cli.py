@@ -93,12 +93,16 @@ def test_cache_prune_applies_the_size_cap(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize(
     ("image", "expected"),
     [
-        ("alpine", ("alpine", "latest")),
-        ("library/alpine:3.20", ("library/alpine", "3.20")),
-        ("a/b@sha256:" + "c" * 64, ("a/b", "sha256:" + "c" * 64)),
+        ("alpine", (None, "alpine", "latest")),
+        ("library/alpine:3.20", (None, "library/alpine", "3.20")),
+        ("a/b@sha256:" + "c" * 64, (None, "a/b", "sha256:" + "c" * 64)),
+        ("ghcr.io/myorg/app:1.2", ("ghcr.io", "myorg/app", "1.2")),
+        ("regb.test:5000/team/app", ("regb.test:5000", "team/app", "latest")),
+        ("localhost/app:1", ("localhost", "app", "1")),
+        ("docker.io/library/alpine", ("docker.io", "library/alpine", "latest")),
     ],
 )
-def test_parse_image(image: str, expected: tuple[str, str]) -> None:
+def test_parse_image(image: str, expected: tuple[str | None, str, str]) -> None:
     from mirror.warm import parse_image
 
     assert parse_image(image) == expected

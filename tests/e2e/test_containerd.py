@@ -133,7 +133,9 @@ def test_containerd_pulls_a_non_docker_hub_registry_through_the_mirror(
     second_upstream.registry.clear_log()
     second_upstream.tokens.clear()
     with MirrorProcess(tmp_path / "mirror", None, env=env) as mirror:
-        write_hosts_toml(hosts_dir, SecondUpstream.NAME, mirror.url, server=UNREACHABLE)
+        # `_default` (every registry without a directory of its own), as in
+        # deploy/containerd/certs.d/_default/hosts.toml.
+        write_hosts_toml(hosts_dir, "_default", mirror.url, server=UNREACHABLE)
         with Containerd(tmp_path / "ctd") as containerd:
             result = containerd.pull(ref, hosts_dir)
             assert result.returncode == 0, f"{result.stderr}\n{mirror.log()}"

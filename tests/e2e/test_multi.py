@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -31,6 +34,7 @@ def _env(real_upstream: RealUpstream, second: SecondUpstream, **extra: str) -> d
             "url": second.registry.url,
             "username": SecondUpstream.CREDS[0],
             "password_env": "TEST_B_PASSWORD",
+            "path_prefix": "regb",  # for clients that cannot send ns (podman, skopeo)
         },
     ]
     return {
@@ -82,6 +86,10 @@ def test_ns_routes_to_each_registry_with_its_own_credentials(
         )
         assert result.returncode == 0, result.stderr
         assert sha256_digest((tmp_path / "a" / "manifest.json").read_bytes()) == first.digest
+        # A path prefix reaches the second registry without ns (podman's mirror path).
+        result = skopeo_copy(f"docker://{mirror.host}/regb/{own.repo}:1.0", f"dir:{tmp_path / 'b'}")
+        assert result.returncode == 0, result.stderr
+        assert sha256_digest((tmp_path / "b" / "manifest.json").read_bytes()) == own.digest
         log = mirror.log()
     # The private registry needed bob, and only ever saw bob; the first never saw him.
     b_users = {_basic_user(r.authorization_header) for r in second_upstream.tokens.requests}
@@ -180,3 +188,35 @@ def test_token_realm_on_a_foreign_host_is_refused(tmp_path: Path) -> None:
             assert error["code"] == "UNAUTHORIZED"
             assert "token realm" in error["message"]
         assert tokens.requests == []  # the password never left
+
+
+def test_warm_a_second_registry_image_by_its_full_name(
+    real_upstream: RealUpstream, second_upstream: SecondUpstream, tmp_path: Path
+) -> None:
+    own = second_upstream.own
+    env = _env(real_upstream, second_upstream)
+    with MirrorProcess(tmp_path / "m", None, env=env) as mirror:
+        image = f"{SecondUpstream.NAME}/{own.repo}:1.0"
+        result = subprocess.run(
+            [sys.executable, "-m", "mirror", "warm", image, "--mirror", mirror.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        second_upstream.registry.stop()  # everything warmed must now come from the cache
+        try:
+            for digest in own.layer_digests:
+                for _ in range(100):  # warm's last blob commits just after its bytes
+                    r = httpx.get(
+                        f"{mirror.url}/v2/{own.repo}/blobs/{digest}",
+                        params={"ns": SecondUpstream.NAME},
+                    )
+                    if r.headers.get("x-cache") == "HIT":
+                        break
+                    time.sleep(0.02)
+                assert r.status_code == 200
+                assert r.headers["x-cache"] == "HIT"
+                assert sha256_digest(r.content) == digest
+        finally:
+            second_upstream.registry.start()
