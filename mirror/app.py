@@ -59,6 +59,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             report.orphan_files_removed,
             report.entries_dropped,
         )
+        cache_collector = metrics.watch_cache(storage.usage, settings.max_size, settings.cache_dir)
         downloads = Downloads(storage, metrics, resume_attempts=settings.resume_attempts)
         configured = settings.resolved_upstreams()
         freshness = settings.freshness()
@@ -126,6 +127,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             await downloads.aclose()
             for client in clients:
                 await client.aclose()
+            metrics.registry.unregister(cache_collector)
             storage.close()
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)

@@ -405,6 +405,7 @@ class Downloads:
     async def _run(self, upstream: Upstream, repo: str, dl: BlobDownload) -> None:
         path = f"/v2/{repo}/blobs/{dl.digest}"
         writer: _HashingWriter | None = None
+        self._metrics.downloads_in_flight.inc()
         try:
             resp = await upstream.get(path, repo=repo, kind="blob")
             await upstream.raise_for_status(resp, "blob")
@@ -483,6 +484,7 @@ class Downloads:
             # Unlinking a multi-GB file can take a while: not in the event loop.
             await asyncio.to_thread(_unlink, dl.path)
         finally:
+            self._metrics.downloads_in_flight.dec()
             self._forget(dl)
 
     async def _copy(
@@ -496,11 +498,12 @@ class Downloads:
     ) -> None:
         """Stream the body into the writer; resume with Range after a broken read."""
         attempts = 0
+        fetched = self._metrics.upstream_bytes.labels(upstream.name)
         while True:
             try:
                 async for chunk in resp.aiter_raw():
                     await writer.write(chunk)
-                    self._metrics.upstream_bytes.inc(len(chunk))
+                    fetched.inc(len(chunk))
                     if dl.spilled:
                         await dl.room()  # the relay moves at its readers' pace
                 return

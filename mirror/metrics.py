@@ -7,8 +7,11 @@ Each app gets its own CollectorRegistry so tests and embedded apps never collide
 
 from __future__ import annotations
 
+import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,6 +21,8 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from mirror import __version__
 
@@ -27,6 +32,8 @@ ROUTES = (
     "/v2/{name}/blobs/{digest}",
     "/v2/{name}/tags/list",
     "/metrics",
+    "/healthz",
+    "/readyz",
     "other",
 )
 KINDS = ("manifest", "blob")
@@ -101,7 +108,20 @@ class Metrics:
         )
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes",
-            "Blob body bytes received from upstream.",
+            "Blob body bytes received from upstream, by upstream.",
+            ["upstream"],
+            registry=r,
+        )
+        self.token_fetches = Counter(
+            "mirror_upstream_token_fetches",
+            "Bearer tokens fetched from upstream token services, by upstream and result "
+            "(ok, refused, error).",
+            ["upstream", "result"],
+            registry=r,
+        )
+        self.downloads_in_flight = Gauge(
+            "mirror_downloads_in_flight",
+            "Blob downloads from upstream in progress.",
             registry=r,
         )
         self.digest_mismatches = Counter(
@@ -180,6 +200,21 @@ class Metrics:
         """Initialise an upstream's label values, so its panels start at zero."""
         for kind in UPSTREAM_KINDS:
             self.upstream_duration.labels(upstream, kind)
+        self.upstream_bytes.labels(upstream)
+        for result in ("ok", "refused", "error"):
+            self.token_fetches.labels(upstream, result)
+        # Unknown until the upstream sends ratelimit-* headers (Docker Hub does): NaN,
+        # never 0, which would read as "exhausted".
+        for gauge in (self.ratelimit_limit, self.ratelimit_remaining):
+            gauge.labels(upstream).set(float("nan"))
+
+    def watch_cache(
+        self, usage: Callable[[], CacheUsage], limit: int | None, root: Path
+    ) -> Collector:
+        """Export the cache's size and its file system's space, read at scrape time."""
+        collector = _CacheCollector(usage, limit, root)
+        self.registry.register(collector)
+        return collector
 
     def upstream_request(self, upstream: str, kind: str, status: str, seconds: float) -> None:
         self.upstream_requests.labels(upstream, kind, status).inc()
@@ -215,3 +250,51 @@ def parse_rate_limit(value: str | None) -> tuple[int, int | None] | None:
         if key.strip() == "w" and val.isascii() and val.isdigit() and len(val) <= 12:
             window = int(val)
     return int(count), window
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    blobs: int
+    blob_bytes: int
+    manifests: int
+    tags: int
+
+
+class _CacheCollector(Collector):
+    def __init__(self, usage: Callable[[], CacheUsage], limit: int | None, root: Path) -> None:
+        self._usage = usage
+        self._limit = limit
+        self._root = root
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        usage = self._usage()
+        yield GaugeMetricFamily(
+            "mirror_cache_size_bytes", "Bytes of cached blobs.", value=usage.blob_bytes
+        )
+        entries = GaugeMetricFamily(
+            "mirror_cache_entries", "Cached entries, by kind.", labels=["kind"]
+        )
+        entries.add_metric(["blob"], usage.blobs)
+        entries.add_metric(["manifest"], usage.manifests)
+        entries.add_metric(["tag"], usage.tags)
+        yield entries
+        yield GaugeMetricFamily(
+            "mirror_cache_limit_bytes",
+            "The configured max_size (NaN: no cap).",
+            value=float("nan") if self._limit is None else self._limit,
+        )
+        # The disk itself: the cap is the mirror's own; this is what can really fill.
+        try:
+            st = os.statvfs(self._root)
+        except OSError:
+            return
+        yield GaugeMetricFamily(
+            "mirror_cache_filesystem_size_bytes",
+            "Size of the file system holding the cache.",
+            value=st.f_blocks * st.f_frsize,
+        )
+        yield GaugeMetricFamily(
+            "mirror_cache_filesystem_avail_bytes",
+            "Bytes available to the mirror on the cache's file system.",
+            value=st.f_bavail * st.f_frsize,
+        )

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from typing import Any, cast
 
 import diskcache
 
+from mirror.metrics import CacheUsage
 from mirror.reference import Digest
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,11 @@ class Storage:
         self._index: Any = diskcache.Cache(
             str(root / "index"), eviction_policy="none", size_limit=2**62
         )
+        # Running totals for the metrics collector, so a scrape never scans the index.
+        # Kept exact by every write below and reset by each full scan (which also
+        # absorbs changes made by another process, such as `mirror cache prune`).
+        self._usage_lock = threading.Lock()
+        self._usage = CacheUsage(0, 0, 0, 0)
 
     def close(self) -> None:
         self._index.close()
@@ -165,7 +172,26 @@ class Storage:
                 size, stored_at, atime = _blob_value(value)
                 blobs.append(BlobEntry(Digest.parse(key[5:]), size, stored_at, atime))
         tags = [(k, float(cast(tuple[str, str, float], v)[2])) for k, v in tag_values if v]
+        with self._usage_lock:
+            self._usage = CacheUsage(
+                len(blobs), sum(b.size for b in blobs), len(manifests), len(tags)
+            )
         return Scan(blobs, manifests, tags)
+
+    def usage(self) -> CacheUsage:
+        return self._usage
+
+    def _count(
+        self, blobs: int = 0, blob_bytes: int = 0, manifests: int = 0, tags: int = 0
+    ) -> None:
+        with self._usage_lock:
+            u = self._usage
+            self._usage = CacheUsage(
+                u.blobs + blobs,
+                u.blob_bytes + blob_bytes,
+                u.manifests + manifests,
+                u.tags + tags,
+            )
 
     def iter_blobs(self) -> Iterator[BlobEntry]:
         return iter(self.scan().blobs)
@@ -229,19 +255,26 @@ class Storage:
     def drop_blobs(self, digests: list[Digest]) -> None:
         """Index rows in one transaction, then the files. Open readers keep reading
         (POSIX unlink semantics)."""
+        dropped = freed = 0
         with self._index.transact():
             for digest in digests:
-                self._index.delete(f"blob/{digest}")
+                value = self._index.pop(f"blob/{digest}", None)
+                if value is not None:
+                    dropped += 1
+                    freed += _blob_value(value)[0]
+        self._count(blobs=-dropped, blob_bytes=-freed)
         for digest in digests:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
 
     def drop_manifest(self, digest: str) -> None:
-        self._index.delete(f"manifest/{digest}")
+        if self._index.delete(f"manifest/{digest}"):
+            self._count(manifests=-1)
         self._index.delete(f"atime/manifest/{digest}")
 
     def drop_key(self, key: str) -> None:
-        self._index.delete(key)
+        if self._index.delete(key) and key.startswith("tag/"):
+            self._count(tags=-1)
 
     # -- manifests --------------------------------------------------------------------
 
@@ -253,7 +286,9 @@ class Storage:
         return StoredManifest(str(digest), media_type, body)
 
     def put_manifest(self, manifest: StoredManifest) -> None:
-        self._index.set(f"manifest/{manifest.digest}", (manifest.media_type, manifest.body))
+        # Content by digest never changes: add() writes only if it is new.
+        if self._index.add(f"manifest/{manifest.digest}", (manifest.media_type, manifest.body)):
+            self._count(manifests=1)
         self._index.set(f"atime/manifest/{manifest.digest}", self._clock())
 
     # -- tags -------------------------------------------------------------------------
@@ -270,10 +305,11 @@ class Storage:
         return TagEntry(digest, media_type, stored_at)
 
     def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, entry: TagEntry) -> None:
-        self._index.set(
-            self._tag_key(upstream, repo, tag, accept_key),
-            (entry.digest, entry.media_type, entry.stored_at),
-        )
+        key = self._tag_key(upstream, repo, tag, accept_key)
+        new = key not in self._index
+        self._index.set(key, (entry.digest, entry.media_type, entry.stored_at))
+        if new:
+            self._count(tags=1)
 
     # -- blobs ------------------------------------------------------------------------
 
@@ -308,12 +344,16 @@ class Storage:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, final)
         now = self._clock()
+        key = f"blob/{digest}"
         try:
-            self._index.set(f"blob/{digest}", (size, now, now))
+            old = self._index.get(key)
+            self._index.set(key, (size, now, now))
         except BaseException:
             # An unindexed file would hold its space, unseen, until the next recovery.
             final.unlink(missing_ok=True)
             raise
+        if old is None:
+            self._count(blobs=1, blob_bytes=size)
         return final
 
 

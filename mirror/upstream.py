@@ -88,7 +88,9 @@ class Upstream:
         # Credentials go only to this origin: scheme included, so an https upstream's
         # token never follows a redirect to plain http on the same host.
         self.origin = (parts.scheme, parts.netloc)
-        self.docker_hub = urlsplit(self.url).hostname in DOCKER_HUB_HOSTS
+        # Docker Hub semantics (`alpine` -> `library/alpine`) follow the registry's
+        # name, wherever it is reached (a pull-through cache of Hub, a test registry).
+        self.docker_hub = self.name == "docker.io" or parts.hostname in DOCKER_HUB_HOSTS
         self._client = client
         self._metrics = metrics
         self._credentials = credentials
@@ -257,17 +259,20 @@ class Upstream:
             self._metrics.upstream_request(
                 self.name, "token", "error", time.perf_counter() - started
             )
+            self._metrics.token_fetches.labels(self.name, "error").inc()
             raise _transport_error(exc, "token service") from exc
         self._metrics.upstream_request(
             self.name, "token", str(resp.status_code), time.perf_counter() - started
         )
         if resp.status_code in (401, 403):
+            self._metrics.token_fetches.labels(self.name, "refused").inc()
             raise UpstreamError(
                 "UNAUTHORIZED",
                 "the upstream token service refused our credentials",
                 upstream_status=resp.status_code,
             )
         if resp.status_code != 200:
+            self._metrics.token_fetches.labels(self.name, "error").inc()
             raise UpstreamError(
                 "UNAVAILABLE",
                 f"token service answered {resp.status_code}",
@@ -280,7 +285,9 @@ class Upstream:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
+            self._metrics.token_fetches.labels(self.name, "error").inc()
             raise UpstreamError("UNAVAILABLE", "token service returned no token", status=502)
+        self._metrics.token_fetches.labels(self.name, "ok").inc()
         return token, data.get("expires_in")
 
     async def _send(

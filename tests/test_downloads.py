@@ -297,7 +297,8 @@ async def test_full_disk_download_stops_when_its_last_client_leaves(
             async for _ in r.aiter_raw():
                 break  # the only client hangs up after its first chunk
         fetched = -1.0
-        while fetched != (fetched := m.metric("mirror_upstream_bytes_total")):
+        host = url.removeprefix("http://")
+        while fetched != (fetched := m.metric("mirror_upstream_bytes_total", upstream=host)):
             await asyncio.sleep(0.5)  # until the download stops moving
         # Nobody is left to relay to, and nothing can be cached: the fetch stopped early.
         assert fetched < len(big) / 2
@@ -393,7 +394,8 @@ async def test_twenty_concurrent_cold_requests_one_upstream_get(
     assert digests == [digest] * 20
     assert upstream.count("GET", f"/blobs/{digest}") == 1
     assert m.metric("mirror_coalesced_requests_total", kind="blob") == 19
-    assert m.metric("mirror_upstream_bytes_total") == len(data)
+    upstream_name = url.removeprefix("http://")
+    assert m.metric("mirror_upstream_bytes_total", upstream=upstream_name) == len(data)
 
 
 async def test_first_client_leaving_does_not_hurt_the_others(

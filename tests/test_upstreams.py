@@ -215,3 +215,21 @@ async def test_token_hosts_allow_a_configured_realm(
         assert r.status_code == 200
         assert r.headers["docker-content-digest"] == digest
     assert len(b.token_requests) == 1
+
+
+async def test_library_prefix_follows_the_docker_io_name(
+    two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    a, url_a, b, url_b = two
+    a.add_manifest(OCI, _manifest("a"), tag="3")
+    b.add_manifest(OCI, _manifest("b"), tag="3")
+    upstreams = [{"name": "docker.io", "url": url_a}, {"name": "regb.test:5000", "url": url_b}]
+    async with (
+        mirror(None, upstreams=upstreams) as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        assert (await c.get("/v2/alpine/manifests/3")).status_code == 200
+        r = await c.get("/v2/alpine/manifests/3", params={"ns": "regb.test:5000"})
+        assert r.status_code == 200
+    assert {r.path for r in a.requests} == {"/v2/library/alpine/manifests/3"}
+    assert {r.path for r in b.requests} == {"/v2/alpine/manifests/3"}  # only Hub adds it
