@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mirror import logs
 from mirror.config import Settings, UpstreamSettings
 from mirror.downloads import Downloads
 from mirror.errors import AbortResponse, RegistryError
@@ -41,6 +42,7 @@ class Services:
     settings: Settings
     metrics: Metrics
     upstreams: Upstreams
+    storage: Storage
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> FastAPI:
@@ -108,7 +110,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             settings.default_upstream_name(),
             {c.path_prefix: c.name for c in configured if c.path_prefix},
         )
-        app.state.services = Services(settings, metrics, upstreams)
+        app.state.services = Services(settings, metrics, upstreams, storage)
         log.info(
             "mirror ready: upstreams %s (default %s), cache %s",
             ", ".join(f"{c.name}={c.base_url}" for c in configured),
@@ -137,7 +139,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
-    app.add_middleware(ObserveMiddleware, metrics=metrics)
+    app.add_middleware(ObserveMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
 
 
@@ -184,15 +186,18 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 class ObserveMiddleware:
-    """Counts and times every request by route template; marks /v2 responses.
+    """Counts, times and logs every request by route template; marks /v2 responses.
 
     Pure ASGI (not BaseHTTPMiddleware) so streamed blob bodies pass through
-    untouched. Handlers set `request.state.route`; unknown paths count as "other".
+    untouched. Handlers set `request.state.route` (unknown paths count as "other")
+    and fill in the request's `RequestLog`; one access-log line is written when the
+    response ends, and the request id goes back to the client as `X-Request-Id`.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -200,15 +205,33 @@ class ObserveMiddleware:
             return
         started = time.perf_counter()
         scope.setdefault("state", {})
-        status = 0
         is_v2 = scope["path"].startswith("/v2")
+        incoming = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                incoming = value.decode("latin-1")
+        target = scope["path"]
+        if query := scope.get("query_string", b""):
+            target += "?" + query.decode("latin-1")
+        record = logs.RequestLog(logs.request_id(incoming), scope["method"], target)
+        scope["state"]["log"] = record
+        token = logs.current.set(record)
 
         async def observed_send(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                record.status = message["status"]
+                headers = [
+                    *message.get("headers", []),
+                    (b"x-request-id", record.request_id.encode()),
+                ]
                 if is_v2:
-                    message["headers"] = [*message.get("headers", []), API_VERSION_HEADER]
+                    headers.append(API_VERSION_HEADER)
+                message["headers"] = headers
+                for key, value in headers:
+                    if key == b"x-cache":
+                        record.cache = value.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                record.bytes += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -217,8 +240,13 @@ class ObserveMiddleware:
             # Returning without completing the body makes uvicorn close the connection,
             # so the client sees a broken transfer, never a short "complete" one.
             log.warning("aborted %s %s: %s", scope["method"], scope["path"], exc)
-            status = status or 502
+            record.status = record.status or 502
         finally:
-            route = scope["state"].get("route", "other")
-            self.metrics.requests.labels(route, scope["method"], str(status or 500)).inc()
-            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+            logs.current.reset(token)
+            duration = time.perf_counter() - started
+            record.route = scope["state"].get("route", "other")
+            status = str(record.status or 500)
+            self.metrics.requests.labels(record.route, scope["method"], status).inc()
+            self.metrics.request_duration.labels(record.route).observe(duration)
+            if self.access_log:
+                logs.log_access(record, duration)

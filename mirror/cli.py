@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +45,7 @@ def serve(
     import uvicorn
 
     from mirror.app import create_app
+    from mirror.logs import configure as configure_logging
     from mirror.tuning import tune_malloc
 
     try:
@@ -54,11 +54,7 @@ def serve(
         )
     except (pydantic.ValidationError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every request at INFO: one line per blob chunk source is noise.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     tune_malloc()
     host, port = host_port(settings.listen)
     uvicorn.run(
@@ -66,7 +62,8 @@ def serve(
         host=host,
         port=port,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        log_config=None,  # ours (mirror.logs), text or JSON, for uvicorn's records too
+        access_log=False,  # the mirror writes its own, richer access log
         server_header=False,
         timeout_graceful_shutdown=10,
     )

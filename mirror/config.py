@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -241,7 +241,8 @@ class Settings(BaseSettings):
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # between two reads of a body, not for the whole body
     log_level: str = "info"
-    access_log: bool = True
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
+    access_log: bool = True  # one line per request (method, route, status, bytes, ...)
 
     @field_validator("max_size", mode="before")
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from typing import TYPE_CHECKING
 
@@ -9,6 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from mirror.errors import RegistryError
+from mirror.logs import RequestLog
 from mirror.mediatypes import AcceptSet
 from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
@@ -16,11 +19,24 @@ from mirror.responses import BlobResponse
 
 if TYPE_CHECKING:  # app imports this module
     from mirror.app import Services
+    from mirror.upstreams import Route
 
 router = APIRouter()
 
 READ_METHODS = ("GET", "HEAD")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def _record(request: Request) -> RequestLog | None:
+    record: RequestLog | None = getattr(request.state, "log", None)
+    return record
+
+
+def _route(request: Request, name: str) -> Route:
+    route = _services(request).upstreams.route(request.query_params.get("ns"), name)
+    if (record := _record(request)) is not None:
+        record.upstream = route.proxy.name
+    return route
 
 
 def _services(request: Request) -> Services:
@@ -33,6 +49,29 @@ def _services(request: Request) -> Services:
 async def base(request: Request) -> Response:
     request.state.route = "/v2/"
     return Response(b"{}", media_type="application/json")
+
+
+@router.api_route("/healthz", methods=["GET", "HEAD"])
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. Nothing else, so a slow disk or a down upstream
+    never gets a working mirror restarted."""
+    request.state.route = "/healthz"
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@router.api_route("/readyz", methods=["GET", "HEAD"])
+async def readyz(request: Request) -> Response:
+    """Readiness: settings loaded and the cache writable. Upstream trouble does not
+    count: a mirror that can serve from its cache (and stale tags) should get traffic."""
+    request.state.route = "/readyz"
+    services: Services | None = getattr(request.app.state, "services", None)
+    checks = {"settings": "ok" if services is not None else "not loaded"}
+    if services is not None:
+        problem = await asyncio.to_thread(services.storage.probe)
+        checks["cache"] = problem or "ok"
+    ready = all(v == "ok" for v in checks.values())
+    body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks})
+    return Response(body.encode(), status_code=200 if ready else 503, media_type="application/json")
 
 
 @router.get("/metrics")
@@ -51,6 +90,9 @@ async def registry(request: Request, rest: str) -> Response:
         )
     path = parse_path(rest)
     request.state.route = path.route
+    record = _record(request)
+    if record is not None:
+        record.repository, record.reference = path.name, path.reference
     head = request.method == "HEAD"
     if path.kind == "manifests":
         return await _manifest(request, path.name, Reference.parse(path.reference), head)
@@ -62,7 +104,7 @@ async def registry(request: Request, rest: str) -> Response:
 async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> Response:
     services = _services(request)
     accept = AcceptSet.from_headers(request.headers.getlist("accept"))
-    route = services.upstreams.route(request.query_params.get("ns"), name)
+    route = _route(request, name)
     manifest = await route.proxy.manifest(route.name, ref, accept)
     stored = manifest.stored
     etag = f'"{stored.digest}"'
@@ -82,7 +124,7 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
 async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Response:
     services = _services(request)
     spec = parse_range(request.headers.get("range"))
-    route = services.upstreams.route(request.query_params.get("ns"), name)
+    route = _route(request, name)
     blob = await route.proxy.blob(route.name, digest, spec, head=head)
     headers = {
         "Docker-Content-Digest": str(digest),
@@ -117,7 +159,7 @@ async def _tags(request: Request, name: str) -> Response:
     last = params.get("last")
     if last is not None and _LAST_RE.fullmatch(last) is None:
         validate_tag(last)  # raises TAG_INVALID with the offending value
-    route = _services(request).upstreams.route(params.get("ns"), name)
+    route = _route(request, name)
     body, link = await route.proxy.tags(route.name, n, last)
     headers = {"Link": link} if link else {}
     return Response(body, media_type="application/json", headers=headers)

@@ -335,6 +335,20 @@ class Storage:
             return None
         return fd, size
 
+    def probe(self) -> str | None:
+        """None if the cache can take a write right now; else why not (for /readyz)."""
+        path = self.tmp_dir / f".probe-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"\0")
+            finally:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            return f"not writable: {exc.strerror or exc}"
+        return None
+
     def temp_path(self) -> Path:
         return self.tmp_dir / uuid.uuid4().hex
 

@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from mirror import logs
 from mirror.auth import Challenge, TokenCache, parse_www_authenticate
 from mirror.domains import registrable_domain
 from mirror.errors import UpstreamError
@@ -295,6 +296,9 @@ class Upstream:
     ) -> httpx.Response:
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = dict(headers)
+            record = logs.current.get()
+            if record is not None:  # lets the upstream's logs be matched to ours
+                hdrs["X-Request-Id"] = record.request_id
             # Credentials go only to the upstream itself: a redirect to a CDN or any
             # other host gets no Authorization header (it carries its own signature).
             if auth is not None and _origin(url) == self.origin:
@@ -313,6 +317,8 @@ class Upstream:
                 self.name, kind, str(resp.status_code), time.perf_counter() - started
             )
             self._metrics.rate_limit(self.name, resp.headers)
+            if record is not None:
+                record.upstream_status = resp.status_code
             location = resp.headers.get("location")
             if resp.status_code not in _REDIRECTS or not location:
                 return resp

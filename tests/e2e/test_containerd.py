@@ -4,7 +4,6 @@ pulls through the real `mirror serve` process from the real Distribution registr
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,24 +20,24 @@ pytestmark = pytest.mark.e2e
 # to the `server`, the pull would fail instead of reaching Docker Hub.
 UNREACHABLE = "http://127.0.0.1:9"
 
-# Uvicorn's access log: `INFO:     127.0.0.1:PORT - "GET /v2/... HTTP/1.1" 200 OK`.
-# It prints the path percent-quoted (`sha256%3A...`) and the query string as sent.
-_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
 _HARNESS_PATHS = ("/v2/", "/metrics")  # MirrorProcess's readiness probe and metric()
 
 
 def _mirror_requests(
     mirror: MirrorProcess, expected: list[tuple[str, str, int]], timeout: float = 5.0
 ) -> list[tuple[str, str, int]]:
-    """(method, target, status) of the clients' requests in the mirror's access log,
-    once it holds all of `expected` (uvicorn logs a request after its response)."""
+    """(method, target, status) of the clients' requests in the mirror's JSON access
+    log, once it holds all of `expected` (a line is written when its response ends)."""
     deadline = time.monotonic() + timeout
     while True:
         found = []
         for line in mirror.log().splitlines():
-            match = _ACCESS.search(line)
-            if match and match["target"] not in _HARNESS_PATHS:
-                found.append((match["method"], match["target"], int(match["status"])))
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("logger") == "mirror.access" and entry["path"] not in _HARNESS_PATHS:
+                found.append((entry["method"], entry["path"], entry["status"]))
         if all(e in found for e in expected) or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
@@ -60,7 +59,7 @@ def test_containerd_pulls_docker_hub_image_through_the_mirror(
     real_upstream.registry.clear_log()
     # The mirror stands in for docker.io, which here is the real registry on loopback.
     upstreams = json.dumps([{"name": "docker.io", "url": real_upstream.registry.url}])
-    env = {"MIRROR_UPSTREAMS": upstreams}
+    env = {"MIRROR_UPSTREAMS": upstreams, "MIRROR_LOG_FORMAT": "json"}
     with MirrorProcess(tmp_path / "mirror", None, env=env) as mirror:
         write_hosts_toml(hosts_dir, "docker.io", mirror.url, server=UNREACHABLE)
 
@@ -78,11 +77,10 @@ def test_containerd_pulls_docker_hub_image_through_the_mirror(
 
         # Every request containerd made went to the mirror, tagged with the registry
         # it stands in for (`?ns=docker.io`), and the mirror answered it.
-        # The access log quotes the path: `sha256:` shows as `sha256%3A`.
         prefix = f"/v2/{image.repo}/"
         expected = [("HEAD", f"{prefix}manifests/{image.tag}?ns=docker.io", 200)]
         expected += [
-            ("GET", f"{prefix}{kind}/{digest.replace(':', '%3A')}?ns=docker.io", 200)
+            ("GET", f"{prefix}{kind}/{digest}?ns=docker.io", 200)
             for kind, digests in (("manifests", [image.digest]), ("blobs", image.layer_digests))
             for digest in digests
         ]
@@ -129,7 +127,11 @@ def test_containerd_pulls_a_non_docker_hub_registry_through_the_mirror(
             "password_env": "TEST_B_PASSWORD",
         },
     ]
-    env = {"MIRROR_UPSTREAMS": json.dumps(upstreams), "TEST_B_PASSWORD": SecondUpstream.CREDS[1]}
+    env = {
+        "MIRROR_UPSTREAMS": json.dumps(upstreams),
+        "TEST_B_PASSWORD": SecondUpstream.CREDS[1],
+        "MIRROR_LOG_FORMAT": "json",
+    }
     second_upstream.registry.clear_log()
     second_upstream.tokens.clear()
     with MirrorProcess(tmp_path / "mirror", None, env=env) as mirror:
