@@ -200,6 +200,9 @@ class Metrics:
         """Initialise an upstream's label values, so its panels start at zero."""
         for kind in UPSTREAM_KINDS:
             self.upstream_duration.labels(upstream, kind)
+            # Transport failures have a fixed status value: the error panels and alerts
+            # then read 0, not "no data", while all is well.
+            self.upstream_requests.labels(upstream, kind, "error")
         self.upstream_bytes.labels(upstream)
         for result in ("ok", "refused", "error"):
             self.token_fetches.labels(upstream, result)
