@@ -92,6 +92,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 name=config.name,
                 credentials=credentials,
                 token_hosts=tuple(config.token_hosts),
+                other_upstreams=tuple(
+                    c.base_url for c in configured if c.base_url != config.base_url
+                ),
             )
             metrics.add_upstream(config.name)
             proxies[config.name] = Proxy(
@@ -100,7 +103,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 downloads,
                 metrics,
                 freshness=config.freshness(freshness),
-                policy=RepoPolicy(tuple(config.allow), tuple(config.deny)),
+                policy=RepoPolicy(config.patterns(config.allow), config.patterns(config.deny)),
                 manifest_max_bytes=settings.manifest_max_bytes,
                 touch=evictor.touch,
                 clock=clock,
@@ -109,6 +112,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             proxies,
             settings.default_upstream_name(),
             {c.path_prefix: c.name for c in configured if c.path_prefix},
+            {alias: c.name for c in configured for alias in c.aliases},
         )
         app.state.services = Services(settings, metrics, upstreams, storage)
         log.info(
@@ -181,7 +185,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    log.exception("unexpected error on %s %s", request.method, logs.printable(request.url.path))
     return error_response(RegistryError("UNKNOWN", "internal error"))
 
 
@@ -213,6 +217,7 @@ class ObserveMiddleware:
         target = scope["path"]
         if query := scope.get("query_string", b""):
             target += "?" + query.decode("latin-1")
+        target = logs.printable(target)  # a decoded %0A must not split a log line
         record = logs.RequestLog(logs.request_id(incoming), scope["method"], target)
         scope["state"]["log"] = record
         token = logs.current.set(record)
@@ -239,7 +244,7 @@ class ObserveMiddleware:
         except AbortResponse as exc:
             # Returning without completing the body makes uvicorn close the connection,
             # so the client sees a broken transfer, never a short "complete" one.
-            log.warning("aborted %s %s: %s", scope["method"], scope["path"], exc)
+            log.warning("aborted %s %s: %s", scope["method"], record.path, exc)
             record.status = record.status or 502
         finally:
             logs.current.reset(token)

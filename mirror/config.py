@@ -91,13 +91,14 @@ class TTLRuleSetting(BaseModel):
 
 
 _REGISTRY_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
-_URL_RE = re.compile(r"https?://[^/\s]+/?")
+_URL_RE = re.compile(r"https?://[^/\s@]+/?")
 
 
 def _url(value: str) -> str:
     if not _URL_RE.fullmatch(value):
         raise ValueError(
-            f"{value!r}: an upstream URL is http(s)://host[:port], e.g. https://ghcr.io"
+            "an upstream URL is http(s)://host[:port], without a path or credentials "
+            "(e.g. https://ghcr.io; credentials go in username/password)"
         )
     return value.rstrip("/")
 
@@ -114,6 +115,9 @@ class UpstreamSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    # Other names clients use for this registry (what containerd sends as `ns`), e.g.
+    # docker.io for a registry that is a pull-through cache of Docker Hub.
+    aliases: list[str] = Field(default_factory=list)
     # Default: https://<name>; docker.io -> https://registry-1.docker.io.
     url: str | None = None
     # Credentials: the password (a token for ghcr.io, quay.io robots, ...) inline in the
@@ -139,13 +143,34 @@ class UpstreamSettings(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, value: str) -> str:
+    def _name_field(cls, value: str) -> str:
+        return cls._name(value)
+
+    @staticmethod
+    def _name(value: str) -> str:
         value = value.strip().lower()
         if value in DOCKER_HUB_ALIASES:
             return DOCKER_HUB
         if not _REGISTRY_NAME_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a registry host name (e.g. ghcr.io, host:5000)")
         return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, values: list[str]) -> list[str]:
+        return [cls._name(v) for v in values]
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        for pattern in values:
+            first = pattern.split("/", 1)[0]
+            if pattern != pattern.lower() or "." in first or ":" in first:
+                raise ValueError(
+                    f"repository pattern {pattern!r} can never match: patterns are lower "
+                    "case repository names without the registry (e.g. myorg/*)"
+                )
+        return values
 
     @field_validator("url")
     @classmethod
@@ -204,6 +229,13 @@ class UpstreamSettings(BaseModel):
                 )
             return value
         return None
+
+    def patterns(self, patterns: list[str]) -> tuple[str, ...]:
+        """Patterns as the upstream names repositories: on Docker Hub `alpine` is
+        `library/alpine`, so a pattern written the way clients write names matches."""
+        if self.name != DOCKER_HUB:
+            return tuple(patterns)
+        return tuple(p if "/" in p else f"library/{p}" for p in patterns)
 
     def freshness(self, default: Freshness) -> Freshness:
         rules = default.rules
@@ -271,9 +303,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 "give either `upstream` (with upstream_username/password) or `upstreams`, not both"
             )
-        names = [u.name for u in self.upstreams]
+        names = [n for u in self.upstreams for n in (u.name, *u.aliases)]
         if len(set(names)) != len(names):
-            raise ValueError(f"upstream names must be unique: {names}")
+            raise ValueError(f"upstream names and aliases must be unique: {names}")
         prefixes = [u.path_prefix for u in self.upstreams if u.path_prefix]
         if len(set(prefixes)) != len(prefixes):
             raise ValueError(f"upstream path prefixes must be unique: {prefixes}")
@@ -290,9 +322,14 @@ class Settings(BaseSettings):
         if self.upstreams:
             return list(self.upstreams)
         url = self.upstream or DEFAULT_UPSTREAM
+        name = registry_name_of(url)
         return [
             UpstreamSettings(
-                name=registry_name_of(url),
+                name=name,
+                # The one upstream is what Docker-style set-ups mean by "the mirror's
+                # upstream": it also answers containerd's ns=docker.io (e.g. a Harbor
+                # or mirror.gcr.io cache of Docker Hub).
+                aliases=[] if name == DOCKER_HUB else [DOCKER_HUB],
                 url=url,
                 username=self.upstream_username,
                 password=self.upstream_password,

@@ -333,9 +333,12 @@ class Downloads:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get_or_start(self, upstream: Upstream, repo: str, digest: Digest) -> BlobDownload:
-        """The download of `digest` in flight, from any upstream (the digest makes the
-        bytes the same), or a new one from `upstream`."""
-        key = str(digest)
+        """The download of `digest` from `upstream` in flight, or a new one.
+
+        Per upstream: one registry's failure (or wrong bytes) must never break pulls
+        through another. Committed blobs are shared across upstreams all the same.
+        """
+        key = _key(upstream.name, digest)
         download = self._active.get(key)
         if download is not None:
             self._metrics.coalesced.labels("blob").inc()
@@ -357,8 +360,8 @@ class Downloads:
             task.add_done_callback(self._tasks.discard)
         return download
 
-    def active(self, digest: Digest) -> BlobDownload | None:
-        return self._active.get(str(digest))
+    def active(self, upstream: Upstream, digest: Digest) -> BlobDownload | None:
+        return self._active.get(_key(upstream.name, digest))
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -385,8 +388,9 @@ class Downloads:
 
     def _forget(self, dl: BlobDownload) -> None:
         """Drop `dl` from the table, but never a newer download of the same digest."""
-        if self._active.get(str(dl.digest)) is dl:
-            del self._active[str(dl.digest)]
+        key = _key(dl.source[0], dl.digest)
+        if self._active.get(key) is dl:
+            del self._active[key]
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -532,6 +536,10 @@ class Downloads:
             ):
                 await resp.aclose()
                 raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)
+
+
+def _key(upstream: str, digest: Digest) -> str:
+    return f"{upstream}/{digest}"
 
 
 def _unlink(path: Path) -> None:

@@ -60,6 +60,14 @@ class RequestLog:
 current: ContextVar[RequestLog | None] = ContextVar("mirror_request", default=None)
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """Control characters percent-encoded: one request is one log line, always."""
+    return _CONTROL_RE.sub(lambda m: f"%{ord(m.group()):02X}", text)
+
+
 def request_id(header: str | None) -> str:
     if header and _REQUEST_ID_RE.fullmatch(header):
         return header

@@ -259,7 +259,7 @@ class Proxy:
             start, end = (rng.start, rng.end) if rng else (0, size)
             return Blob(size, rng, fd, read_file(fd, start, end), "cache")
         self._metrics.cache.labels("blob", "miss").inc()
-        if head and self._downloads.active(digest) is None:
+        if head and self._downloads.active(self._upstream, digest) is None:
             # A HEAD must not start a multi-GB download: ask upstream for the size only.
             return await self._head_upstream(repo, digest, spec)
         dl, dl_fd, cursor = await self._attach(repo, digest)

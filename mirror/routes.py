@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -48,6 +49,10 @@ def _services(request: Request) -> Services:
 @router.api_route("/v2", methods=["GET", "HEAD"], include_in_schema=False)
 async def base(request: Request) -> Response:
     request.state.route = "/v2/"
+    if "ns" in request.query_params and hasattr(request.app.state, "services"):
+        # A client configured for a registry this mirror does not serve learns it at
+        # its first request (403), like it would on any other endpoint.
+        _services(request).upstreams.route(request.query_params["ns"], "probe")
     return Response(b"{}", media_type="application/json")
 
 
@@ -161,5 +166,24 @@ async def _tags(request: Request, name: str) -> Response:
         validate_tag(last)  # raises TAG_INVALID with the offending value
     route = _route(request, name)
     body, link = await route.proxy.tags(route.name, n, last)
-    headers = {"Link": link} if link else {}
+    headers = {}
+    if link and (next_page := _next_page(link, route.prefix + route.name, params.get("ns"))):
+        headers["Link"] = next_page
     return Response(body, media_type="application/json", headers=headers)
+
+
+def _next_page(link: str, name: str, ns: str | None) -> str | None:
+    """The upstream's `Link: <...?last=x&n=y>; rel="next"`, pointed back at this mirror.
+
+    Only `n` and `last` are taken from it: the path is the client's own (with its
+    prefix) and `ns` is carried over, so following the link reaches the same upstream
+    through the mirror, never the upstream directly or the default registry.
+    """
+    target, sep, rest = link.partition(">")
+    if not sep or 'rel="next"' not in rest.replace(" ", ""):
+        return None
+    query = parse_qs(urlsplit(target.strip().lstrip("<")).query)
+    params = {k: query[k][0] for k in ("n", "last") if query.get(k)}
+    if ns is not None:
+        params["ns"] = ns
+    return f'</v2/{name}/tags/list?{urlencode(params)}>; rel="next"'

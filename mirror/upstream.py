@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+# Registry platforms where one registrable domain holds many customers' registries:
+# a token realm there must be on the registry's own host (or in token_hosts).
+MULTI_TENANT_DOMAINS = (
+    "amazonaws.com",
+    "azurecr.io",
+    "jfrog.io",
+    "pkg.dev",
+    "ocir.io",
+    "gitlab.io",
+    "herokuapp.com",
+)
 
 
 def make_client(
@@ -79,6 +90,7 @@ class Upstream:
         name: str | None = None,
         credentials: Credentials | None = None,
         token_hosts: tuple[str, ...] = (),
+        other_upstreams: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
@@ -86,6 +98,12 @@ class Upstream:
         self.host = parts.netloc
         self.name = name or parts.netloc  # as clients call it: docker.io, ghcr.io
         self._token_hosts = frozenset(h.lower() for h in token_hosts)
+        # The other upstreams' origins: a realm there is refused (credential isolation).
+        self._foreign_origins = frozenset(
+            (p.scheme, (p.hostname or "").lower(), _port(p))
+            for p in map(urlsplit, other_upstreams)
+            if urlsplit(url) != p
+        )
         # Credentials go only to this origin: scheme included, so an https upstream's
         # token never follows a redirect to plain http on the same host.
         self.origin = (parts.scheme, parts.netloc)
@@ -221,19 +239,34 @@ class Upstream:
         return "Basic " + base64.b64encode(pair).decode()
 
     def _realm_allowed(self, realm: str) -> bool:
-        """The upstream's own host, its registrable domain (registry-1.docker.io ->
-        auth.docker.io), or a host configured in `token_hosts`."""
+        """The upstream's own host (a token service on another port of it, as
+        Distribution and Harbor set-ups often have), its registrable domain over https
+        on the default port (registry-1.docker.io -> auth.docker.io), or a host in
+        `token_hosts`. Never another configured upstream's origin (its credentials
+        would reach that registry), never plain http for an https upstream."""
         parts = urlsplit(realm)
         host = (parts.hostname or "").lower()
-        own = (urlsplit(self.url).hostname or "").lower()
         if parts.scheme not in ("http", "https") or not host:
             return False
-        if host == own or host in self._token_hosts or parts.netloc.lower() in self._token_hosts:
+        if (parts.scheme, host, _port(parts)) in self._foreign_origins:
+            return False
+        if self.origin[0] == "https" and parts.scheme != "https":
+            return False  # a token fetched in clear text could be swapped on the way
+        if host in self._token_hosts or parts.netloc.lower() in self._token_hosts:
             return True
-        if _is_ip(host) or _is_ip(own):
+        own = urlsplit(self.url)
+        if host == (own.hostname or "").lower():
+            return True
+        if parts.scheme != "https" or parts.port not in (None, 443):
+            return False
+        if _is_ip(host) or _is_ip(own.hostname or ""):
             return False  # addresses have no registrable domain to share
-        domain = registrable_domain(own)
-        return domain is not None and domain == registrable_domain(host)
+        domain = registrable_domain(own.hostname or "")
+        if domain is None or domain != registrable_domain(host):
+            return False
+        # On shared registry platforms the registrable domain is everybody's
+        # (attacker.azurecr.io, another account's ECR): only the registry's own host.
+        return not domain.endswith(MULTI_TENANT_DOMAINS)
 
     def _may_send_credentials(self, realm: str) -> bool:
         """Basic credentials go to a token realm on the upstream's own host, or over
@@ -327,6 +360,10 @@ class Upstream:
             if resp.status_code == 303:
                 method = "GET"
         raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
+
+
+def _port(parts: SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _is_ip(host: str) -> bool:

@@ -19,13 +19,22 @@ from mirror.proxy import Proxy
 class Route:
     proxy: Proxy
     name: str  # the repository name as that upstream's clients write it
+    prefix: str  # the path prefix the client used ("ghcr/"), or ""
 
 
 class Upstreams:
-    def __init__(self, proxies: dict[str, Proxy], default: str, prefixes: dict[str, str]) -> None:
+    def __init__(
+        self,
+        proxies: dict[str, Proxy],
+        default: str,
+        prefixes: dict[str, str],
+        aliases: dict[str, str] | None = None,
+    ) -> None:
         self._proxies = proxies
         self._default = proxies[default]
         self._prefixes = {prefix: proxies[name] for prefix, name in prefixes.items()}
+        # Every name a client may send as ns: the upstreams' names and their aliases.
+        self._by_ns = dict(proxies) | {a: proxies[n] for a, n in (aliases or {}).items()}
 
     @property
     def names(self) -> list[str]:
@@ -36,18 +45,18 @@ class Upstreams:
             key = ns.strip().lower()
             if key in DOCKER_HUB_ALIASES:
                 key = DOCKER_HUB
-            proxy = self._proxies.get(key)
+            proxy = self._by_ns.get(key)
             if proxy is None:
                 raise RegistryError(
                     "DENIED",
                     "this mirror does not serve that registry",
                     detail={"ns": ns[:255], "configured": sorted(self._proxies)},
                 )
-            return Route(proxy, name)
+            return Route(proxy, name, "")
         first, sep, rest = name.partition("/")
         if sep and first in self._prefixes:
-            return Route(self._prefixes[first], rest)
-        return Route(self._default, name)
+            return Route(self._prefixes[first], rest, first + "/")
+        return Route(self._default, name, "")
 
     async def aclose(self) -> None:
         for proxy in self._proxies.values():

@@ -139,3 +139,15 @@ async def test_health_and_readiness(mirror: MirrorFactory, tmp_path: Path) -> No
         assert (
             m.metric("mirror_http_requests_total", route="/readyz", method="GET", status="503") == 1
         )
+
+
+async def test_a_request_is_one_log_line_whatever_its_path(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, url = fake
+    caplog.set_level(logging.INFO, logger="mirror.access")
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        await c.get("/v2/x%0A2026-01-01 INFO mirror.access: GET /v2/forged 200/manifests/1")
+    [record] = [r for r in caplog.records if r.name == "mirror.access"]
+    assert "\n" not in record.getMessage()
+    assert "%0A" in record.getMessage()

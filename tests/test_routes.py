@@ -271,7 +271,7 @@ async def test_tags_list_forwards_pagination_and_link(
         bad = await c.get("/v2/team/app/tags/list", params={"last": "../x"})
     assert r.status_code == 200
     assert r.json() == {"name": "team/app", "tags": ["a", "b"]}
-    assert r.headers["link"] == '</v2/team/app/tags/list?last=b&n=2>; rel="next"'
+    assert r.headers["link"] == '</v2/team/app/tags/list?n=2&last=b>; rel="next"'
     assert upstream.requests[-1].query == "n=2&last=a"
     assert bad.status_code == 400
     assert bad.json()["errors"][0]["code"] == "TAG_INVALID"

@@ -48,7 +48,8 @@ async def test_failing_spilled_download_does_not_evict_its_successor_from_the_ta
     upstream.faults[digest] = Fault(chunk=256 * 1024, delay=0.05)  # ~1.6 s per body
     _disk_full(monkeypatch, 0)
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
-        downloads = m.app.state.services.upstreams.route(None, "a").proxy._downloads
+        proxy = m.app.state.services.upstreams.route(None, "a").proxy
+        downloads = proxy._downloads
         a = c.stream("GET", f"/v2/a/blobs/{digest}")
         ra = await a.__aenter__()
         it = ra.aiter_raw()
@@ -56,15 +57,17 @@ async def test_failing_spilled_download_does_not_evict_its_successor_from_the_ta
         monkeypatch.undo()  # space is back
         b = asyncio.create_task(c.get(f"/v2/a/blobs/{digest}"))  # B: a fresh download
         for _ in range(100):
-            if downloads.active(digest) is not None:
+            if downloads.active(proxy._upstream, digest) is not None:
                 break
             await asyncio.sleep(0.01)
-        b_dl = downloads.active(digest)
+        b_dl = downloads.active(proxy._upstream, digest)
         assert b_dl is not None and not b_dl.spilled
         await a.__aexit__(None, None, None)  # A's only client leaves: A is Abandoned
         await asyncio.sleep(0.5)
         assert b_dl.state == "streaming"
-        assert downloads.active(digest) is b_dl, "A's failure removed B from the table"
+        assert downloads.active(proxy._upstream, digest) is b_dl, (
+            "A's failure removed B from the table"
+        )
         # B is still running and must still be the shared download for this digest.
         assert b_dl.state == "streaming"
         c_resp = await c.get(f"/v2/a/blobs/{digest}")  # C should join B

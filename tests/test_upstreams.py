@@ -6,9 +6,11 @@ scenarios run against two real Distribution registries in tests/e2e/test_multi.p
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -233,3 +235,150 @@ async def test_library_prefix_follows_the_docker_io_name(
         assert r.status_code == 200
     assert {r.path for r in a.requests} == {"/v2/library/alpine/manifests/3"}
     assert {r.path for r in b.requests} == {"/v2/alpine/manifests/3"}  # only Hub adds it
+
+
+async def test_realm_on_another_port_of_the_same_host_gets_no_credentials(
+    two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    a, url_a, b, url_b = two
+    b.add_manifest(OCI, _manifest("b"), tag="1")
+    b.realm = f"{url_a}/token"  # B (or whoever answers for it) names A's server
+    async with (
+        mirror(None, **_upstreams(url_a, url_b)) as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        r = await c.get("/v2/team/app/manifests/1", params={"ns": "regb.test:5000"})
+        assert r.status_code == 502
+    assert a.token_requests == []  # bob's password never reached A
+
+
+@pytest.mark.parametrize(
+    ("upstream", "realm", "allowed"),
+    [
+        ("https://registry-1.docker.io", "https://auth.docker.io/token", True),
+        ("https://ghcr.io", "https://ghcr.io/token", True),
+        ("https://registry.example.com:5000", "https://registry.example.com:5000/t", True),
+        ("https://registry.example.com", "https://auth.example.com/token", True),
+        ("https://registry.example.com", "https://auth.example.com:8443/token", False),
+        ("https://myreg.azurecr.io", "https://attacker.azurecr.io/oauth2/token", False),
+        (
+            "https://111111111111.dkr.ecr.us-east-1.amazonaws.com",
+            "https://999999999999.dkr.ecr.us-east-1.amazonaws.com/t",
+            False,
+        ),
+        ("https://corp.jfrog.io", "https://evil.jfrog.io/token", False),
+        ("https://ghcr.io", "http://ghcr.io/token", False),  # no downgrade to http
+        ("http://[::1]:5000", "http://[::1]:6000/token", True),  # its host, another port
+        ("https://a.co.uk", "https://b.co.uk/token", False),  # only a public suffix shared
+    ],
+)
+def test_token_realm_rules(upstream: str, realm: str, allowed: bool) -> None:
+    from mirror.metrics import Metrics
+    from mirror.upstream import Upstream
+
+    up = Upstream(upstream, httpx.AsyncClient(), Metrics())
+    assert up._realm_allowed(realm) is allowed
+
+
+def test_another_upstreams_origin_is_never_a_realm() -> None:
+    from mirror.metrics import Metrics
+    from mirror.upstream import Upstream
+
+    other = "http://127.0.0.1:6000"
+    up = Upstream("http://127.0.0.1:5000", httpx.AsyncClient(), Metrics(), other_upstreams=(other,))
+    assert not up._realm_allowed(f"{other}/token")
+    assert up._realm_allowed("http://127.0.0.1:7000/token")  # its own host
+
+
+async def test_tags_list_next_page_stays_with_the_same_upstream(
+    two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    a, url_a, _b, url_b = two
+    async with (
+        mirror(None, **_upstreams(url_a, url_b, path_prefix="regb")) as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        by_ns = await c.get("/v2/team/app/tags/list", params={"ns": "regb.test:5000", "n": 2})
+        link = by_ns.headers["link"]
+        assert link == '</v2/team/app/tags/list?n=2&last=b&ns=regb.test%3A5000>; rel="next"'
+        assert (await c.get(link.split(";")[0].strip("<>"))).status_code == 200
+        by_prefix = await c.get("/v2/regb/team/app/tags/list", params={"n": 2})
+        assert by_prefix.headers["link"].startswith("</v2/regb/team/app/tags/list?")
+    assert not [r for r in a.requests if r.path.endswith("/tags/list")]
+
+
+async def test_base_endpoint_refuses_an_unknown_ns(
+    two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    _a, url_a, _b, url_b = two
+    async with (
+        mirror(None, **_upstreams(url_a, url_b)) as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        assert (await c.get("/v2/", params={"ns": "evil.example"})).status_code == 403
+        assert (await c.get("/v2/", params={"ns": "regb.test:5000"})).status_code == 200
+        assert (await c.get("/v2/")).status_code == 200
+
+
+async def test_single_upstream_shorthand_answers_containerds_docker_io(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    upstream.add_manifest(OCI, _manifest("x"), tag="1")
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get("/v2/library/alpine/manifests/1", params={"ns": "docker.io"})
+        assert r.status_code == 200
+        assert (await c.get("/v2/x/manifests/1", params={"ns": "ghcr.io"})).status_code == 403
+
+
+async def test_deny_patterns_match_names_as_clients_write_them(
+    two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    a, url_a, _b, _url_b = two
+    a.add_manifest(OCI, _manifest("a"), tag="1")
+    upstreams = [{"name": "docker.io", "url": url_a, "deny": ["alpine"]}]
+    async with mirror(None, upstreams=upstreams) as m, httpx.AsyncClient(base_url=m.url) as c:
+        assert (await c.get("/v2/alpine/manifests/1")).status_code == 403
+        assert (await c.get("/v2/library/alpine/manifests/1")).status_code == 403
+        assert (await c.get("/v2/library/busybox/manifests/1")).status_code == 200
+
+
+async def test_one_upstreams_failure_never_breaks_another_upstreams_pull(
+    two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    from fakes.upstream import Fault
+
+    a, url_a, b, url_b = two
+    blob = os.urandom(256 * 1024)
+    digest = a.add_blob(blob)
+    b.add_blob(blob)
+    a.faults[digest] = Fault(wrong_bytes=True, delay=0.15)  # slow, then wrong
+    async with (
+        mirror(None, **_upstreams(url_a, url_b)) as m,
+        httpx.AsyncClient(base_url=m.url, timeout=10) as c,
+    ):
+
+        async def via_a() -> httpx.Response | Exception:
+            try:
+                return await c.get(f"/v2/x/blobs/{digest}", params={"ns": "rega.test"})
+            except httpx.HTTPError as exc:
+                return exc
+
+        broken = asyncio.create_task(via_a())
+        await asyncio.sleep(0.2)  # A's download is under way
+        rb = await c.get(f"/v2/y/blobs/{digest}", params={"ns": "regb.test:5000"})
+        assert isinstance(await broken, httpx.RemoteProtocolError)
+    assert rb.status_code == 200 and rb.content == blob
+
+
+def test_bad_patterns_and_urls_with_credentials_are_refused() -> None:
+    from pydantic import ValidationError
+
+    from mirror.config import Settings
+
+    with pytest.raises(ValidationError, match="without a path or credentials"):
+        Settings(upstreams=[{"name": "ghcr.io", "url": "https://bot:ghp_SECRET@ghcr.io"}])
+    with pytest.raises(ValidationError, match="can never match"):
+        Settings(upstreams=[{"name": "ghcr.io", "allow": ["MyOrg/*"]}])
+    with pytest.raises(ValidationError, match="can never match"):
+        Settings(upstreams=[{"name": "ghcr.io", "deny": ["ghcr.io/myorg/*"]}])
