@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pydantic
 
-from mirror.config import host_port, load_settings
+from mirror.config import load_settings
 from mirror.storage import Storage
 
 
@@ -42,10 +42,9 @@ def serve(
     log_level: str | None,
 ) -> None:
     """Run the mirror. Credentials: MIRROR_UPSTREAM_USERNAME / MIRROR_UPSTREAM_PASSWORD."""
-    import uvicorn
-
     from mirror.app import create_app
     from mirror.logs import configure as configure_logging
+    from mirror.server import serve_app
     from mirror.tuning import tune_malloc
 
     try:
@@ -56,17 +55,7 @@ def serve(
         raise click.UsageError(str(exc)) from exc
     configure_logging(settings.log_level, settings.log_format)
     tune_malloc()
-    host, port = host_port(settings.listen)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=settings.log_level,
-        log_config=None,  # ours (mirror.logs), text or JSON, for uvicorn's records too
-        access_log=False,  # the mirror writes its own, richer access log
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+    serve_app(create_app(settings), settings)
 
 
 @main.group()
@@ -218,3 +207,44 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
             )
     if failed:
         raise SystemExit(1)
+
+
+@main.command("containerd-hosts")
+@_config_option
+@click.option(
+    "--mirror-url",
+    required=True,
+    help="The mirror as containerd reaches it, e.g. http://10.0.0.7:5000.",
+)
+@click.option(
+    "--dir",
+    "hosts_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("/etc/containerd/certs.d"),
+    show_default=True,
+    help="containerd's config_path (hosts directory).",
+)
+@click.option(
+    "--default/--no-default",
+    "write_default",
+    default=False,
+    help="Also write _default/hosts.toml: every other registry tries the mirror first.",
+)
+def containerd_hosts(
+    config_file: Path | None, mirror_url: str, hosts_dir: Path, write_default: bool
+) -> None:
+    """Write containerd hosts.toml files sending pulls of every configured upstream
+    to the mirror (with the upstream itself as fallback). For a node-local DaemonSet's
+    init container: the same settings as the mirror, so the two never disagree."""
+    from mirror.hosts import write_hosts
+
+    try:
+        settings = load_settings(config_file)
+    except (pydantic.ValidationError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        written = write_hosts(hosts_dir, mirror_url, settings.resolved_upstreams(), write_default)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    for path in written:
+        click.echo(f"wrote {path}")

@@ -270,6 +270,9 @@ class Settings(BaseSettings):
     eviction_interval: float = Field(default=60.0, description="Seconds between rounds")
     manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
     resume_attempts: int = Field(default=3, ge=0, le=100)
+    # On SIGTERM, responses in flight get this long to finish (keep it below the
+    # orchestrator's grace period: Kubernetes' default is 30 s).
+    shutdown_timeout: float = Field(default=25.0, ge=0)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # between two reads of a body, not for the whole body
     log_level: str = "info"
@@ -281,7 +284,14 @@ class Settings(BaseSettings):
     def _size(cls, value: Any) -> int | None:
         return parse_size(value)
 
-    @field_validator("tag_ttl", "max_stale", "content_ttl", "eviction_interval", mode="before")
+    @field_validator(
+        "tag_ttl",
+        "max_stale",
+        "content_ttl",
+        "eviction_interval",
+        "shutdown_timeout",
+        mode="before",
+    )
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)

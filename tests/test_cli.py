@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,60 @@ def test_parse_image(image: str, expected: tuple[str | None, str, str]) -> None:
     from mirror.warm import parse_image
 
     assert parse_image(image) == expected
+
+
+def test_containerd_hosts_writes_one_file_per_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tomllib
+
+    for key in list(os.environ):
+        if key.startswith("MIRROR_"):
+            monkeypatch.delenv(key)
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        "upstreams:\n"
+        "  - {name: docker.io}\n"
+        "  - {name: ghcr.io}\n"
+        "  - {name: 'registry.example.com:5000', url: 'http://10.0.0.5:5000'}\n"
+        "  - {name: hub-cache.example.com, aliases: [quay.io]}\n"
+    )
+    certs = tmp_path / "certs.d"
+    result = CliRunner().invoke(
+        main,
+        [
+            "containerd-hosts",
+            "--config",
+            str(config),
+            "--mirror-url",
+            "http://10.1.2.3:5000",
+            "--dir",
+            str(certs),
+            "--default",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    found = {p.parent.name: tomllib.loads(p.read_text()) for p in certs.glob("*/hosts.toml")}
+    assert set(found) == {
+        "docker.io",
+        "ghcr.io",
+        "registry.example.com:5000",
+        "hub-cache.example.com",
+        "quay.io",
+        "_default",
+    }
+    assert found["docker.io"]["server"] == "https://registry-1.docker.io"
+    assert found["registry.example.com:5000"]["server"] == "http://10.0.0.5:5000"
+    assert found["quay.io"]["server"] == "https://hub-cache.example.com"
+    assert "server" not in found["_default"]
+    for hosts in found.values():
+        assert hosts["host"] == {"http://10.1.2.3:5000": {"capabilities": ["pull", "resolve"]}}
+    assert not list(certs.glob("*/.hosts-*"))  # no temp files left behind
+
+
+def test_containerd_hosts_refuses_a_bad_mirror_url(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["containerd-hosts", "--mirror-url", "10.1.2.3:5000", "--dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "must be http(s)://host:port" in result.output

@@ -4,6 +4,9 @@ pulls through the real `mirror serve` process from the real Distribution registr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +64,20 @@ def test_containerd_pulls_docker_hub_image_through_the_mirror(
     upstreams = json.dumps([{"name": "docker.io", "url": real_upstream.registry.url}])
     env = {"MIRROR_UPSTREAMS": upstreams, "MIRROR_LOG_FORMAT": "json"}
     with MirrorProcess(tmp_path / "mirror", None, env=env) as mirror:
-        write_hosts_toml(hosts_dir, "docker.io", mirror.url, server=UNREACHABLE)
+        # As the node-local DaemonSet's init container does: hosts.toml files from the
+        # mirror's own settings (fallback `server`: the upstream, here on loopback).
+        written = subprocess.run(
+            [
+                *(sys.executable, "-m", "mirror", "containerd-hosts"),
+                *("--mirror-url", mirror.url, "--dir", str(hosts_dir)),
+            ],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert written.returncode == 0, written.stderr
+        assert (hosts_dir / "docker.io" / "hosts.toml").is_file()
 
         with Containerd(tmp_path / "cold") as containerd:
             result = containerd.pull(ref, hosts_dir)

@@ -91,6 +91,14 @@ class MirrorProcess:
                 self._proc.wait()
         self._proc = None
 
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Send `sig` and wait for the process to exit by itself; its exit code."""
+        assert self._proc is not None
+        self._proc.send_signal(sig)
+        code = self._proc.wait(timeout=timeout)
+        self._proc = None
+        return code
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -1,0 +1,68 @@
+"""containerd `hosts.toml` files that point pulls at the mirror (config_path layout).
+
+One directory per registry name (`docker.io`, `ghcr.io`, `host:5000`), each with the
+mirror as a pull/resolve host and the upstream as `server`, so containerd falls back to
+the registry itself when the mirror is down. containerd adds `?ns=<registry>` to every
+request it sends to a mirror, which is how the mirror picks the upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mirror.config import UpstreamSettings
+
+
+def hosts_toml(mirror_url: str, server: str | None) -> str:
+    lines = [
+        "# Written by `mirror containerd-hosts`: pulls go to the mirror first.",
+    ]
+    if server is not None:
+        lines.append(f"server = {json.dumps(server)}")  # a JSON string is a TOML string
+    lines += [
+        "",
+        f"[host.{json.dumps(mirror_url.rstrip('/'))}]",
+        '  capabilities = ["pull", "resolve"]',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_hosts(
+    hosts_dir: Path, mirror_url: str, upstreams: list[UpstreamSettings], write_default: bool
+) -> list[Path]:
+    parts = urlsplit(mirror_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        raise ValueError(f"--mirror-url must be http(s)://host:port, got {mirror_url!r}")
+    files: dict[str, str | None] = {}
+    for upstream in upstreams:
+        # The fallback is the upstream the mirror itself uses (for docker.io:
+        # registry-1.docker.io, as containerd's own default).
+        for name in (upstream.name, *upstream.aliases):
+            files[name] = upstream.base_url
+    if write_default:
+        files["_default"] = None  # no server: the registry named in the image
+    written = []
+    for name, server in files.items():
+        path = hosts_dir / name / "hosts.toml"
+        _write_atomically(path, hosts_toml(mirror_url, server))
+        written.append(path)
+    return written
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # containerd reads these files at every pull: never let it see half of one.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hosts-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,41 @@
+"""Running the app under uvicorn, with the shutdown an orchestrator expects.
+
+On SIGTERM (docker stop, a Kubernetes pod deletion): stop accepting connections, let
+the responses in flight finish for up to `shutdown_timeout`, cancel what is left (a
+cancelled download is discarded, never committed), run the lifespan shutdown, and
+exit 0. uvicorn itself re-raises the SIGTERM after its graceful shutdown, so the
+process would "die" of the signal (exit 143) and look like a crash.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from mirror.config import Settings, host_port
+
+
+class GracefulServer(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.should_exit:
+            self.should_exit = True  # a clean stop, not re-raised; a second one forces
+            return
+        super().handle_exit(sig, frame)
+
+
+def serve_app(app: FastAPI, settings: Settings) -> None:
+    host, port = host_port(settings.listen)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        log_config=None,  # ours (mirror.logs), text or JSON, for uvicorn's records too
+        access_log=False,  # the mirror writes its own, richer access log
+        server_header=False,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+    )
+    GracefulServer(config).run()
