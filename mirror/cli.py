@@ -24,7 +24,8 @@ def main() -> None:
     "--config",
     "config_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML settings file (keys as in MIRROR_* variables, lower case).",
+    envvar="MIRROR_CONFIG",
+    help="YAML settings file (keys as in MIRROR_* variables, lower case) [env: MIRROR_CONFIG].",
 )
 @click.option("--listen", help="HOST:PORT to listen on [default: 0.0.0.0:5000].")
 @click.option("--upstream", help="Upstream registry URL [default: https://registry-1.docker.io].")
@@ -77,7 +78,8 @@ _config_option = click.option(
     "--config",
     "config_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML settings file.",
+    envvar="MIRROR_CONFIG",
+    help="YAML settings file [env: MIRROR_CONFIG].",
 )
 _cache_dir_option = click.option(
     "--cache-dir",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mirror.config import load_settings
 
@@ -69,3 +72,62 @@ def test_podman_prefixes_match_the_example_config(monkeypatch: pytest.MonkeyPatc
         _, _, path = registry["mirror"][0]["location"].partition("/")
         if path:
             assert prefixes[path] == registry["prefix"]
+
+
+def _check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    tool = Path(sys.executable).parent / "check-jsonschema"
+    return subprocess.run(
+        [str(tool), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
+    result = _check_compose(DEPLOY / "compose.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The same check refuses a broken file.
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose["services"]["mirror"]["restart"] = ["always"]
+    compose["services"]["mirror"]["helthcheck"] = {}
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(yaml.safe_dump(compose))
+    assert _check_compose(broken).returncode != 0
+
+
+def test_compose_wires_mirror_prometheus_and_grafana() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"mirror", "prometheus", "grafana"}
+    assert services["mirror"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+    # Every bind-mounted file or directory exists in the repository.
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), source
+    config = load_settings(DEPLOY / "compose" / "mirror.yaml")
+    assert config.default_upstream_name() == "docker.io"
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["mirror:5000"]
+
+
+def test_dockerfile_runs_non_root_with_health_and_graceful_stop() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    final_stage = text[text.rindex("\nFROM ") :]
+    instructions = [line.split(None, 1) for line in final_stage.splitlines() if line[:1].isupper()]
+    keywords = [i[0] for i in instructions]
+    assert ["USER", "10001:10001"] in instructions
+    assert ["STOPSIGNAL", "SIGTERM"] in instructions
+    assert ["VOLUME", '["/var/cache/mirror"]'] in instructions
+    assert keywords.index("USER") < keywords.index("ENTRYPOINT")
+    healthcheck = final_stage.split("HEALTHCHECK", 1)[1].split("\n#", 1)[0]
+    assert "/healthz" in healthcheck
+    assert "pip install --no-cache-dir --no-index" in final_stage  # no network here
+    # The build context holds exactly what the build stage copies.
+    ignore = (DEPLOY.parent / ".dockerignore").read_text().split()
+    copied = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+    assert sorted(f for files in copied for f in files) == ["README.md", "mirror", "pyproject.toml"]
+    for item in ("pyproject.toml", "README.md", "mirror/"):
+        assert f"!{item}" in ignore

@@ -30,6 +30,7 @@ class MirrorProcess:
         cache_dir: Path | None = None,
         env: dict[str, str] | None = None,
         port: int | None = None,
+        argv: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.upstream = upstream
@@ -37,6 +38,9 @@ class MirrorProcess:
         self.port = port or free_port()
         self.log_path = workdir / "mirror.log"
         self.env = env or {}
+        # A command line of its own (e.g. the image's ENTRYPOINT + CMD): then listen
+        # address and cache directory must come from `env`.
+        self.argv = argv
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +65,8 @@ class MirrorProcess:
         ]
         if self.upstream is not None:  # else `upstreams` come from env or a config file
             cmd += ["--upstream", self.upstream]
+        if self.argv is not None:
+            cmd = self.argv
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(

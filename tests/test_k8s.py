@@ -1,0 +1,212 @@
+"""deploy/kubernetes: every overlay renders (kubectl kustomize) and validates offline
+against the Kubernetes API schemas; the operator resources and the dashboard come from
+their single sources; the pods are locked down the way the issue asks."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from harness import require_tool
+
+from mirror.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
+OVERLAYS = ("central", "node-local", "sidecar")
+# A current Kubernetes release (native sidecars need 1.29+).
+KUBERNETES_VERSION = "1.33"
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: no schema in the API's set
+
+Doc = dict[str, Any]
+
+
+def render(overlay: str) -> list[Doc]:
+    kubectl = require_tool("kubectl")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    docs: list[Doc] = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return docs
+
+
+def _by_kind(docs: list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _pod_spec(docs: list[Doc]) -> Doc:
+    [workload] = [d for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+    spec: Doc = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def _mirror_container(pod: Doc) -> Doc:
+    containers: list[Doc] = pod["containers"] + pod.get("initContainers", [])
+    [mirror] = [c for c in containers if c["name"] == "mirror"]
+    return mirror
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_validates_against_the_kubernetes_schemas(overlay: str) -> None:
+    docs = render(overlay)
+    for doc in docs:
+        if doc["kind"] in OPERATOR_KINDS:
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_validation_would_catch_a_mistake() -> None:
+    [deployment] = _by_kind(render("central"), "Deployment")
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mirror_pods_are_locked_down_and_probed(overlay: str) -> None:
+    docs = render(overlay)
+    pod = _pod_spec(docs)
+    mirror = _mirror_container(pod)
+    assert mirror["image"] == "ghcr.io/example/registry-mirror:0.1.0"
+    context = {**pod.get("securityContext", {}), **mirror["securityContext"]}
+    assert context["runAsNonRoot"] is True
+    assert context["runAsUser"] == 10001
+    assert mirror["securityContext"]["readOnlyRootFilesystem"] is True
+    assert mirror["securityContext"]["allowPrivilegeEscalation"] is False
+    assert mirror["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    probes = {k: mirror[k]["httpGet"]["path"] for k in ("readinessProbe", "livenessProbe")}
+    assert probes == {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    assert "memory" in mirror["resources"]["limits"]
+    assert "cpu" not in mirror["resources"]["limits"]  # throttling only slows pulls
+    # The grace period outlasts the mirror's own shutdown timeout.
+    [config_map] = [c for c in _by_kind(docs, "ConfigMap") if "mirror.yaml" in c["data"]]
+    settings = yaml.safe_load(config_map["data"]["mirror.yaml"])
+    assert float(settings["shutdown_timeout"].rstrip("s")) < pod["terminationGracePeriodSeconds"]
+    # Every other container may not escalate either; only node-local's init containers
+    # run as root (to chown the hostPath cache, and write containerd's hosts.toml).
+    for container in pod["containers"] + pod.get("initContainers", []):
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_settings_in_the_config_map_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("MIRROR_"):
+            monkeypatch.delenv(key)
+    [config_map] = [
+        c for c in _by_kind(render("central"), "ConfigMap") if "mirror.yaml" in c["data"]
+    ]
+    settings = Settings.model_validate(yaml.safe_load(config_map["data"]["mirror.yaml"]))
+    assert {u.name for u in settings.resolved_upstreams()} >= {"docker.io", "ghcr.io"}
+    assert str(settings.cache_dir) == "/var/cache/mirror"
+
+
+def test_central_overlay_shape() -> None:
+    docs = render("central")
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ConfigMap",
+            "ConfigMap",
+            "Service",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "ServiceMonitor",
+        ]
+    )
+    [deployment] = _by_kind(docs, "Deployment")
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # RWO volume
+    pod = _pod_spec(docs)
+    [cache] = [v for v in pod["volumes"] if v["name"] == "cache"]
+    [pvc] = _by_kind(docs, "PersistentVolumeClaim")
+    assert cache["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert all(
+        d["metadata"].get("namespace") == "registry-mirror"
+        for d in docs
+        if d["kind"] != "Namespace"
+    )
+
+
+def test_node_local_overlay_feeds_containerd() -> None:
+    docs = render("node-local")
+    pod = _pod_spec(docs)
+    [init] = [c for c in pod["initContainers"] if c["name"] == "containerd-hosts"]
+    assert init["args"][0] == "containerd-hosts"
+    assert "--mirror-url=http://$(NODE_IP):30500" in init["args"]
+    mirror = _mirror_container(pod)
+    assert mirror["ports"][0]["hostPort"] == 30500
+    hosts = [v for v in pod["volumes"] if v["name"] == "containerd-hosts"]
+    assert hosts[0]["hostPath"]["path"] == "/etc/containerd/certs.d"
+    [service] = _by_kind(docs, "Service")
+    assert service["spec"]["clusterIP"] == "None"
+
+
+def test_sidecar_overlay_is_a_native_sidecar() -> None:
+    pod = _pod_spec(render("sidecar"))
+    mirror = _mirror_container(pod)
+    assert mirror in pod["initContainers"]
+    assert mirror["restartPolicy"] == "Always"
+    env = {e["name"]: e.get("value") for e in mirror["env"]}
+    assert env["MIRROR_LISTEN"] == "127.0.0.1:5000"
+
+
+def test_operator_resources_come_from_the_single_sources() -> None:
+    docs = render("central")
+    [rule] = _by_kind(docs, "PrometheusRule")
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"] == alerts  # regenerate with components/monitoring/sync-rules.py
+    spec = importlib.util.spec_from_file_location(
+        "sync_rules", K8S / "components" / "monitoring" / "sync-rules.py"
+    )
+    assert spec is not None and spec.loader is not None
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    shipped = (K8S / "components" / "monitoring" / "prometheusrule.yaml").read_text()
+    assert sync.render() == shipped
+    [dashboard] = [c for c in _by_kind(docs, "ConfigMap") if "mirror.json" in c["data"]]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    grafana_json = (ROOT / "grafana" / "dashboards" / "mirror.json").read_text()
+    assert dashboard["data"]["mirror.json"] == grafana_json
+    assert json.loads(dashboard["data"]["mirror.json"])["uid"] == "registry-mirror"
+    [monitor] = _by_kind(docs, "ServiceMonitor")
+    [service] = _by_kind(docs, "Service")
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+
+
+def test_prometheus_rule_spec_passes_promtool(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    [rule] = _by_kind(render("node-local"), "PrometheusRule")
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(rule["spec"]))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
