@@ -131,3 +131,37 @@ def test_dockerfile_runs_non_root_with_health_and_graceful_stop() -> None:
     assert sorted(f for files in copied for f in files) == ["README.md", "mirror", "pyproject.toml"]
     for item in ("pyproject.toml", "README.md", "mirror/"):
         assert f"!{item}" in ignore
+
+
+def test_image_build_context_builds_a_complete_wheel(tmp_path: Path) -> None:
+    """The Dockerfile's build stage, without a container engine: from exactly the files
+    .dockerignore lets in, `pip wheel` builds a wheel holding every module and the
+    `mirror` command (dependencies come from PyPI in the real build; not here)."""
+    import shutil
+    import zipfile
+
+    root = DEPLOY.parent
+    context = tmp_path / "context"
+    context.mkdir()
+    for item in ("pyproject.toml", "README.md"):
+        shutil.copy(root / item, context / item)
+    shutil.copytree(
+        root / "mirror", context / "mirror", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"),
+            *("--wheel-dir", str(tmp_path / "wheels"), str(context)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = (tmp_path / "wheels").glob("mirror-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    modules = {f"mirror/{p.name}" for p in (root / "mirror").glob("*.py")}
+    assert modules <= set(names)
+    [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "mirror = mirror.cli:main" in text

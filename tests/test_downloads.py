@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import MirrorFactory, get_when_cached
+from fakes.disk import fill_disk_after
 from fakes.upstream import FakeUpstream, Fault
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
@@ -154,23 +154,6 @@ async def test_concurrent_misses_share_one_download(
     assert upstream.count("GET", f"/blobs/{digest}") == 1
 
 
-def _disk_fills_after(monkeypatch: pytest.MonkeyPatch, capacity: int) -> None:
-    """Writes fail with ENOSPC once `capacity` bytes (of any download) are on disk."""
-    from mirror.downloads import _HashingWriter
-
-    real_write_all = _HashingWriter._write_all
-    used = 0
-
-    def fill_disk(self: _HashingWriter, chunk: bytes) -> None:
-        nonlocal used
-        if used + len(chunk) > capacity:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        used += len(chunk)
-        real_write_all(self, chunk)
-
-    monkeypatch.setattr(_HashingWriter, "_write_all", fill_disk)
-
-
 async def test_full_disk_still_streams_the_whole_blob_to_every_client(
     fake: tuple[FakeUpstream, str],
     mirror: MirrorFactory,
@@ -180,7 +163,7 @@ async def test_full_disk_still_streams_the_whole_blob_to_every_client(
     upstream, url = fake
     digest = upstream.add_blob(BLOB)
     upstream.faults[digest] = Fault(delay=0.005, chunk=128 * 1024)  # clients attach mid-body
-    _disk_fills_after(monkeypatch, 1 << 20)
+    fill_disk_after(monkeypatch, 1 << 20)
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=20) as c:
         bodies = await asyncio.gather(*(c.get(f"/v2/a/blobs/{digest}") for _ in range(5)))
         assert [b.status_code for b in bodies] == [200] * 5
@@ -248,7 +231,7 @@ async def test_full_disk_with_a_wrong_digest_still_never_completes_a_body(
     upstream, url = fake
     digest = upstream.add_blob(BLOB)
     upstream.faults[digest] = Fault(wrong_bytes=True)
-    _disk_fills_after(monkeypatch, 100_000)
+    fill_disk_after(monkeypatch, 100_000)
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=20) as c:
         results = await asyncio.gather(
             *(c.get(f"/v2/a/blobs/{digest}") for _ in range(3)), return_exceptions=True
@@ -269,7 +252,7 @@ async def test_full_disk_relay_cuts_a_stalled_reader_not_the_others(
     upstream.faults[digest] = Fault(chunk=1 << 20, delay=0.05)
     monkeypatch.setattr(downloads, "RELAY_WINDOW", 1 << 20)
     monkeypatch.setattr(downloads, "RELAY_STALL", 0.5)
-    _disk_fills_after(monkeypatch, 8 << 20)
+    fill_disk_after(monkeypatch, 8 << 20)
     async with (
         mirror(url) as m,
         httpx.AsyncClient(base_url=m.url, timeout=30) as c,
@@ -291,7 +274,7 @@ async def test_full_disk_download_stops_when_its_last_client_leaves(
     upstream, url = fake
     digest = upstream.add_blob(big)
     upstream.faults[digest] = Fault(chunk=256 * 1024, delay=0.05)  # 3.2 s for the body
-    _disk_fills_after(monkeypatch, 0)
+    fill_disk_after(monkeypatch, 0)
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
         async with c.stream("GET", f"/v2/a/blobs/{digest}") as r:
             async for _ in r.aiter_raw():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import sqlite3
@@ -13,27 +12,12 @@ from typing import Any
 import httpx
 import pytest
 from conftest import MirrorFactory
+from fakes.disk import fill_disk_after
 from fakes.upstream import FakeUpstream, Fault
 
 
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _disk_full(monkeypatch: pytest.MonkeyPatch, capacity: int) -> None:
-    from mirror.downloads import _HashingWriter
-
-    real = _HashingWriter._write_all
-    used = 0
-
-    def fill(self: _HashingWriter, chunk: bytes) -> None:
-        nonlocal used
-        if used + len(chunk) > capacity:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        used += len(chunk)
-        real(self, chunk)
-
-    monkeypatch.setattr(_HashingWriter, "_write_all", fill)
 
 
 # 1 -------------------------------------------------------------------------------------
@@ -46,7 +30,7 @@ async def test_failing_spilled_download_does_not_evict_its_successor_from_the_ta
     upstream, url = fake
     digest = upstream.add_blob(big)
     upstream.faults[digest] = Fault(chunk=256 * 1024, delay=0.05)  # ~1.6 s per body
-    _disk_full(monkeypatch, 0)
+    fill_disk_after(monkeypatch, 0)
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
         proxy = m.app.state.services.upstreams.route(None, "a").proxy
         downloads = proxy._downloads
@@ -164,7 +148,7 @@ async def test_range_on_a_spilled_chunked_download_is_served_and_stalls_nobody(
     # The window holds the range's own bytes (7 MB to the end), not the whole blob.
     monkeypatch.setattr(downloads, "RELAY_WINDOW", 2 << 20)
     monkeypatch.setattr(downloads, "RELAY_STALL", 3.0)
-    _disk_full(monkeypatch, 1 << 20)  # both requests attach before the spill
+    fill_disk_after(monkeypatch, 1 << 20)  # both requests attach before the spill
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
