@@ -210,3 +210,90 @@ def test_prometheus_rule_spec_passes_promtool(tmp_path: Path) -> None:
         [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Pod Security Standards (kubernetes.io/docs/concepts/security/pod-security-standards),
+# the checks that apply to these pods: the namespace's `enforce` label must admit them.
+_BASELINE_CAPS = {
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
+_RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def pod_security_violations(pod: Doc, level: str) -> list[str]:
+    if level == "privileged":
+        return []
+    problems = []
+    containers = pod["containers"] + pod.get("initContainers", [])
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            problems.append(flag)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if "hostPath" in kinds:
+            problems.append(f"hostPath volume {volume['name']}")
+        elif level == "restricted" and not kinds <= _RESTRICTED_VOLUMES:
+            problems.append(f"volume type {kinds} of {volume['name']}")
+    pod_context = pod.get("securityContext", {})
+    for c in containers:
+        context = c.get("securityContext", {})
+        added = set(context.get("capabilities", {}).get("add", []))
+        if context.get("privileged"):
+            problems.append(f"{c['name']}: privileged")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            problems.append(f"{c['name']}: hostPort")
+        if not added <= _BASELINE_CAPS:
+            problems.append(f"{c['name']}: adds {added - _BASELINE_CAPS}")
+        if level != "restricted":
+            continue
+        merged = {**pod_context, **context}
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{c['name']}: allowPrivilegeEscalation")
+        if merged.get("runAsNonRoot") is not True or merged.get("runAsUser") == 0:
+            problems.append(f"{c['name']}: may run as root")
+        seccomp = merged.get("seccompProfile", {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{c['name']}: seccomp {seccomp}")
+        if "ALL" not in context.get("capabilities", {}).get("drop", []):
+            problems.append(f"{c['name']}: capabilities not dropped")
+        if not added <= {"NET_BIND_SERVICE"}:
+            problems.append(f"{c['name']}: adds {added}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    ("overlay", "level"),
+    [("central", "restricted"), ("sidecar", "restricted"), ("node-local", "privileged")],
+)
+def test_namespace_pod_security_admits_the_pods(overlay: str, level: str) -> None:
+    docs = render(overlay)
+    [namespace] = _by_kind(docs, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == level
+    assert pod_security_violations(_pod_spec(docs), level) == []
+
+
+def test_node_local_really_needs_the_privileged_level() -> None:
+    problems = pod_security_violations(_pod_spec(render("node-local")), "baseline")
+    assert "hostPath volume cache" in problems
+    assert "mirror: hostPort" in problems
