@@ -213,11 +213,12 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
 
 @main.command("containerd-hosts")
 @_config_option
+@click.option("--mirror-url", help="The mirror as containerd reaches it: http://10.0.0.7:5000.")
 @click.option(
-    "--mirror-url",
-    required=True,
-    help="The mirror as containerd reaches it, e.g. http://10.0.0.7:5000.",
+    "--mirror-host",
+    help="Instead of --mirror-url: the host or IP (IPv6 too, e.g. from the downward API).",
 )
+@click.option("--mirror-port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option(
     "--dir",
     "hosts_dir",
@@ -233,13 +234,23 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
     help="Also write _default/hosts.toml: every other registry tries the mirror first.",
 )
 def containerd_hosts(
-    config_file: Path | None, mirror_url: str, hosts_dir: Path, write_default: bool
+    config_file: Path | None,
+    mirror_url: str | None,
+    mirror_host: str | None,
+    mirror_port: int,
+    hosts_dir: Path,
+    write_default: bool,
 ) -> None:
     """Write containerd hosts.toml files sending pulls of every configured upstream
     to the mirror (with the upstream itself as fallback). For a node-local DaemonSet's
     init container: the same settings as the mirror, so the two never disagree."""
-    from mirror.hosts import write_hosts
+    from mirror.hosts import mirror_url_for, write_hosts
 
+    if (mirror_url is None) == (mirror_host is None):
+        raise click.UsageError("give --mirror-url, or --mirror-host (and --mirror-port)")
+    if mirror_host is not None:
+        mirror_url = mirror_url_for(mirror_host, mirror_port)
+    assert mirror_url is not None
     try:
         settings = load_settings(config_file)
     except (pydantic.ValidationError, FileNotFoundError) as exc:
@@ -250,3 +261,27 @@ def containerd_hosts(
         raise click.UsageError(str(exc)) from exc
     for path in written:
         click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option(
+    "--url",
+    default="http://127.0.0.1:5000",
+    show_default=True,
+    help="The mirror to check.",
+)
+@click.option("--ready", is_flag=True, help="Check /readyz instead of /healthz.")
+def probe(url: str, ready: bool) -> None:
+    """Exit 0 if the mirror answers /healthz (or /readyz), else 1: for exec probes
+    and HEALTHCHECKs, where an HTTP probe cannot reach a loopback-only listener."""
+    import httpx
+
+    target = url.rstrip("/") + ("/readyz" if ready else "/healthz")
+    try:
+        status = httpx.get(target, timeout=4).status_code
+    except httpx.HTTPError as exc:
+        click.echo(f"{target}: {exc}", err=True)
+        raise SystemExit(1) from None
+    if status != 200:
+        click.echo(f"{target}: {status}", err=True)
+    raise SystemExit(0 if status == 200 else 1)

@@ -8,6 +8,7 @@ request it sends to a mirror, which is how the mirror picks the upstream.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tempfile
@@ -32,12 +33,29 @@ def hosts_toml(mirror_url: str, server: str | None) -> str:
     return "\n".join(lines)
 
 
+def mirror_url_for(host: str, port: int) -> str:
+    """`http://host:port`, with an IPv6 address in brackets (status.hostIP may be one)."""
+    host = host.strip().strip("[]")
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass  # a name
+    return f"http://{host}:{port}"
+
+
 def write_hosts(
     hosts_dir: Path, mirror_url: str, upstreams: list[UpstreamSettings], write_default: bool
 ) -> list[Path]:
     parts = urlsplit(mirror_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-        raise ValueError(f"--mirror-url must be http(s)://host:port, got {mirror_url!r}")
+    try:
+        parts.port  # noqa: B018  (raises on an unbracketed IPv6 address)
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(
+            f"--mirror-url must be http(s)://host:port (IPv6 in brackets), got {mirror_url!r}"
+        )
     files: dict[str, str | None] = {}
     for upstream in upstreams:
         # The fallback is the upstream the mirror itself uses (for docker.io:

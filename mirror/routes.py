@@ -66,15 +66,16 @@ async def healthz(request: Request) -> Response:
 
 @router.api_route("/readyz", methods=["GET", "HEAD"])
 async def readyz(request: Request) -> Response:
-    """Readiness: settings loaded and the cache writable. Upstream trouble does not
-    count: a mirror that can serve from its cache (and stale tags) should get traffic."""
+    """Readiness: settings loaded and the cache usable. Upstream trouble and a full
+    disk do not count: a mirror that can serve from its cache (and stale tags, and
+    stream uncached) should get traffic."""
     request.state.route = "/readyz"
     services: Services | None = getattr(request.app.state, "services", None)
-    checks = {"settings": "ok" if services is not None else "not loaded"}
+    ready = services is not None
+    checks = {"settings": "ok" if ready else "not loaded"}
     if services is not None:
-        problem = await asyncio.to_thread(services.storage.probe)
-        checks["cache"] = problem or "ok"
-    ready = all(v == "ok" for v in checks.values())
+        usable, checks["cache"] = await asyncio.to_thread(services.storage.probe)
+        ready = ready and usable
     body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks})
     return Response(body.encode(), status_code=200 if ready else 503, media_type="application/json")
 

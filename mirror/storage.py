@@ -14,6 +14,7 @@ inline; anything that can take long (fsync, hashing) runs in worker threads else
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -335,8 +336,13 @@ class Storage:
             return None
         return fd, size
 
-    def probe(self) -> str | None:
-        """None if the cache can take a write right now; else why not (for /readyz)."""
+    def probe(self) -> tuple[bool, str]:
+        """Can the cache take a write now (for /readyz)? (usable, what was found).
+
+        A full disk is not unusable: hits still serve and misses stream uncached, so
+        taking the mirror out of service would only send every node upstream. A cache
+        that cannot be written at all (read-only, gone, wrong owner) is unusable.
+        """
         path = self.tmp_dir / f".probe-{uuid.uuid4().hex}"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -346,8 +352,10 @@ class Storage:
                 os.close(fd)
                 path.unlink(missing_ok=True)
         except OSError as exc:
-            return f"not writable: {exc.strerror or exc}"
-        return None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return True, "full: serving cached content, new content uncached"
+            return False, f"not writable: {exc.strerror or exc}"
+        return True, "ok"
 
     def temp_path(self) -> Path:
         return self.tmp_dir / uuid.uuid4().hex

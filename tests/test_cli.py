@@ -164,3 +164,28 @@ def test_containerd_hosts_refuses_a_bad_mirror_url(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "must be http(s)://host:port" in result.output
+
+
+def test_containerd_hosts_brackets_an_ipv6_node_ip(tmp_path: Path) -> None:
+    import tomllib
+
+    result = CliRunner().invoke(
+        main,
+        [
+            *("containerd-hosts", "--mirror-host", "fd00::1"),
+            *("--mirror-port", "29500", "--dir", str(tmp_path)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    hosts = tomllib.loads((tmp_path / "docker.io" / "hosts.toml").read_text())
+    assert list(hosts["host"]) == ["http://[fd00::1]:29500"]
+    unbracketed = CliRunner().invoke(
+        main, ["containerd-hosts", "--mirror-url", "http://fd00::1:29500", "--dir", str(tmp_path)]
+    )
+    assert unbracketed.exit_code == 2
+    assert "IPv6 in brackets" in unbracketed.output
+
+
+def test_probe_exits_0_only_for_a_healthy_mirror() -> None:
+    refused = CliRunner().invoke(main, ["probe", "--url", "http://127.0.0.1:9"])
+    assert refused.exit_code == 1

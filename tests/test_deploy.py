@@ -123,7 +123,7 @@ def test_dockerfile_runs_non_root_with_health_and_graceful_stop() -> None:
     assert ["VOLUME", '["/var/cache/mirror"]'] in instructions
     assert keywords.index("USER") < keywords.index("ENTRYPOINT")
     healthcheck = final_stage.split("HEALTHCHECK", 1)[1].split("\n#", 1)[0]
-    assert "/healthz" in healthcheck
+    assert '["mirror", "probe", "--url", "http://127.0.0.1:5000"]' in healthcheck  # /healthz
     assert "pip install --no-cache-dir --no-index" in final_stage  # no network here
     # The build context holds exactly what the build stage copies.
     ignore = (DEPLOY.parent / ".dockerignore").read_text().split()

@@ -92,8 +92,12 @@ def test_mirror_pods_are_locked_down_and_probed(overlay: str) -> None:
     assert mirror["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod["automountServiceAccountToken"] is False
-    probes = {k: mirror[k]["httpGet"]["path"] for k in ("readinessProbe", "livenessProbe")}
-    assert probes == {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    ready, live = mirror["readinessProbe"], mirror["livenessProbe"]
+    if "exec" in ready:  # the sidecar listens on the pod's loopback only
+        assert ready["exec"]["command"] == ["mirror", "probe", "--ready"]  # /readyz
+        assert live["exec"]["command"] == ["mirror", "probe"]  # /healthz
+    else:
+        assert (ready["httpGet"]["path"], live["httpGet"]["path"]) == ("/readyz", "/healthz")
     assert "memory" in mirror["resources"]["limits"]
     assert "cpu" not in mirror["resources"]["limits"]  # throttling only slows pulls
     # The grace period outlasts the mirror's own shutdown timeout.
@@ -156,9 +160,14 @@ def test_node_local_overlay_feeds_containerd() -> None:
     pod = _pod_spec(docs)
     [init] = [c for c in pod["initContainers"] if c["name"] == "containerd-hosts"]
     assert init["args"][0] == "containerd-hosts"
-    assert "--mirror-url=http://$(NODE_IP):30500" in init["args"]
+    assert "--mirror-host=$(NODE_IP)" in init["args"]
+    assert "--mirror-port=29500" in init["args"]
     mirror = _mirror_container(pod)
-    assert mirror["ports"][0]["hostPort"] == 30500
+    assert mirror["ports"][0]["hostPort"] == 29500
+    assert not 30000 <= 29500 <= 32767  # outside the NodePort range
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    env = {e["name"]: e.get("value") for e in mirror["env"]}
+    assert env["MIRROR_MAX_SIZE"] == "15GiB"  # the node's own disk
     hosts = [v for v in pod["volumes"] if v["name"] == "containerd-hosts"]
     assert hosts[0]["hostPath"]["path"] == "/etc/containerd/certs.d"
     [service] = _by_kind(docs, "Service")
@@ -172,6 +181,9 @@ def test_sidecar_overlay_is_a_native_sidecar() -> None:
     assert mirror["restartPolicy"] == "Always"
     env = {e["name"]: e.get("value") for e in mirror["env"]}
     assert env["MIRROR_LISTEN"] == "127.0.0.1:5000"
+    # The kubelet probes from the node: a loopback listener needs exec probes.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert mirror[probe]["exec"]["command"][:2] == ["mirror", "probe"]
 
 
 def test_operator_resources_come_from_the_single_sources() -> None:
@@ -193,6 +205,11 @@ def test_operator_resources_come_from_the_single_sources() -> None:
     assert dashboard["data"]["mirror.json"] == grafana_json
     assert json.loads(dashboard["data"]["mirror.json"])["uid"] == "registry-mirror"
     [monitor] = _by_kind(docs, "ServiceMonitor")
+    [endpoint] = monitor["spec"]["endpoints"]
+    # The alert rules select job="mirror"; the operator would use the Service's name.
+    assert {"targetLabel": "job", "replacement": "mirror"} in endpoint["relabelings"]
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert 'up{job="mirror"} == 0' in exprs
     [service] = _by_kind(docs, "Service")
     ports = {p["name"] for p in service["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
@@ -283,12 +300,18 @@ def pod_security_violations(pod: Doc, level: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("overlay", "level"),
-    [("central", "restricted"), ("sidecar", "restricted"), ("node-local", "privileged")],
+    ("overlay", "name", "level"),
+    [
+        ("central", "registry-mirror", "restricted"),
+        ("sidecar", "registry-mirror-example", "restricted"),
+        ("node-local", "registry-mirror-node", "privileged"),
+    ],
 )
-def test_namespace_pod_security_admits_the_pods(overlay: str, level: str) -> None:
+def test_namespace_pod_security_admits_the_pods(overlay: str, name: str, level: str) -> None:
     docs = render(overlay)
     [namespace] = _by_kind(docs, "Namespace")
+    assert namespace["metadata"]["name"] == name  # one each: applying one never resets another
+    assert {d["metadata"].get("namespace") for d in docs if d is not namespace} == {name}
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == level
     assert pod_security_violations(_pod_spec(docs), level) == []
 

@@ -82,6 +82,10 @@ def test_full_cache_file_system_still_serves_every_pull(
             while True:
                 f.write(b"\0" * (1 << 20))
                 f.flush()
+        # Still ready: taking it out of service would send every node upstream.
+        ready = httpx.get(f"{mirror.url}/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"]["cache"].startswith("full")
         failures = mirror.metric("mirror_cache_write_failures_total", kind="blob")
         assert set(oci.layer_digests) <= _pull(mirror, oci.reference, tmp_path / "oci")
         assert mirror.metric("mirror_cache_write_failures_total", kind="blob") > failures

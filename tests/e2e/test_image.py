@@ -94,9 +94,13 @@ def test_image_command_line_with_the_manifests_env_serves_pulls(
         assert sha256_digest((tmp_path / "out" / "manifest.json").read_bytes()) == image.digest
         # The HEALTHCHECK command itself, aimed at this port.
         probe = [part.replace("127.0.0.1:5000", mirror.host) for part in healthcheck]
-        assert probe[0] == "python"
-        checked = subprocess.run([sys.executable, *probe[1:]], timeout=30)
+        assert probe[:2] == ["mirror", "probe"]
+        checked = subprocess.run([str(Path(sys.executable).parent / "mirror"), *probe[1:]])
         assert checked.returncode == 0
+        # And it fails when nothing answers there.
+        gone = [part.replace("127.0.0.1:5000", "127.0.0.1:9") for part in healthcheck]
+        failed = subprocess.run([str(Path(sys.executable).parent / "mirror"), *gone[1:]])
+        assert failed.returncode == 1
         # JSON logs, as the image sets: one object per line.
         lines = [json.loads(line) for line in mirror.log().splitlines() if line.startswith("{")]
         assert any(line.get("logger") == "mirror.access" for line in lines)
