@@ -6,7 +6,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -74,45 +74,18 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             max_stale=max(u.freshness(freshness).max_stale for u in configured),
             clock=clock,
         )
-        clients: list[httpx.AsyncClient] = []
-        proxies: dict[str, Proxy] = {}
-        for config in configured:
-            client = make_client(
-                settings.connect_timeout, settings.read_timeout, verify=_tls(config)
-            )
-            clients.append(client)
-            secret = config.secret()
-            credentials = (
-                Credentials(config.username, secret) if config.username and secret else None
-            )
-            upstream = Upstream(
-                config.base_url,
-                client,
-                metrics,
-                name=config.name,
-                credentials=credentials,
-                token_hosts=tuple(config.token_hosts),
-                other_upstreams=tuple(
-                    c.base_url for c in configured if c.base_url != config.base_url
-                ),
-            )
-            metrics.add_upstream(config.name)
-            proxies[config.name] = Proxy(
-                storage,
-                upstream,
-                downloads,
-                metrics,
-                freshness=config.freshness(freshness),
-                policy=RepoPolicy(config.patterns(config.allow), config.patterns(config.deny)),
-                manifest_max_bytes=settings.manifest_max_bytes,
-                touch=evictor.touch,
-                clock=clock,
-            )
-        upstreams = Upstreams(
-            proxies,
-            settings.default_upstream_name(),
-            {c.path_prefix: c.name for c in configured if c.path_prefix},
-            {alias: c.name for c in configured for alias in c.aliases},
+        clients = [
+            make_client(settings.connect_timeout, settings.read_timeout, verify=_tls(c))
+            for c in configured
+        ]
+        upstreams = _upstreams(
+            settings,
+            zip(configured, clients, strict=True),
+            storage,
+            downloads,
+            evictor,
+            metrics,
+            clock,
         )
         app.state.services = Services(settings, metrics, upstreams, storage)
         log.info(
@@ -145,6 +118,54 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(ObserveMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
+
+
+def _upstreams(
+    settings: Settings,
+    configured: Iterable[tuple[UpstreamSettings, httpx.AsyncClient]],
+    storage: Storage,
+    downloads: Downloads,
+    evictor: Evictor,
+    metrics: Metrics,
+    clock: Callable[[], float],
+) -> Upstreams:
+    """One Proxy per configured upstream, each with its own client and credentials;
+    storage, downloads and eviction are shared."""
+    pairs = list(configured)
+    urls = [c.base_url for c, _ in pairs]
+    freshness = settings.freshness()
+    proxies: dict[str, Proxy] = {}
+    for config, client in pairs:
+        secret = config.secret()
+        credentials = Credentials(config.username, secret) if config.username and secret else None
+        upstream = Upstream(
+            config.base_url,
+            client,
+            metrics,
+            name=config.name,
+            credentials=credentials,
+            token_hosts=tuple(config.token_hosts),
+            other_upstreams=tuple(u for u in urls if u != config.base_url),
+        )
+        metrics.add_upstream(config.name)
+        proxies[config.name] = Proxy(
+            storage,
+            upstream,
+            downloads,
+            metrics,
+            freshness=config.freshness(freshness),
+            policy=RepoPolicy(config.patterns(config.allow), config.patterns(config.deny)),
+            manifest_max_bytes=settings.manifest_max_bytes,
+            touch=evictor.touch,
+            clock=clock,
+        )
+    configs = [c for c, _ in pairs]
+    return Upstreams(
+        proxies,
+        settings.default_upstream_name(),
+        {c.path_prefix: c.name for c in configs if c.path_prefix},
+        {alias: c.name for c in configs for alias in c.aliases},
+    )
 
 
 def _tls(config: UpstreamSettings) -> ssl.SSLContext | bool:

@@ -355,9 +355,7 @@ class Downloads:
                 download.write_error = exc
             else:
                 self._active[key] = download
-            task = asyncio.get_running_loop().create_task(self._run(upstream, repo, download))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._run(upstream, repo, download))
         return download
 
     def active(self, upstream: Upstream, digest: Digest) -> BlobDownload | None:
@@ -393,6 +391,7 @@ class Downloads:
             del self._active[key]
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` as a task owned by this object (cancelled by aclose)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

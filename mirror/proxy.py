@@ -74,7 +74,6 @@ class Proxy:
         self._upstream = upstream
         self._downloads = downloads
         self._metrics = metrics
-        self._upstream_key = upstream.name  # tags are cached per upstream, never mixed
         self._policy = policy or RepoPolicy()
         self._freshness = freshness
         self._manifest_max = manifest_max_bytes
@@ -117,7 +116,8 @@ class Proxy:
 
     async def _tag(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
         assert ref.tag is not None
-        entry = self._storage.get_tag(self._upstream_key, repo, ref.tag, accept.cache_key)
+        # Tags are cached per upstream: the same name on two registries never mixes.
+        entry = self._storage.get_tag(self.name, repo, ref.tag, accept.cache_key)
         stored = self._storage.get_manifest(Digest.parse(entry.digest)) if entry else None
         if entry is None or stored is None:
             return await self._shared_fetch(repo, ref, accept)
@@ -137,10 +137,11 @@ class Proxy:
         self, repo: str, ref: Reference, accept: AcceptSet, stored: StoredManifest, age: float
     ) -> Manifest:
         """HEAD the tag; fetch the body only if the digest moved; stale if upstream fails."""
-        assert ref.tag is not None
+        tag = ref.tag
+        assert tag is not None
         try:
             resp = await self._upstream.get(
-                f"/v2/{repo}/manifests/{ref.tag}",
+                f"/v2/{repo}/manifests/{tag}",
                 repo=repo,
                 kind="manifest",
                 headers=_accept_header(accept),
@@ -152,9 +153,7 @@ class Proxy:
             if current is not None and str(current) == stored.digest:
                 entry = TagEntry(stored.digest, stored.media_type, self._clock())
                 self._cache_write(
-                    lambda: self._storage.put_tag(
-                        self._upstream_key, repo, ref.tag or "", accept.cache_key, entry
-                    )
+                    lambda: self._storage.put_tag(self.name, repo, tag, accept.cache_key, entry)
                 )
                 return Manifest(stored, "revalidated")
             # The tag moved (or the upstream named no digest): fetch the body.
@@ -222,7 +221,7 @@ class Proxy:
         def remember() -> None:
             self._storage.put_manifest(stored)
             if tag is not None:
-                self._storage.put_tag(self._upstream_key, repo, tag, accept.cache_key, entry)
+                self._storage.put_tag(self.name, repo, tag, accept.cache_key, entry)
 
         self._cache_write(remember)
         return stored
@@ -305,7 +304,8 @@ class Proxy:
                 return dl, fd, cursor
             except UpstreamError as exc:
                 _close(fd)
-                if dl.source == (self._upstream.name, repo) or exc.status >= 500:
+                # Downloads are per upstream, so only the repository can differ.
+                if dl.source[1] == repo or exc.status >= 500:
                     raise
             except BaseException:
                 _close(fd)

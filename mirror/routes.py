@@ -52,7 +52,7 @@ async def base(request: Request) -> Response:
     if "ns" in request.query_params and hasattr(request.app.state, "services"):
         # A client configured for a registry this mirror does not serve learns it at
         # its first request (403), like it would on any other endpoint.
-        _services(request).upstreams.route(request.query_params["ns"], "probe")
+        _services(request).upstreams.for_ns(request.query_params["ns"])
     return Response(b"{}", media_type="application/json")
 
 

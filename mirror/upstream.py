@@ -20,6 +20,7 @@ import httpx
 
 from mirror import logs
 from mirror.auth import Challenge, TokenCache, parse_www_authenticate
+from mirror.config import DOCKER_HUB, DOCKER_HUB_ALIASES
 from mirror.domains import registrable_domain
 from mirror.errors import UpstreamError
 from mirror.metrics import Metrics
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 # Registry platforms where one registrable domain holds many customers' registries:
 # a token realm there must be on the registry's own host (or in token_hosts).
 MULTI_TENANT_DOMAINS = (
@@ -95,7 +95,6 @@ class Upstream:
     ) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
-        self.host = parts.netloc
         self.name = name or parts.netloc  # as clients call it: docker.io, ghcr.io
         self._token_hosts = frozenset(h.lower() for h in token_hosts)
         # The other upstreams' origins: a realm there is refused (credential isolation).
@@ -109,7 +108,7 @@ class Upstream:
         self.origin = (parts.scheme, parts.netloc)
         # Docker Hub semantics (`alpine` -> `library/alpine`) follow the registry's
         # name, wherever it is reached (a pull-through cache of Hub, a test registry).
-        self.docker_hub = self.name == "docker.io" or parts.hostname in DOCKER_HUB_HOSTS
+        self.docker_hub = self.name == DOCKER_HUB or parts.hostname in DOCKER_HUB_ALIASES
         self._client = client
         self._metrics = metrics
         self._credentials = credentials
@@ -269,12 +268,11 @@ class Upstream:
         return not domain.endswith(MULTI_TENANT_DOMAINS)
 
     def _may_send_credentials(self, realm: str) -> bool:
-        """Basic credentials go to a token realm on the upstream's own host, or over
-        https; never from an https upstream to a plain-http realm."""
-        scheme = urlsplit(realm).scheme
-        if self.origin[0] == "https" and scheme != "https":
-            return False
-        return scheme == "https" or urlsplit(realm).hostname == urlsplit(self.url).hostname
+        """Basic credentials go to an allowed realm (`_realm_allowed`, which already
+        refuses plain http for an https upstream) over https, or on the upstream's
+        own host: never in clear text to another host."""
+        parts = urlsplit(realm)
+        return parts.scheme == "https" or parts.hostname == urlsplit(self.url).hostname
 
     async def _fetch_token(self, challenge: Challenge, scope: str | None) -> tuple[str, object]:
         assert challenge.realm is not None

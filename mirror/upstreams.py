@@ -40,19 +40,23 @@ class Upstreams:
     def names(self) -> list[str]:
         return list(self._proxies)
 
+    def for_ns(self, ns: str) -> Proxy:
+        """The upstream a client names with `ns`; DENIED (no request made) if none."""
+        key = ns.strip().lower()
+        if key in DOCKER_HUB_ALIASES:
+            key = DOCKER_HUB
+        proxy = self._by_ns.get(key)
+        if proxy is None:
+            raise RegistryError(
+                "DENIED",
+                "this mirror does not serve that registry",
+                detail={"ns": ns[:255], "configured": sorted(self._proxies)},
+            )
+        return proxy
+
     def route(self, ns: str | None, name: str) -> Route:
         if ns is not None:
-            key = ns.strip().lower()
-            if key in DOCKER_HUB_ALIASES:
-                key = DOCKER_HUB
-            proxy = self._by_ns.get(key)
-            if proxy is None:
-                raise RegistryError(
-                    "DENIED",
-                    "this mirror does not serve that registry",
-                    detail={"ns": ns[:255], "configured": sorted(self._proxies)},
-                )
-            return Route(proxy, name, "")
+            return Route(self.for_ns(ns), name, "")
         first, sep, rest = name.partition("/")
         if sep and first in self._prefixes:
             return Route(self._prefixes[first], rest, first + "/")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -44,6 +45,14 @@ class RunningMirror:
 
 
 MirrorFactory = Callable[..., AbstractAsyncContextManager[RunningMirror]]
+
+
+@pytest.fixture
+def no_mirror_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings from the test alone: no MIRROR_* variable of the machine leaks in."""
+    for key in list(os.environ):
+        if key.startswith("MIRROR_"):
+            monkeypatch.delenv(key)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -109,14 +108,9 @@ def test_parse_image(image: str, expected: tuple[str | None, str, str]) -> None:
     assert parse_image(image) == expected
 
 
-def test_containerd_hosts_writes_one_file_per_registry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_containerd_hosts_writes_one_file_per_registry(tmp_path: Path, no_mirror_env: None) -> None:
     import tomllib
 
-    for key in list(os.environ):
-        if key.startswith("MIRROR_"):
-            monkeypatch.delenv(key)
     config = tmp_path / "mirror.yaml"
     config.write_text(
         "upstreams:\n"

@@ -8,14 +8,7 @@ import pytest
 
 from mirror.config import Settings, host_port, load_settings, parse_duration
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("MIRROR_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("no_mirror_env")
 
 
 def test_defaults() -> None:

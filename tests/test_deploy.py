@@ -16,12 +16,8 @@ from mirror.config import load_settings
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
-def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("MIRROR_"):
-            monkeypatch.delenv(key)
+@pytest.mark.usefixtures("no_mirror_env")
+def test_example_config_loads() -> None:
     settings = load_settings(DEPLOY / "mirror.yaml")
     upstreams = {u.name: u for u in settings.resolved_upstreams()}
     assert list(upstreams) == [
@@ -58,13 +54,9 @@ def test_client_snippets_parse() -> None:
     }
 
 
-def test_podman_prefixes_match_the_example_config(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("no_mirror_env")
+def test_podman_prefixes_match_the_example_config() -> None:
     """Each podman mirror path names an upstream's path_prefix in deploy/mirror.yaml."""
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("MIRROR_"):
-            monkeypatch.delenv(key)
     settings = load_settings(DEPLOY / "mirror.yaml")
     prefixes = {u.path_prefix: u.name for u in settings.resolved_upstreams() if u.path_prefix}
     podman = tomllib.loads((DEPLOY / "podman" / "registries.conf").read_text())

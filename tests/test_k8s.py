@@ -111,12 +111,8 @@ def test_mirror_pods_are_locked_down_and_probed(overlay: str) -> None:
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
-def test_settings_in_the_config_map_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("MIRROR_"):
-            monkeypatch.delenv(key)
+@pytest.mark.usefixtures("no_mirror_env")
+def test_settings_in_the_config_map_load() -> None:
     [config_map] = [
         c for c in _by_kind(render("central"), "ConfigMap") if "mirror.yaml" in c["data"]
     ]
