@@ -9,9 +9,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,16 +86,15 @@ def parse_duration(value: Any) -> float:
     return float(m[1]) * _UNITS[m[2]]
 
 
+# A number of seconds, or `300`, `5m`, `7d` in the YAML file and MIRROR_* variables.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
 class TTLRuleSetting(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pattern: str
-    ttl: float
-
-    @field_validator("ttl", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> float:
-        return parse_duration(value)
+    ttl: Duration
 
 
 _REGISTRY_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
@@ -137,9 +144,9 @@ class UpstreamSettings(BaseModel):
     token_hosts: list[str] = Field(default_factory=list)
     # `/v2/<path_prefix>/<repo>/...` reaches this upstream, for clients that send no ns.
     path_prefix: str | None = None
-    tag_ttl: float | None = None
+    tag_ttl: Duration | None = None
     tag_ttl_rules: list[TTLRuleSetting] | None = None
-    max_stale: float | None = None
+    max_stale: Duration | None = None
 
     @field_validator("name")
     @classmethod
@@ -186,11 +193,6 @@ class UpstreamSettings(BaseModel):
         if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", value):
             raise ValueError(f"path_prefix {value!r} must be one path component, e.g. ghcr")
         return value
-
-    @field_validator("tag_ttl", "max_stale", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> float | None:
-        return None if value is None else parse_duration(value)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> UpstreamSettings:
@@ -261,18 +263,18 @@ class Settings(BaseSettings):
     # else the first upstream.
     default_upstream: str | None = None
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    tag_ttl: float = Field(default=300.0, description="Seconds a tag->digest answer is trusted")
+    tag_ttl: Duration = Field(default=300.0, description="Seconds a tag->digest answer is trusted")
     # First match wins, against "<repository>:<tag>", e.g. {pattern: "*:latest", ttl: 1m}.
     tag_ttl_rules: list[TTLRuleSetting] = Field(default_factory=list)
-    max_stale: float = Field(default=7 * 86400.0, description="Serve a tag stale this long")
-    content_ttl: float = Field(default=7 * 86400.0, description="Evict content unused this long")
+    max_stale: Duration = Field(default=7 * 86400.0, description="Serve a tag stale this long")
+    content_ttl: Duration = Field(default=7 * 86400.0, description="Evict content unused this long")
     max_size: int | None = Field(default=50 * 2**30, description="Cap on cached blob bytes")
-    eviction_interval: float = Field(default=60.0, description="Seconds between rounds")
+    eviction_interval: Duration = Field(default=60.0, description="Seconds between rounds")
     manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
     resume_attempts: int = Field(default=3, ge=0, le=100)
     # On SIGTERM, responses in flight get this long to finish (keep it below the
     # orchestrator's grace period: Kubernetes' default is 30 s).
-    shutdown_timeout: float = Field(default=25.0, ge=0)
+    shutdown_timeout: Duration = Field(default=25.0, ge=0)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # between two reads of a body, not for the whole body
     log_level: str = "info"
@@ -283,18 +285,6 @@ class Settings(BaseSettings):
     @classmethod
     def _size(cls, value: Any) -> int | None:
         return parse_size(value)
-
-    @field_validator(
-        "tag_ttl",
-        "max_stale",
-        "content_ttl",
-        "eviction_interval",
-        "shutdown_timeout",
-        mode="before",
-    )
-    @classmethod
-    def _duration(cls, value: Any) -> float:
-        return parse_duration(value)
 
     @field_validator("listen")
     @classmethod
