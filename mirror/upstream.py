@@ -284,27 +284,39 @@ class Upstream:
         headers = {}
         if (basic := self._basic()) is not None and self._may_send_credentials(challenge.realm):
             headers["Authorization"] = basic
+        result = "error"  # counted once, whichever way this ends
+        try:
+            token, expires_in = await self._token_request(challenge.realm, params, headers)
+            result = "ok"
+            return token, expires_in
+        except UpstreamError as exc:
+            if exc.code == "UNAUTHORIZED":
+                result = "refused"
+            raise
+        finally:
+            self._metrics.token_fetches.labels(self.name, result).inc()
+
+    async def _token_request(
+        self, realm: str, params: dict[str, str], headers: dict[str, str]
+    ) -> tuple[str, object]:
         started = time.perf_counter()
         try:
-            resp = await self._client.get(challenge.realm, params=params, headers=headers)
+            resp = await self._client.get(realm, params=params, headers=headers)
         except httpx.TransportError as exc:
             self._metrics.upstream_request(
                 self.name, "token", "error", time.perf_counter() - started
             )
-            self._metrics.token_fetches.labels(self.name, "error").inc()
             raise _transport_error(exc, "token service") from exc
         self._metrics.upstream_request(
             self.name, "token", str(resp.status_code), time.perf_counter() - started
         )
         if resp.status_code in (401, 403):
-            self._metrics.token_fetches.labels(self.name, "refused").inc()
             raise UpstreamError(
                 "UNAUTHORIZED",
                 "the upstream token service refused our credentials",
                 upstream_status=resp.status_code,
             )
         if resp.status_code != 200:
-            self._metrics.token_fetches.labels(self.name, "error").inc()
             raise UpstreamError(
                 "UNAVAILABLE",
                 f"token service answered {resp.status_code}",
@@ -317,9 +329,7 @@ class Upstream:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
-            self._metrics.token_fetches.labels(self.name, "error").inc()
             raise UpstreamError("UNAVAILABLE", "token service returned no token", status=502)
-        self._metrics.token_fetches.labels(self.name, "ok").inc()
         return token, data.get("expires_in")
 
     async def _send(

@@ -263,3 +263,33 @@ async def test_no_basic_credentials_to_a_plain_http_realm_of_an_https_upstream()
         with pytest.raises(UpstreamError, match="token realm"):
             await up.get("/v2/a/blobs/x", repo="a", kind="blob")
     assert token_auth == []
+
+
+@pytest.mark.parametrize(
+    ("token_status", "result"), [(200, "ok"), (401, "refused"), (503, "error")]
+)
+async def test_token_fetches_are_counted_once_by_result(token_status: int, result: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            return httpx.Response(token_status, json={"token": "tok"})
+        if "authorization" not in request.headers:
+            return httpx.Response(
+                401, headers={"www-authenticate": 'Bearer realm="https://reg.example/token"'}
+            )
+        return httpx.Response(200, content=b"ok")
+
+    metrics = Metrics()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+        up = Upstream("https://reg.example", c, metrics, credentials=Credentials("u", "p"))
+        try:
+            resp = await up.get("/v2/a/blobs/x", repo="a", kind="blob")
+            await resp.aclose()
+        except UpstreamError:
+            assert result != "ok"
+    counts = {
+        r: metrics.registry.get_sample_value(
+            "mirror_upstream_token_fetches_total", {"upstream": "reg.example", "result": r}
+        )
+        for r in ("ok", "refused", "error")
+    }
+    assert counts == {r: (1.0 if r == result else None) for r in counts}
