@@ -240,7 +240,6 @@ class ObserveMiddleware:
             target += "?" + query.decode("latin-1")
         target = logs.printable(target)  # a decoded %0A must not split a log line
         record = logs.RequestLog(logs.request_id(incoming), scope["method"], target)
-        scope["state"]["log"] = record
         token = logs.current.set(record)
 
         async def observed_send(message: Message) -> None:

@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from mirror import logs
 from mirror.errors import RegistryError
-from mirror.logs import RequestLog
 from mirror.mediatypes import AcceptSet
 from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
@@ -28,14 +28,9 @@ READ_METHODS = ("GET", "HEAD")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def _record(request: Request) -> RequestLog | None:
-    record: RequestLog | None = getattr(request.state, "log", None)
-    return record
-
-
 def _route(request: Request, name: str) -> Route:
     route = _services(request).upstreams.route(request.query_params.get("ns"), name)
-    if (record := _record(request)) is not None:
+    if (record := logs.current.get()) is not None:
         record.upstream = route.proxy.name
     return route
 
@@ -96,8 +91,7 @@ async def registry(request: Request, rest: str) -> Response:
         )
     path = parse_path(rest)
     request.state.route = path.route
-    record = _record(request)
-    if record is not None:
+    if (record := logs.current.get()) is not None:
         record.repository, record.reference = path.name, path.reference
     head = request.method == "HEAD"
     if path.kind == "manifests":
