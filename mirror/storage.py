@@ -140,11 +140,12 @@ class Storage:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(file.path)
                     orphans += 1
-        dropped = 0
-        for digest in indexed.keys() - on_disk:
-            self._index.delete(f"blob/{digest}")
-            dropped += 1
-        return Recovery(len(on_disk), temp_removed, orphans, dropped, time.perf_counter() - started)
+        # Through drop_blobs: one transaction, and the usage totals follow.
+        missing = [indexed[d].digest for d in indexed.keys() - on_disk]
+        self.drop_blobs(missing)
+        return Recovery(
+            len(on_disk), temp_removed, orphans, len(missing), time.perf_counter() - started
+        )
 
     def scan(self) -> Scan:
         """Every blob, manifest and tag entry, from one pass over the index keys.

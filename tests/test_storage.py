@@ -35,6 +35,8 @@ def test_recover_after_a_crash(tmp_path: Path) -> None:
         report.orphan_files_removed,
         report.entries_dropped,
     ) == (1, 1, 1, 1)
+    # The metrics' running totals count only what survived (no scan needed).
+    assert (storage.usage().blobs, storage.usage().blob_bytes) == (1, len(b"kept"))
     assert [b.digest for b in storage.iter_blobs()] == [kept]
     assert not storage.blob_path(orphan).exists()
     assert list(storage.tmp_dir.iterdir()) == []
