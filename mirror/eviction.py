@@ -96,11 +96,12 @@ class Evictor:
             ttl_blobs += 1
             freed += entry.size
             self._count("blob", "ttl", entry.size)
-        for digest in scan.manifests:
-            if now - storage.last_access(f"manifest/{digest}", now) > self._content_ttl:
-                storage.drop_manifest(digest)
-                ttl_manifests += 1
-                self._count("manifest", "ttl", 0)
+        # Atimes came with the scan (one transaction, not a read per manifest).
+        stale = [d for d, atime in scan.manifests if now - (atime or now) > self._content_ttl]
+        storage.drop_manifests(stale)
+        ttl_manifests = len(stale)
+        for _ in stale:
+            self._count("manifest", "ttl", 0)
         for key, stored_at in scan.tags:
             if now - stored_at > self._tag_lifetime:
                 storage.drop_key(key)

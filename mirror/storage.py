@@ -71,7 +71,7 @@ class Recovery:
 @dataclass(frozen=True, slots=True)
 class Scan:
     blobs: list[BlobEntry]
-    manifests: list[str]  # digests
+    manifests: list[tuple[str, float | None]]  # (digest, last access; None: never)
     tags: list[tuple[str, float]]  # (index key, stored_at)
 
 
@@ -168,6 +168,7 @@ class Storage:
         with self._index.transact():
             blob_values = [(k, self._index.get(k)) for k in blob_keys]
             tag_values = [(k, self._index.get(k)) for k in tag_keys]
+            manifest_atimes = [(d, self._index.get(f"atime/manifest/{d}")) for d in manifests]
         blobs = []
         for key, value in blob_values:
             if value is not None:  # None: removed meanwhile
@@ -178,7 +179,8 @@ class Storage:
             self._usage = CacheUsage(
                 len(blobs), sum(b.size for b in blobs), len(manifests), len(tags)
             )
-        return Scan(blobs, manifests, tags)
+        atimes = [(d, None if t is None else float(t)) for d, t in manifest_atimes]
+        return Scan(blobs, atimes, tags)
 
     def usage(self) -> CacheUsage:
         return self._usage
@@ -250,10 +252,6 @@ class Storage:
                 else:
                     self._index.set(f"atime/{key}", when)
 
-    def last_access(self, key: str, default: float) -> float:
-        value = self._index.get(f"atime/{key}")
-        return default if value is None else float(value)
-
     def drop_blobs(self, digests: list[Digest]) -> None:
         """Index rows in one transaction, then the files. Open readers keep reading
         (POSIX unlink semantics)."""
@@ -269,10 +267,13 @@ class Storage:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
 
-    def drop_manifest(self, digest: str) -> None:
-        if self._index.delete(f"manifest/{digest}"):
-            self._count(manifests=-1)
-        self._index.delete(f"atime/manifest/{digest}")
+    def drop_manifests(self, digests: list[str]) -> None:
+        dropped = 0
+        with self._index.transact():
+            for digest in digests:
+                dropped += bool(self._index.delete(f"manifest/{digest}"))
+                self._index.delete(f"atime/manifest/{digest}")
+        self._count(manifests=-dropped)
 
     def drop_key(self, key: str) -> None:
         if self._index.delete(key) and key.startswith("tag/"):
