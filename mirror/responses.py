@@ -68,17 +68,7 @@ async def read_download(
                 if stop is None or readable >= stop:
                     readable -= 1
             if pos < readable:
-                want = min(CHUNK, readable - pos)
-                chunk: bytes | None
-                if pos < dl.on_disk:
-                    assert fd is not None
-                    chunk = os.pread(fd, min(want, dl.on_disk - pos), pos)
-                else:
-                    chunk = dl.relay_read(pos, want)
-                    if chunk is None:
-                        raise AbortResponse(f"client fell behind the relay of {dl.digest}")
-                if not chunk:
-                    raise AbortResponse(f"download of {dl.digest} shrank")
+                chunk = _read_at(dl, fd, pos, min(CHUNK, readable - pos))
                 pos = cursor.pos = pos + len(chunk)
                 dl.moved()
                 yield chunk
@@ -89,6 +79,21 @@ async def read_download(
     finally:
         cursor.closed = True
         dl.moved()
+
+
+def _read_at(dl: BlobDownload, fd: int | None, pos: int, want: int) -> bytes:
+    """Up to `want` bytes at `pos`: from the file below `on_disk`, else the relay."""
+    chunk: bytes | None
+    if pos < dl.on_disk:
+        assert fd is not None
+        chunk = os.pread(fd, min(want, dl.on_disk - pos), pos)
+    else:
+        chunk = dl.relay_read(pos, want)
+        if chunk is None:
+            raise AbortResponse(f"client fell behind the uncached relay of {dl.digest}")
+    if not chunk:
+        raise AbortResponse(f"download of {dl.digest} shrank")
+    return chunk
 
 
 class BlobResponse(Response):
