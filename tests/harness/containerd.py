@@ -24,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from mirror.hosts import hosts_toml
+
 # Everything that could make containerd touch host paths, the network or the kernel
 # in ways a test does not need. The daemon then loads: content, metadata (bolt),
 # the native snapshotter, the walking differ, gc, and the gRPC image/content services.
@@ -100,16 +102,11 @@ def write_hosts_toml(
     """
     if urlsplit(mirror_url).scheme not in ("http", "https"):
         raise ValueError(f"mirror_url needs a scheme: {mirror_url!r}")
-    lines = []
-    if server is not None:
-        lines.append(f"server = {_toml_str(server)}")
-        lines.append("")
-    lines.append(f"[host.{_toml_str(mirror_url.rstrip('/'))}]")
-    lines.append('  capabilities = ["pull", "resolve"]')
     directory = hosts_dir / hosts_directory(registry)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "hosts.toml"
-    path.write_text("\n".join(lines) + "\n")
+    # The file `mirror containerd-hosts` writes, with the test's own fallback server.
+    path.write_text(hosts_toml(mirror_url, server))
     return path
 
 
