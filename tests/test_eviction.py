@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import MirrorFactory, get_when_cached
+from fakes.cache import commit_bytes
 from fakes.clock import Clock
 from fakes.upstream import FakeUpstream
 
 from mirror.config import parse_size
 from mirror.eviction import Evictor
-from mirror.reference import Digest
 from mirror.storage import Storage
 
 DAY = 86400.0
-
-
-def _commit(storage: Storage, data: bytes) -> Digest:
-    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
-    temp = storage.temp_path()
-    temp.write_bytes(data)
-    storage.commit_blob(digest, temp, len(data))
-    return digest
 
 
 def _on_disk(storage: Storage) -> int:
@@ -38,7 +29,7 @@ def test_unused_content_expires_and_access_refreshes_it(tmp_path: Path) -> None:
     evictor = Evictor(
         storage, None, content_ttl=7 * DAY, max_size=None, max_stale=7 * DAY, clock=clock
     )
-    used, unused = _commit(storage, b"used"), _commit(storage, b"unused")
+    used, unused = commit_bytes(storage, b"used"), commit_bytes(storage, b"unused")
     clock.now += 5 * DAY
     evictor.touch(f"blob/{used}")  # a hit, recorded in memory only
     clock.now += 3 * DAY
@@ -61,7 +52,7 @@ def test_size_cap_evicts_least_recently_used_first(tmp_path: Path) -> None:
     blobs = {}
     for name in ("a", "b", "c"):
         clock.now += 10
-        blobs[name] = _commit(storage, name.encode() * 1000)
+        blobs[name] = commit_bytes(storage, name.encode() * 1000)
     clock.now += 10
     evictor.touch(f"blob/{blobs['a']}")  # a is now the most recently used
     result = evictor.evict(evictor._touched)
@@ -74,7 +65,7 @@ def test_size_cap_evicts_least_recently_used_first(tmp_path: Path) -> None:
 def test_a_reader_survives_eviction_of_its_blob(tmp_path: Path) -> None:
     storage = Storage(tmp_path)
     data = os.urandom(100_000)
-    digest = _commit(storage, data)
+    digest = commit_bytes(storage, data)
     opened = storage.open_blob(digest)
     assert opened is not None
     fd, size = opened

@@ -4,22 +4,16 @@ import hashlib
 import os
 from pathlib import Path
 
+from fakes.cache import commit_bytes
+
 from mirror.reference import Digest
 from mirror.storage import Storage
 
 
-def _commit(storage: Storage, data: bytes) -> Digest:
-    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
-    temp = storage.temp_path()
-    temp.write_bytes(data)
-    storage.commit_blob(digest, temp, len(data))
-    return digest
-
-
 def test_recover_after_a_crash(tmp_path: Path) -> None:
     storage = Storage(tmp_path)
-    kept = _commit(storage, b"kept")
-    lost = _commit(storage, b"file lost")
+    kept = commit_bytes(storage, b"kept")
+    lost = commit_bytes(storage, b"file lost")
     storage.blob_path(lost).unlink()  # an index entry without its file
     orphan = Digest("sha256", hashlib.sha256(b"orphan").hexdigest())
     storage.blob_path(orphan).parent.mkdir(parents=True, exist_ok=True)
@@ -53,9 +47,9 @@ def test_recover_after_a_crash(tmp_path: Path) -> None:
 def test_stats_and_verify(tmp_path: Path) -> None:
     clock_now = [1000.0]
     storage = Storage(tmp_path, clock=lambda: clock_now[0])
-    a = _commit(storage, b"a" * 100)
+    a = commit_bytes(storage, b"a" * 100)
     clock_now[0] = 2000.0
-    b = _commit(storage, b"b" * 50)
+    b = commit_bytes(storage, b"b" * 50)
     stats = storage.stats()
     assert (stats.blobs, stats.blob_bytes, stats.oldest, stats.newest) == (2, 150, 1000, 2000)
 
@@ -70,7 +64,7 @@ def test_stats_and_verify(tmp_path: Path) -> None:
 
 def test_open_blob_drops_an_entry_whose_file_vanished(tmp_path: Path) -> None:
     storage = Storage(tmp_path)
-    d = _commit(storage, b"x")
+    d = commit_bytes(storage, b"x")
     os.unlink(storage.blob_path(d))
     assert storage.open_blob(d) is None
     assert storage.blob_size(d) is None
