@@ -3,31 +3,32 @@
     .venv/bin/python bench/recovery.py [--entries 100000]
 
 Builds a cache of N committed tiny blobs plus a few crash leftovers (temp files, orphan
-files, entries without files), then times `Storage.recover()` as `mirror serve` runs it,
+files, entries without files), then times `DiskStore.recover()` as `mirror serve` runs it,
 and an eviction round that must remove half of the blobs to get under `max_size`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import tempfile
 import time
 from pathlib import Path
 
+from mirror.diskstore import DiskStore
 from mirror.eviction import Evictor
 from mirror.reference import Digest
-from mirror.storage import Storage
 
 
-def build(root: Path, entries: int) -> None:
-    storage = Storage(root)
+async def build(root: Path, entries: int) -> None:
+    storage = DiskStore(root)
     for i in range(entries):
         data = i.to_bytes(8, "big")
         digest = Digest("sha256", hashlib.sha256(data).hexdigest())
         temp = storage.temp_path()
         temp.write_bytes(data)
-        storage.commit_blob(digest, temp, len(data))
+        await storage.commit_blob(digest, temp, len(data))
     for i in range(10):  # leftovers of a kill -9
         storage.temp_path().write_bytes(b"partial")
         orphan = Digest("sha256", hashlib.sha256(f"orphan{i}".encode()).hexdigest())
@@ -43,9 +44,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        build(root, args.entries)
+        asyncio.run(build(root, args.entries))
         print(f"built {args.entries} entries in {time.perf_counter() - started:.1f} s")
-        storage = Storage(root)
+        storage = DiskStore(root)
         report = storage.recover()
         again = storage.recover()
         evictor = Evictor(

@@ -1,16 +1,33 @@
-"""Command line: `mirror serve`."""
+"""Command line: `mirror serve`, `mirror cache ...`, `mirror warm`, and helpers.
+
+Every command that needs settings loads them through `_settings`, so a bad setting
+reads the same everywhere (a usage error, exit 2), and builds what it needs through
+`mirror.components`, as the server does.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 import pydantic
 
-from mirror.config import load_settings
-from mirror.storage import Storage
+from mirror import components
+from mirror.config import Settings, load_settings
+from mirror.diskstore import DiskStore
+from mirror.store import Stats
+
+
+def _settings(config_file: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config_file, **overrides)
+    except (pydantic.ValidationError, FileNotFoundError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 @click.group()
@@ -48,12 +65,9 @@ def serve(
     from mirror.server import serve_app
     from mirror.tuning import tune_malloc
 
-    try:
-        settings = load_settings(
-            config_file, listen=listen, upstream=upstream, cache_dir=cache_dir, log_level=log_level
-        )
-    except (pydantic.ValidationError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from exc
+    settings = _settings(
+        config_file, listen=listen, upstream=upstream, cache_dir=cache_dir, log_level=log_level
+    )
     configure_logging(settings.log_level, settings.log_format)
     tune_malloc()
     serve_app(create_app(settings), settings)
@@ -64,14 +78,15 @@ def cache() -> None:
     """Inspect and check the cache directory (safe while the mirror runs)."""
 
 
-def _storage(config_file: Path | None, cache_dir: Path | None) -> Storage:
-    try:
-        settings = load_settings(config_file, cache_dir=cache_dir)
-    except (pydantic.ValidationError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from exc
+@contextmanager
+def _store(settings: Settings) -> Iterator[DiskStore]:
     if not settings.cache_dir.is_dir():
         raise click.UsageError(f"no cache at {settings.cache_dir}")
-    return Storage(settings.cache_dir)
+    store = components.open_store(settings)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 _config_option = click.option(
@@ -93,11 +108,8 @@ _cache_dir_option = click.option(
 @_cache_dir_option
 def stats(config_file: Path | None, cache_dir: Path | None) -> None:
     """Entries, bytes, oldest and newest blob."""
-    storage = _storage(config_file, cache_dir)
-    try:
-        s = storage.stats()
-    finally:
-        storage.close()
+    with _store(_settings(config_file, cache_dir=cache_dir)) as store:
+        s = Stats.of(store.scan())
 
     def when(t: float | None) -> str:
         if t is None:
@@ -117,16 +129,13 @@ def stats(config_file: Path | None, cache_dir: Path | None) -> None:
 @_cache_dir_option
 def verify(config_file: Path | None, cache_dir: Path | None) -> None:
     """Re-hash every blob; remove any that does not match its digest (exit 1 if any)."""
-    storage = _storage(config_file, cache_dir)
-    try:
-        entries = list(storage.iter_blobs())
+    with _store(_settings(config_file, cache_dir=cache_dir)) as store:
+        entries = store.scan().blobs
         bad = []
         with click.progressbar(entries, label="verifying", file=sys.stderr) as bar:
             for entry in bar:
-                if not storage.verify_blob(entry):
+                if not store.verify_blob(entry):
                     bad.append(str(entry.digest))
-    finally:
-        storage.close()
     for digest in bad:
         click.echo(f"removed {digest}: content did not match its digest")
     click.echo(f"verified {len(entries)} blobs: {len(entries) - len(bad)} ok, {len(bad)} removed")
@@ -139,21 +148,9 @@ def verify(config_file: Path | None, cache_dir: Path | None) -> None:
 @_cache_dir_option
 def prune(config_file: Path | None, cache_dir: Path | None) -> None:
     """Apply content_ttl and max_size now (the server also does this every minute)."""
-    from mirror.eviction import Evictor
-
-    settings = load_settings(config_file, cache_dir=cache_dir)
-    storage = _storage(config_file, cache_dir)
-    try:
-        evictor = Evictor(
-            storage,
-            None,
-            content_ttl=settings.content_ttl,
-            max_size=settings.max_size,
-            max_stale=settings.max_stale,
-        )
-        r = evictor.evict()
-    finally:
-        storage.close()
+    settings = _settings(config_file, cache_dir=cache_dir)
+    with _store(settings) as store:
+        r = components.evictor(settings, store, None).evict()
     click.echo(
         f"evicted {r.ttl_blobs + r.size_blobs} blobs ({r.ttl_blobs} unused for "
         f"{settings.content_ttl:.0f} s, {r.size_blobs} over max_size), "
@@ -251,10 +248,7 @@ def containerd_hosts(
     if mirror_host is not None:
         mirror_url = mirror_url_for(mirror_host, mirror_port)
     assert mirror_url is not None
-    try:
-        settings = load_settings(config_file)
-    except (pydantic.ValidationError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from exc
+    settings = _settings(config_file)
     try:
         written = write_hosts(hosts_dir, mirror_url, settings.resolved_upstreams(), write_default)
     except ValueError as exc:

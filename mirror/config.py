@@ -27,16 +27,11 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from mirror import dockerhub
 from mirror.freshness import Freshness, TTLRule
+from mirror.units import parse_duration, parse_size
 
-DEFAULT_UPSTREAM = "https://registry-1.docker.io"
-DOCKER_HUB = "docker.io"
-# What clients may call Docker Hub: containerd sends ns=docker.io; others use the API host.
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 MiB = 1 << 20
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
-_UNITS = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def default_cache_dir() -> Path:
@@ -45,45 +40,6 @@ def default_cache_dir() -> Path:
         return Path("/var/cache/mirror")
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mirror"
-
-
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(value: Any) -> int | None:
-    """Bytes from a number or `50GiB`, `500MB`, `1.5TiB`; none/unlimited/0 -> no cap."""
-    if value is None or value == 0:
-        return None
-    if isinstance(value, int):
-        return value
-    text = str(value).strip()
-    if text.lower() in ("", "none", "unlimited", "0"):
-        return None
-    m = _SIZE_RE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"invalid size {value!r}: use bytes or e.g. 50GiB, 500MB")
-    return int(float(m[1]) * _SIZE_UNITS[(m[2] or "b").lower()])
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like `300`, `5m`, `7d`, `1.5h`."""
-    if isinstance(value, int | float):
-        return float(value)
-    m = _DURATION_RE.fullmatch(str(value).strip())
-    if m is None:
-        raise ValueError(f"invalid duration {value!r}: use a number of seconds or e.g. 5m, 7d")
-    return float(m[1]) * _UNITS[m[2]]
 
 
 # A number of seconds, or `300`, `5m`, `7d` in the YAML file and MIRROR_* variables.
@@ -108,12 +64,6 @@ def _url(value: str) -> str:
             "(e.g. https://ghcr.io; credentials go in username/password)"
         )
     return value.rstrip("/")
-
-
-def registry_name_of(url: str) -> str:
-    """The name clients use for the registry behind `url` (docker.io for Docker Hub)."""
-    netloc = url.split("://", 1)[1].rstrip("/").lower()
-    return DOCKER_HUB if netloc in DOCKER_HUB_ALIASES else netloc
 
 
 class UpstreamSettings(BaseModel):
@@ -155,9 +105,7 @@ class UpstreamSettings(BaseModel):
 
     @staticmethod
     def _name(value: str) -> str:
-        value = value.strip().lower()
-        if value in DOCKER_HUB_ALIASES:
-            return DOCKER_HUB
+        value = dockerhub.canonical(value)
         if not _REGISTRY_NAME_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a registry host name (e.g. ghcr.io, host:5000)")
         return value
@@ -209,7 +157,7 @@ class UpstreamSettings(BaseModel):
     def base_url(self) -> str:
         if self.url is not None:
             return self.url
-        return DEFAULT_UPSTREAM if self.name == DOCKER_HUB else f"https://{self.name}"
+        return dockerhub.API_URL if self.name == dockerhub.NAME else f"https://{self.name}"
 
     def secret(self) -> str | None:
         """The password, read now from wherever it is configured; never logged."""
@@ -231,13 +179,6 @@ class UpstreamSettings(BaseModel):
                 )
             return value
         return None
-
-    def patterns(self, patterns: list[str]) -> tuple[str, ...]:
-        """Patterns as the upstream names repositories: on Docker Hub `alpine` is
-        `library/alpine`, so a pattern written the way clients write names matches."""
-        if self.name != DOCKER_HUB:
-            return tuple(patterns)
-        return tuple(p if "/" in p else f"library/{p}" for p in patterns)
 
     def freshness(self, default: Freshness) -> Freshness:
         rules = default.rules
@@ -321,15 +262,15 @@ class Settings(BaseSettings):
         """The configured upstreams, or the one the shorthand settings describe."""
         if self.upstreams:
             return list(self.upstreams)
-        url = self.upstream or DEFAULT_UPSTREAM
-        name = registry_name_of(url)
+        url = self.upstream or dockerhub.API_URL
+        name = dockerhub.name_of(url)
         return [
             UpstreamSettings(
                 name=name,
                 # The one upstream is what Docker-style set-ups mean by "the mirror's
                 # upstream": it also answers containerd's ns=docker.io (e.g. a Harbor
                 # or mirror.gcr.io cache of Docker Hub).
-                aliases=[] if name == DOCKER_HUB else [DOCKER_HUB],
+                aliases=[] if name == dockerhub.NAME else [dockerhub.NAME],
                 url=url,
                 username=self.upstream_username,
                 password=self.upstream_password,
@@ -340,7 +281,7 @@ class Settings(BaseSettings):
         if self.default_upstream is not None:
             return self.default_upstream
         names = [u.name for u in self.resolved_upstreams()]
-        return DOCKER_HUB if DOCKER_HUB in names else names[0]
+        return dockerhub.NAME if dockerhub.NAME in names else names[0]
 
     def freshness(self) -> Freshness:
         rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)

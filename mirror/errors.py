@@ -14,9 +14,20 @@ Codes are registered once, with their default status, like Distribution's errcod
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mirror.logs import printable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,3 +109,49 @@ class AbortResponse(Exception):
     status line and headers were already sent: completing the body normally would
     hand the client bytes nobody verified.
     """
+
+
+def error_response(err: RegistryError) -> Response:
+    return Response(
+        err.body(), status_code=err.status, media_type="application/json", headers=err.headers
+    )
+
+
+def install_handlers(app: Starlette) -> None:
+    """Every error a client can see leaves in the OCI envelope."""
+    app.add_exception_handler(RegistryError, _registry_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+# Starlette types handlers as taking Exception; each narrows it by what it is
+# registered for.
+async def _registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RegistryError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(
+            RegistryError("UNSUPPORTED", "method not allowed: this mirror is read-only")
+        )
+    if exc.status_code == 404:
+        return error_response(RegistryError("NAME_UNKNOWN", "no such endpoint", status=404))
+    return error_response(RegistryError("UNKNOWN", str(exc.detail), status=exc.status_code))
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(
+        RegistryError(
+            "UNSUPPORTED", "invalid request parameters", detail=str(exc.errors())[:500], status=400
+        )
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, printable(request.url.path))
+    return error_response(RegistryError("UNKNOWN", "internal error"))

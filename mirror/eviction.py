@@ -1,8 +1,9 @@
 """Eviction: content unused for `content_ttl` goes, and the cache stays under `max_size`.
 
-Access times are kept in memory (`touch`, called on every hit) and written to the index
-in one batch per round, so serving a hit never writes to SQLite. A round runs in a
-worker thread every `interval` seconds (and on demand: `mirror cache prune`):
+The store keeps access times in memory (`touch_blob`, on every hit) and writes them in
+one batch at the start of each round, so serving a hit never writes to the index. A
+round runs in a worker thread every `interval` seconds (and on demand:
+`mirror cache prune`):
 
 1. blobs and manifests not accessed for `content_ttl` are removed ("ttl");
 2. tag entries older than their usefulness (`max_stale`) are removed ("ttl");
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirror.metrics import Metrics
-from mirror.storage import Storage
+from mirror.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Round:
 class Evictor:
     def __init__(
         self,
-        storage: Storage,
+        store: Store,
         metrics: Metrics | None,
         *,
         content_ttl: float,
@@ -48,17 +49,12 @@ class Evictor:
         max_stale: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._storage = storage
+        self._store = store
         self._metrics = metrics
         self._content_ttl = content_ttl
         self._max_size = max_size
         self._tag_lifetime = max_stale
         self._clock = clock
-        self._touched: dict[str, float] = {}
-
-    def touch(self, key: str) -> None:
-        """Record an access to "blob/<digest>" or "manifest/<digest>" (no I/O)."""
-        self._touched[key] = self._clock()
 
     async def run_forever(self, interval: float) -> None:
         while True:
@@ -69,20 +65,19 @@ class Evictor:
                 log.exception("eviction round failed; retrying next interval")
 
     async def run_once(self) -> Round:
-        # Swap the dict in the loop's thread; the worker thread owns the old one.
-        touched, self._touched = self._touched, {}
-        result = await asyncio.to_thread(self.evict, touched)
-        return result
+        return await asyncio.to_thread(self.evict)
 
-    def evict(self, touched: dict[str, float] | None = None) -> Round:
+    def evict(self) -> Round:
         started = time.perf_counter()
-        storage = self._storage
-        if touched:
-            storage.record_access(touched)
+        store = self._store
+        store.flush_access()
         now = self._clock()
         ttl_blobs = ttl_manifests = ttl_tags = size_blobs = freed = 0
 
-        scan = storage.scan()
+        scan = store.scan()
+        # The running totals restart from what is there (another process may have
+        # changed the cache); the drops below keep them exact.
+        store.reconcile(scan)
         blobs = []
         expired = []
         for entry in scan.blobs:
@@ -91,21 +86,20 @@ class Evictor:
                 expired.append(entry)
             else:
                 blobs.append((atime, entry))
-        storage.drop_blobs([e.digest for e in expired])
+        store.drop_blobs([e.digest for e in expired])
         for entry in expired:
             ttl_blobs += 1
             freed += entry.size
             self._count("blob", "ttl", entry.size)
         # Atimes came with the scan (one transaction, not a read per manifest).
         stale = [d for d, atime in scan.manifests if now - (atime or now) > self._content_ttl]
-        storage.drop_manifests(stale)
+        store.drop_manifests(stale)
         ttl_manifests = len(stale)
         for _ in stale:
             self._count("manifest", "ttl", 0)
-        for key, stored_at in scan.tags:
-            if now - stored_at > self._tag_lifetime:
-                storage.drop_key(key)
-                ttl_tags += 1
+        old_tags = [key for key, stored_at in scan.tags if now - stored_at > self._tag_lifetime]
+        store.drop_tags(old_tags)
+        ttl_tags = len(old_tags)
 
         total = sum(e.size for _, e in blobs)
         if self._max_size is not None and total > self._max_size:
@@ -119,7 +113,7 @@ class Evictor:
                 freed += entry.size
                 size_blobs += 1
                 self._count("blob", "size", entry.size)
-            storage.drop_blobs([e.digest for e in victims])
+            store.drop_blobs([e.digest for e in victims])
         result = Round(
             ttl_blobs,
             ttl_manifests,

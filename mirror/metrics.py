@@ -12,6 +12,7 @@ import platform
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,10 +37,16 @@ ROUTES = (
     "/readyz",
     "other",
 )
-KINDS = ("manifest", "blob")
-CACHE_RESULTS = ("hit", "miss", "revalidated", "stale")
-SOURCES = ("cache", "upstream")
-UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "ping")
+# The closed label sets, as types: a typo is a type error, not a new time series.
+Kind = Literal["manifest", "blob"]
+# How a request was answered; also the X-Cache header, upper-cased.
+CacheResult = Literal["hit", "miss", "revalidated", "stale"]
+Source = Literal["cache", "upstream"]  # where served bytes came from
+UpstreamKind = Literal["manifest", "blob", "tags", "token", "ping"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
+SOURCES: tuple[Source, ...] = get_args(Source)
+UPSTREAM_KINDS: tuple[UpstreamKind, ...] = get_args(UpstreamKind)
 
 # Manifests answer in milliseconds; GB blobs take seconds to minutes.
 REQUEST_BUCKETS = (

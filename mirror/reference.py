@@ -131,10 +131,3 @@ def parse_path(rest: str) -> RegistryPath:
     else:
         Reference.parse(ref)
     return RegistryPath(name, kind, ref)
-
-
-def upstream_name(name: str, *, docker_hub: bool) -> str:
-    """Docker Hub keeps official images under `library/`; clients may omit it."""
-    if docker_hub and "/" not in name:
-        return f"library/{name}"
-    return name

@@ -5,22 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from mirror import logs
+from mirror.components import Components
 from mirror.errors import RegistryError
 from mirror.mediatypes import AcceptSet
+from mirror.metrics import Metrics
 from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
 from mirror.responses import BlobResponse
-
-if TYPE_CHECKING:  # app imports this module
-    from mirror.app import Services
-    from mirror.upstreams import Route
+from mirror.routing import Route
 
 router = APIRouter()
 
@@ -29,25 +28,25 @@ WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
 def _route(request: Request, name: str) -> Route:
-    route = _services(request).upstreams.route(request.query_params.get("ns"), name)
+    route = _components(request).router.route(request.query_params.get("ns"), name)
     if (record := logs.current.get()) is not None:
         record.upstream = route.proxy.name
     return route
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
+def _components(request: Request) -> Components:
+    built: Components = request.app.state.components
+    return built
 
 
 @router.api_route("/v2/", methods=["GET", "HEAD"])
 @router.api_route("/v2", methods=["GET", "HEAD"], include_in_schema=False)
 async def base(request: Request) -> Response:
     request.state.route = "/v2/"
-    if "ns" in request.query_params and hasattr(request.app.state, "services"):
+    if "ns" in request.query_params and hasattr(request.app.state, "components"):
         # A client configured for a registry this mirror does not serve learns it at
         # its first request (403), like it would on any other endpoint.
-        _services(request).upstreams.for_ns(request.query_params["ns"])
+        _components(request).router.for_ns(request.query_params["ns"])
     return Response(b"{}", media_type="application/json")
 
 
@@ -65,22 +64,26 @@ async def readyz(request: Request) -> Response:
     disk do not count: a mirror that can serve from its cache (and stale tags, and
     stream uncached) should get traffic."""
     request.state.route = "/readyz"
-    services: Services | None = getattr(request.app.state, "services", None)
-    ready = services is not None
+    built: Components | None = getattr(request.app.state, "components", None)
+    ready = built is not None
     checks = {"settings": "ok" if ready else "not loaded"}
-    if services is not None:
-        usable, checks["cache"] = await asyncio.to_thread(services.storage.probe)
+    if built is not None:
+        usable, checks["cache"] = await asyncio.to_thread(built.store.probe)
         ready = ready and usable
     body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks})
     return Response(body.encode(), status_code=200 if ready else 503, media_type="application/json")
 
 
+def _metrics(request: Request) -> Metrics:
+    # Built with the app, before the lifespan: /metrics answers even while starting.
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     request.state.route = "/metrics"
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.api_route("/v2/{rest:path}", methods=[*READ_METHODS, *WRITE_METHODS])
@@ -102,27 +105,25 @@ async def registry(request: Request, rest: str) -> Response:
 
 
 async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> Response:
-    services = _services(request)
     accept = AcceptSet.from_headers(request.headers.getlist("accept"))
     route = _route(request, name)
     manifest = await route.proxy.manifest(route.name, ref, accept)
     stored = manifest.stored
     etag = f'"{stored.digest}"'
     headers = {
-        "Docker-Content-Digest": stored.digest,
+        "Docker-Content-Digest": str(stored.digest),
         "ETag": etag,
         "X-Cache": manifest.result.upper(),  # HIT, MISS, REVALIDATED or STALE
     }
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     if not head:
-        services.metrics.served_bytes.labels(manifest.source).inc(len(stored.body))
+        _metrics(request).served_bytes.labels(manifest.source).inc(len(stored.body))
     # uvicorn drops the body of a HEAD response but keeps our Content-Length.
     return Response(stored.body, media_type=stored.media_type, headers=headers)
 
 
 async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Response:
-    services = _services(request)
     spec = parse_range(request.headers.get("range"))
     route = _route(request, name)
     blob = await route.proxy.blob(route.name, digest, spec, head=head)
@@ -142,8 +143,8 @@ async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Resp
         headers["Content-Length"] = str(blob.range.length)
     elif blob.size is not None:
         headers["Content-Length"] = str(blob.size)
-    counter = services.metrics.served_bytes.labels(blob.source)
-    return BlobResponse(status, headers, blob.fd, blob.body, counter.inc)
+    counter = _metrics(request).served_bytes.labels(blob.source)
+    return BlobResponse(status, headers, blob.body, counter.inc)
 
 
 _LAST_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")

@@ -1,45 +1,38 @@
-"""The only module that talks to the upstream registry.
+"""The remote store: one upstream registry, and the only module that imports httpx.
 
-It owns authentication (Bearer token flow or Basic), redirects (Docker Hub answers
-blob GETs with a 307 to a CDN host, which must never see our `Authorization`), and
-maps upstream failures to the error table.
+It speaks the registry API for the proxy (`get_manifest`, `head_manifest`,
+`head_blob`, `open_blob`, `tags`) and hides the transport: authentication (the
+policy is `mirror.auth`'s), redirects (Docker Hub answers blob GETs with a 307 to a CDN
+host, which must never see our `Authorization`), resuming a broken blob body with
+Range, bounded reads, and the mapping of every transport failure and upstream status
+to the error table, once, here.
 """
 
 from __future__ import annotations
 
-import base64
-import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
-from mirror import logs
-from mirror.auth import Challenge, TokenCache, parse_www_authenticate
-from mirror.config import DOCKER_HUB, DOCKER_HUB_ALIASES
-from mirror.domains import registrable_domain
-from mirror.errors import UpstreamError
-from mirror.metrics import Metrics
+from mirror import dockerhub, logs
+from mirror.auth import Credentials, UpstreamAuth, parse_www_authenticate
+from mirror.errors import RegistryError, UpstreamError
+from mirror.metrics import Metrics, UpstreamKind
+from mirror.ranges import parse_length
+from mirror.reference import Digest, Reference
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Credentials", "RemoteBlob", "RemoteManifest", "Upstream", "make_client"]
+
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-# Registry platforms where one registrable domain holds many customers' registries:
-# a token realm there must be on the registry's own host (or in token_hosts).
-MULTI_TENANT_DOMAINS = (
-    "amazonaws.com",
-    "azurecr.io",
-    "jfrog.io",
-    "pkg.dev",
-    "ocir.io",
-    "gitlab.io",
-    "herokuapp.com",
-)
+_NOT_FOUND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}
 
 
 def make_client(
@@ -73,9 +66,10 @@ def make_client(
 
 
 @dataclass(frozen=True, slots=True)
-class Credentials:
-    username: str
-    password: str
+class RemoteManifest:
+    body: bytes
+    content_type: str | None
+    digest: Digest | None  # what the upstream's Docker-Content-Digest names, if valid
 
 
 class Upstream:
@@ -91,249 +85,106 @@ class Upstream:
         credentials: Credentials | None = None,
         token_hosts: tuple[str, ...] = (),
         other_upstreams: tuple[str, ...] = (),
+        resume_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         self.name = name or parts.netloc  # as clients call it: docker.io, ghcr.io
-        self._token_hosts = frozenset(h.lower() for h in token_hosts)
-        # The other upstreams' origins: a realm there is refused (credential isolation).
-        self._foreign_origins = frozenset(
-            (p.scheme, (p.hostname or "").lower(), _port(p))
-            for p in map(urlsplit, other_upstreams)
-            if urlsplit(url) != p
-        )
         # Credentials go only to this origin: scheme included, so an https upstream's
         # token never follows a redirect to plain http on the same host.
         self.origin = (parts.scheme, parts.netloc)
-        # Docker Hub semantics (`alpine` -> `library/alpine`) follow the registry's
-        # name, wherever it is reached (a pull-through cache of Hub, a test registry).
-        self.docker_hub = self.name == DOCKER_HUB or parts.hostname in DOCKER_HUB_ALIASES
+        self.docker_hub = dockerhub.is_hub(self.name, self.url)
         self._client = client
         self._metrics = metrics
-        self._credentials = credentials
-        self._tokens = TokenCache(clock)
-        # Learned from the first 401, so later requests carry a token up front
-        # instead of paying a 401 round trip each.
-        self._challenge: Challenge | None = None
+        self._resume_attempts = resume_attempts
+        self.auth = UpstreamAuth(
+            self.name,
+            self.url,
+            metrics,
+            self._get_token,
+            credentials=credentials,
+            token_hosts=token_hosts,
+            other_upstreams=other_upstreams,
+            clock=clock,
+        )
 
-    # -- public API -------------------------------------------------------------------
+    # -- the remote store -------------------------------------------------------------
 
-    async def get(
+    async def get_manifest(
+        self, repo: str, ref: Reference, accept: str | None, max_bytes: int
+    ) -> RemoteManifest:
+        resp = await self._request("GET", f"/v2/{repo}/manifests/{ref}", repo, "manifest", accept)
+        too_big = UpstreamError("MANIFEST_INVALID", "manifest exceeds the size limit", status=502)
+        body = await _read(resp, max_bytes, too_big)
+        return RemoteManifest(
+            body, resp.headers.get("content-type"), _digest(resp.headers, "docker-content-digest")
+        )
+
+    async def head_manifest(self, repo: str, ref: Reference, accept: str | None) -> Digest | None:
+        """The digest the upstream names for `ref` now (a HEAD: free on Docker Hub)."""
+        resp = await self._request("HEAD", f"/v2/{repo}/manifests/{ref}", repo, "manifest", accept)
+        await resp.aclose()
+        return _digest(resp.headers, "docker-content-digest")
+
+    async def head_blob(self, repo: str, digest: Digest) -> int | None:
+        resp = await self._request("HEAD", f"/v2/{repo}/blobs/{digest}", repo, "blob")
+        await resp.aclose()
+        return parse_length(resp.headers.get("content-length"))
+
+    async def open_blob(self, repo: str, digest: Digest) -> RemoteBlob:
+        """The blob's body, streaming; a broken read resumes with Range inside."""
+        resp = await self._request("GET", f"/v2/{repo}/blobs/{digest}", repo, "blob")
+        return RemoteBlob(self, repo, digest, resp)
+
+    async def tags(
+        self, repo: str, n: int | None, last: str | None, max_bytes: int
+    ) -> tuple[bytes, str | None]:
+        """One page of the tag list, and the upstream's `Link` to the next."""
+        query = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
+        path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
+        resp = await self._request("GET", path, repo, "tags")
+        too_big = UpstreamError("UNAVAILABLE", "tag list too large", status=502)
+        body = await _read(resp, max_bytes, too_big)
+        return body, resp.headers.get("link")
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _request(
         self,
+        method: str,
         path: str,
-        *,
-        repo: str | None,
-        kind: str,
+        repo: str,
+        kind: UpstreamKind,
+        accept: str | None = None,
         headers: Mapping[str, str] | None = None,
-        method: str = "GET",
     ) -> httpx.Response:
-        """Send a request and return the (streaming) response; the caller closes it.
-
-        Errors are *not* raised for upstream status codes; see `raise_for_status`.
-        Transport failures raise UpstreamError (502/504).
-        """
+        """A response with a success status, streaming (the caller closes it); any
+        other status, or a transport failure, raises UpstreamError."""
         hdrs = dict(headers or {})
-        scope = f"repository:{repo}:pull" if repo else None
-        auth = await self._authorization(scope)
+        if accept is not None:
+            hdrs["Accept"] = accept
+        scope = f"repository:{repo}:pull"
+        auth = await self.auth.authorization(scope)
         resp = await self._send(method, self.url + path, hdrs, auth, kind)
         if resp.status_code == 401:
             challenge = parse_www_authenticate(resp.headers.get("www-authenticate", ""))
             await resp.aclose()
-            # Only the upstream itself may tell us how to authenticate: a 401 from a
-            # redirect target (a CDN, anything) must not steer our credentials.
             from_upstream = _origin(str(resp.request.url)) == self.origin
-            if (
-                challenge is None
-                or not from_upstream
-                or (challenge.scheme == "basic" and self._credentials is None)
-            ):
+            if not self.auth.learn(challenge, from_upstream=from_upstream):
                 raise UpstreamError(
                     "UNAUTHORIZED", "upstream requires authentication", upstream_status=401
                 )
-            self._challenge = challenge
-            auth = await self._authorization(scope, rejected=auth, asked=challenge.scope)
+            assert challenge is not None
+            auth = await self.auth.authorization(scope, rejected=auth, asked=challenge.scope)
             resp = await self._send(method, self.url + path, hdrs, auth, kind)
+        if resp.status_code >= 400:
+            await resp.aclose()
+            raise _status_error(resp, kind)
         return resp
 
-    @staticmethod
-    async def raise_for_status(resp: httpx.Response, kind: str) -> None:
-        """Map an upstream error status to the error table (and close the response)."""
-        status = resp.status_code
-        if status < 400:
-            return
-        await resp.aclose()
-        if status == 404:
-            code = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}.get(
-                kind, "NAME_UNKNOWN"
-            )
-            raise UpstreamError(code, f"{kind} unknown to upstream", upstream_status=404)
-        if status == 401:
-            raise UpstreamError(
-                "UNAUTHORIZED", "upstream refused our credentials", upstream_status=401
-            )
-        if status == 403:
-            raise UpstreamError("DENIED", "upstream denied access", upstream_status=403)
-        if status == 429:
-            headers = {}
-            if "retry-after" in resp.headers:
-                headers["Retry-After"] = resp.headers["retry-after"]
-            raise UpstreamError(
-                "TOOMANYREQUESTS",
-                "upstream rate limit reached",
-                upstream_status=429,
-                headers=headers,
-            )
-        raise UpstreamError(
-            "UNAVAILABLE", f"upstream answered {status}", status=502, upstream_status=status
-        )
-
-    # -- internals --------------------------------------------------------------------
-
-    async def _authorization(
-        self, scope: str | None, *, rejected: str | None = None, asked: str | None = None
-    ) -> str | None:
-        """The Authorization value for a request needing `scope`.
-
-        Tokens are cached under the scope we derive from the repository, so the next
-        request finds them before sending; a token is fetched for the scope the
-        upstream `asked` for in its challenge, when it named one. After a 401,
-        `rejected` is the value that failed: a fresh token is fetched only if nobody
-        has replaced it meanwhile, so N concurrent 401s cost one token fetch.
-        """
-        challenge = self._challenge
-        if challenge is None:
-            return None
-        if challenge.scheme == "basic":
-            return self._basic()
-        if challenge.scheme != "bearer" or not challenge.realm:
-            return None
-        if not self._realm_allowed(challenge.realm):
-            # A registry (or whoever answers for it) naming a foreign token service
-            # would learn our credentials, or hand us tokens from anywhere.
-            log.warning("upstream %s named a foreign token realm; refused", self.name)
-            raise UpstreamError(
-                "UNAUTHORIZED",
-                f"upstream {self.name} named a token realm on a host not allowed for it",
-                status=502,
-                upstream_status=401,
-            )
-        key = (challenge.realm, challenge.service or "", scope or "")
-        token = self._tokens.get(key)
-        if token is not None and f"Bearer {token}" != rejected:
-            return f"Bearer {token}"
-        async with self._tokens.lock(key):
-            token = self._tokens.get(key)
-            if token is not None and f"Bearer {token}" != rejected:
-                return f"Bearer {token}"
-            self._tokens.invalidate(key)
-            token, expires_in = await self._fetch_token(challenge, asked or scope)
-            self._tokens.put(key, token, expires_in)
-            return f"Bearer {token}"
-
-    def _basic(self) -> str | None:
-        if self._credentials is None:
-            return None
-        pair = f"{self._credentials.username}:{self._credentials.password}".encode()
-        return "Basic " + base64.b64encode(pair).decode()
-
-    def _realm_allowed(self, realm: str) -> bool:
-        """The upstream's own host (a token service on another port of it, as
-        Distribution and Harbor set-ups often have), its registrable domain over https
-        on the default port (registry-1.docker.io -> auth.docker.io), or a host in
-        `token_hosts`. Never another configured upstream's origin (its credentials
-        would reach that registry), never plain http for an https upstream."""
-        parts = urlsplit(realm)
-        host = (parts.hostname or "").lower()
-        if parts.scheme not in ("http", "https") or not host:
-            return False
-        if (parts.scheme, host, _port(parts)) in self._foreign_origins:
-            return False
-        if self.origin[0] == "https" and parts.scheme != "https":
-            return False  # a token fetched in clear text could be swapped on the way
-        if host in self._token_hosts or parts.netloc.lower() in self._token_hosts:
-            return True
-        own = urlsplit(self.url)
-        if host == (own.hostname or "").lower():
-            return True
-        if parts.scheme != "https" or parts.port not in (None, 443):
-            return False
-        if _is_ip(host) or _is_ip(own.hostname or ""):
-            return False  # addresses have no registrable domain to share
-        domain = registrable_domain(own.hostname or "")
-        if domain is None or domain != registrable_domain(host):
-            return False
-        # On shared registry platforms the registrable domain is everybody's
-        # (attacker.azurecr.io, another account's ECR): only the registry's own host.
-        return not domain.endswith(MULTI_TENANT_DOMAINS)
-
-    def _may_send_credentials(self, realm: str) -> bool:
-        """Basic credentials go to an allowed realm (`_realm_allowed`, which already
-        refuses plain http for an https upstream) over https, or on the upstream's
-        own host: never in clear text to another host."""
-        parts = urlsplit(realm)
-        return parts.scheme == "https" or parts.hostname == urlsplit(self.url).hostname
-
-    async def _fetch_token(self, challenge: Challenge, scope: str | None) -> tuple[str, object]:
-        assert challenge.realm is not None
-        params = {}
-        if challenge.service:
-            params["service"] = challenge.service
-        if scope:
-            params["scope"] = scope
-        headers = {}
-        if (basic := self._basic()) is not None and self._may_send_credentials(challenge.realm):
-            headers["Authorization"] = basic
-        result = "error"  # counted once, whichever way this ends
-        try:
-            token, expires_in = await self._token_request(challenge.realm, params, headers)
-            result = "ok"
-            return token, expires_in
-        except UpstreamError as exc:
-            if exc.code == "UNAUTHORIZED":
-                result = "refused"
-            raise
-        finally:
-            self._metrics.token_fetches.labels(self.name, result).inc()
-
-    async def _token_request(
-        self, realm: str, params: dict[str, str], headers: dict[str, str]
-    ) -> tuple[str, object]:
-        started = time.perf_counter()
-        try:
-            resp = await self._client.get(realm, params=params, headers=headers)
-        except httpx.TransportError as exc:
-            self._metrics.upstream_request(
-                self.name, "token", "error", time.perf_counter() - started
-            )
-            raise _transport_error(exc, "token service") from exc
-        self._metrics.upstream_request(
-            self.name, "token", str(resp.status_code), time.perf_counter() - started
-        )
-        if resp.status_code in (401, 403):
-            raise UpstreamError(
-                "UNAUTHORIZED",
-                "the upstream token service refused our credentials",
-                upstream_status=resp.status_code,
-            )
-        if resp.status_code != 200:
-            raise UpstreamError(
-                "UNAVAILABLE",
-                f"token service answered {resp.status_code}",
-                status=502,
-                upstream_status=resp.status_code,
-            )
-        try:
-            data = resp.json()
-            token = data.get("token") or data.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise UpstreamError("UNAVAILABLE", "token service returned no token", status=502)
-        return token, data.get("expires_in")
-
     async def _send(
-        self, method: str, url: str, headers: dict[str, str], auth: str | None, kind: str
+        self, method: str, url: str, headers: dict[str, str], auth: str | None, kind: UpstreamKind
     ) -> httpx.Response:
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = dict(headers)
@@ -369,17 +220,125 @@ class Upstream:
                 method = "GET"
         raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
 
+    async def _get_token(
+        self, realm: str, params: dict[str, str], headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        started = time.perf_counter()
+        try:
+            resp = await self._client.get(realm, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            self._metrics.upstream_request(
+                self.name, "token", "error", time.perf_counter() - started
+            )
+            raise _transport_error(exc, "token service") from exc
+        self._metrics.upstream_request(
+            self.name, "token", str(resp.status_code), time.perf_counter() - started
+        )
+        return resp.status_code, resp.content
 
-def _port(parts: SplitResult) -> int:
-    return parts.port or (443 if parts.scheme == "https" else 80)
+
+class RemoteBlob:
+    """A blob body from upstream. When a read breaks (reset, timeout), it asks again
+    from the next byte with `Range`, up to `resume_attempts` times, so callers see
+    one unbroken stream or an error."""
+
+    def __init__(self, upstream: Upstream, repo: str, digest: Digest, resp: httpx.Response):
+        self._upstream = upstream
+        self._path = f"/v2/{repo}/blobs/{digest}"
+        self._repo = repo
+        self._resp = resp
+        self.size = parse_length(resp.headers.get("content-length"))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        up = self._upstream
+        fetched = up._metrics.upstream_bytes.labels(up.name)
+        offset = attempts = 0
+        while True:
+            try:
+                async for chunk in self._resp.aiter_raw():
+                    offset += len(chunk)
+                    fetched.inc(len(chunk))
+                    yield chunk
+                return
+            except httpx.TransportError as exc:
+                if attempts >= up._resume_attempts:
+                    log.warning(
+                        "upstream body of %s broke at %d bytes: %r", self._path, offset, exc
+                    )
+                    raise _transport_error(exc, "upstream") from exc
+                attempts += 1
+                log.warning(
+                    "upstream body of %s broke at %d bytes (%r); resuming (%d/%d)",
+                    self._path,
+                    offset,
+                    exc,
+                    attempts,
+                    up._resume_attempts,
+                )
+                up._metrics.resumes.inc()
+            finally:
+                await self._resp.aclose()
+            self._resp = await up._request(
+                "GET", self._path, self._repo, "blob", headers={"Range": f"bytes={offset}-"}
+            )
+            if self._resp.status_code != 206 or not self._resp.headers.get(
+                "content-range", ""
+            ).startswith(f"bytes {offset}-"):
+                await self._resp.aclose()
+                raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
 
 
-def _is_ip(host: str) -> bool:
+async def _read(resp: httpx.Response, max_bytes: int, too_big: UpstreamError) -> bytes:
+    """The whole body, refused once it passes `max_bytes` (announced or streamed)."""
     try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host == "localhost"
-    return True
+        length = parse_length(resp.headers.get("content-length"))
+        if length is not None and length > max_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_big
+        return bytes(body)
+    finally:
+        await resp.aclose()
+
+
+def _status_error(resp: httpx.Response, kind: UpstreamKind) -> UpstreamError:
+    """An upstream error status, as the error table names it."""
+    status = resp.status_code
+    if status == 404:
+        code = _NOT_FOUND.get(kind, "NAME_UNKNOWN")
+        return UpstreamError(code, f"{kind} unknown to upstream", upstream_status=404)
+    if status == 401:
+        return UpstreamError(
+            "UNAUTHORIZED", "upstream refused our credentials", upstream_status=401
+        )
+    if status == 403:
+        return UpstreamError("DENIED", "upstream denied access", upstream_status=403)
+    if status == 429:
+        headers = {}
+        if "retry-after" in resp.headers:
+            headers["Retry-After"] = resp.headers["retry-after"]
+        return UpstreamError(
+            "TOOMANYREQUESTS", "upstream rate limit reached", upstream_status=429, headers=headers
+        )
+    return UpstreamError(
+        "UNAVAILABLE", f"upstream answered {status}", status=502, upstream_status=status
+    )
+
+
+def _digest(headers: Mapping[str, str], name: str) -> Digest | None:
+    value = headers.get(name)
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except RegistryError:
+        return None
 
 
 def _origin(url: str) -> tuple[str, str]:

@@ -159,3 +159,13 @@ async def get_when_cached(client: httpx.AsyncClient, path: str) -> httpx.Respons
             return resp
         await asyncio.sleep(0.02)
     pytest.fail(f"{path} never reached the cache")
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for a state another task reaches (a download ending, a metric moving)
+    that no event announces to the test."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from typing import NoReturn
+
 import pytest
 from fakes.clock import Clock
 
-from mirror.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_www_authenticate
+from mirror.auth import DEFAULT_EXPIRES_IN, TokenCache, UpstreamAuth, parse_www_authenticate
+from mirror.metrics import Metrics
 
 
 @pytest.mark.parametrize(
@@ -101,3 +104,41 @@ def test_idle_locks_and_expired_tokens_are_pruned(monkeypatch: pytest.MonkeyPatc
         clock.now += 5
     assert len(cache._locks) <= 10
     assert len(cache._tokens) <= 20  # pruned along with the locks
+
+
+def _auth(url: str, other_upstreams: tuple[str, ...] = ()) -> UpstreamAuth:
+    async def no_fetch(realm: str, params: dict[str, str], headers: dict[str, str]) -> NoReturn:
+        raise AssertionError("a realm check fetches nothing")
+
+    return UpstreamAuth("up", url, Metrics(), no_fetch, other_upstreams=other_upstreams)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "realm", "allowed"),
+    [
+        ("https://registry-1.docker.io", "https://auth.docker.io/token", True),
+        ("https://ghcr.io", "https://ghcr.io/token", True),
+        ("https://registry.example.com:5000", "https://registry.example.com:5000/t", True),
+        ("https://registry.example.com", "https://auth.example.com/token", True),
+        ("https://registry.example.com", "https://auth.example.com:8443/token", False),
+        ("https://myreg.azurecr.io", "https://attacker.azurecr.io/oauth2/token", False),
+        (
+            "https://111111111111.dkr.ecr.us-east-1.amazonaws.com",
+            "https://999999999999.dkr.ecr.us-east-1.amazonaws.com/t",
+            False,
+        ),
+        ("https://corp.jfrog.io", "https://evil.jfrog.io/token", False),
+        ("https://ghcr.io", "http://ghcr.io/token", False),  # no downgrade to http
+        ("http://[::1]:5000", "http://[::1]:6000/token", True),  # its host, another port
+        ("https://a.co.uk", "https://b.co.uk/token", False),  # only a public suffix shared
+    ],
+)
+def test_token_realm_rules(upstream: str, realm: str, allowed: bool) -> None:
+    assert _auth(upstream).realm_allowed(realm) is allowed
+
+
+def test_another_upstreams_origin_is_never_a_realm() -> None:
+    other = "http://127.0.0.1:6000"
+    auth = _auth("http://127.0.0.1:5000", other_upstreams=(other,))
+    assert not auth.realm_allowed(f"{other}/token")
+    assert auth.realm_allowed("http://127.0.0.1:7000/token")  # its own host

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fakes.cache import commit_bytes
 
 from mirror.cli import main
+from mirror.diskstore import DiskStore
+from mirror.reference import Digest
+from mirror.store import TagEntry, TagKey
 
 
 def test_serve_help_lists_options_but_no_secrets() -> None:
@@ -36,20 +42,12 @@ def test_version() -> None:
 
 
 def test_cache_stats_and_verify(tmp_path: Path) -> None:
-    import hashlib
-
-    from mirror.reference import Digest
-    from mirror.storage import Storage
-
-    storage = Storage(tmp_path)
+    store = DiskStore(tmp_path)
     good = b"good bytes"
-    for data in (good, b"soon rotten"):
-        temp = storage.temp_path()
-        temp.write_bytes(data)
-        storage.commit_blob(Digest("sha256", hashlib.sha256(data).hexdigest()), temp, len(data))
-    rotten = Digest("sha256", hashlib.sha256(b"soon rotten").hexdigest())
-    storage.blob_path(rotten).write_bytes(b"soon rotteN")
-    storage.close()
+    asyncio.run(commit_bytes(store, good))
+    rotten = asyncio.run(commit_bytes(store, b"soon rotten"))
+    store.blob_path(rotten).write_bytes(b"soon rotteN")
+    store.close()
 
     stats = CliRunner().invoke(main, ["cache", "stats", "--cache-dir", str(tmp_path)])
     assert stats.exit_code == 0, stats.output
@@ -71,23 +69,52 @@ def test_cache_commands_need_an_existing_cache(tmp_path: Path) -> None:
 
 
 def test_cache_prune_applies_the_size_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hashlib
-
-    from mirror.reference import Digest
-    from mirror.storage import Storage
-
-    storage = Storage(tmp_path)
+    store = DiskStore(tmp_path)
     for i in range(4):
-        data = bytes([i]) * 1000
-        temp = storage.temp_path()
-        temp.write_bytes(data)
-        storage.commit_blob(Digest("sha256", hashlib.sha256(data).hexdigest()), temp, 1000)
-    storage.close()
+        asyncio.run(commit_bytes(store, bytes([i]) * 1000))
+    store.close()
     monkeypatch.setenv("MIRROR_MAX_SIZE", "2500B")
     result = CliRunner().invoke(main, ["cache", "prune", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "evicted 2 blobs (0 unused" in result.output
     assert "2000 bytes cached" in result.output
+
+
+def test_cache_prune_keeps_tags_an_upstream_may_still_serve_stale(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    """The server keeps a tag for the largest max_stale of any upstream; prune must
+    too (it once used the global max_stale and deleted tags still served stale)."""
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"cache_dir: {tmp_path / 'cache'}\nmax_stale: 1d\n"
+        "upstreams:\n  - name: ghcr.io\n    max_stale: 30d\n"
+    )
+    day, now = 86400.0, time.time()
+    digest = Digest("sha256", "0" * 64)
+    kept, gone = (TagKey("ghcr.io", "org/app", t, "-") for t in ("kept", "gone"))
+    store = DiskStore(tmp_path / "cache")
+    asyncio.run(store.put_tag(kept, TagEntry(digest, "application/json", now - 10 * day)))
+    asyncio.run(store.put_tag(gone, TagEntry(digest, "application/json", now - 40 * day)))
+    store.close()
+
+    result = CliRunner().invoke(main, ["cache", "prune", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert ", 1 tags;" in result.output
+    store = DiskStore(tmp_path / "cache")
+    assert [key for key, _ in store.scan().tags] == [kept]
+    store.close()
+
+
+def test_cache_prune_with_a_bad_setting_is_one_clear_line(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"cache_dir: {tmp_path}\nmax_stale: soon\n")
+    result = CliRunner().invoke(main, ["cache", "prune", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "invalid duration 'soon'" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(

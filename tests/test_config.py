@@ -6,7 +6,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from mirror.config import Settings, host_port, load_settings, parse_duration
+from mirror.config import Settings, host_port, load_settings
 
 pytestmark = pytest.mark.usefixtures("no_mirror_env")
 
@@ -67,14 +67,6 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_invalid_values(field: str, value: object) -> None:
     with pytest.raises(pydantic.ValidationError):
         Settings.model_validate({field: value})
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("300", 300), (45, 45), ("5m", 300), ("1.5h", 5400), ("7d", 604800), ("250ms", 0.25)],
-)
-def test_durations(text: object, seconds: float) -> None:
-    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ async def test_cache_size_entries_and_limit_are_read_at_scrape_time(
             <= m.metric("mirror_cache_filesystem_size_bytes")
         )
         # An eviction round frees it, and the gauges follow.
-        await m.app.state.evictor.run_once()
+        await m.app.state.components.evictor.run_once()
         assert m.metric("mirror_cache_size_bytes") == 0
         assert m.metric("mirror_cache_entries", kind="blob") == 0
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from mirror.errors import RegistryError
-from mirror.reference import Digest, Reference, parse_path, upstream_name, validate_name
+from mirror.reference import Digest, Reference, parse_path, validate_name
 
 SHA256 = "sha256:" + "a" * 64
 SHA512 = "sha512:" + "b" * 128
@@ -122,16 +122,3 @@ def test_parse_path_errors(rest: str, code: str) -> None:
     with pytest.raises(RegistryError) as err:
         parse_path(rest)
     assert err.value.code == code
-
-
-@pytest.mark.parametrize(
-    ("name", "hub", "expected"),
-    [
-        ("alpine", True, "library/alpine"),
-        ("library/alpine", True, "library/alpine"),
-        ("bitnami/redis", True, "bitnami/redis"),
-        ("alpine", False, "alpine"),
-    ],
-)
-def test_upstream_name(name: str, hub: bool, expected: str) -> None:
-    assert upstream_name(name, docker_hub=hub) == expected

@@ -9,16 +9,16 @@ import pytest
 
 def fill_disk_after(monkeypatch: pytest.MonkeyPatch, capacity: int) -> None:
     """Writes fail with ENOSPC once `capacity` bytes (of any download) are on disk."""
-    from mirror.downloads import _HashingWriter
+    from mirror.hashing import HashingWriter
 
-    real_write_all = _HashingWriter._write_all
+    real_write_all = HashingWriter._write_all
     used = 0
 
-    def fill_disk(self: _HashingWriter, chunk: bytes) -> None:
+    def fill_disk(self: HashingWriter, chunk: bytes) -> None:
         nonlocal used
         if used + len(chunk) > capacity:
             raise OSError(errno.ENOSPC, "No space left on device")
         used += len(chunk)
         real_write_all(self, chunk)
 
-    monkeypatch.setattr(_HashingWriter, "_write_all", fill_disk)
+    monkeypatch.setattr(HashingWriter, "_write_all", fill_disk)

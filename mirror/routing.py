@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mirror.config import DOCKER_HUB, DOCKER_HUB_ALIASES
+from mirror import dockerhub
 from mirror.errors import RegistryError
 from mirror.proxy import Proxy
 
@@ -22,7 +22,9 @@ class Route:
     prefix: str  # the path prefix the client used ("ghcr/"), or ""
 
 
-class Upstreams:
+class Router:
+    """Routes each request to the proxy of its upstream."""
+
     def __init__(
         self,
         proxies: dict[str, Proxy],
@@ -42,9 +44,7 @@ class Upstreams:
 
     def for_ns(self, ns: str) -> Proxy:
         """The upstream a client names with `ns`; DENIED (no request made) if none."""
-        key = ns.strip().lower()
-        if key in DOCKER_HUB_ALIASES:
-            key = DOCKER_HUB
+        key = dockerhub.canonical(ns)
         proxy = self._by_ns.get(key)
         if proxy is None:
             raise RegistryError(

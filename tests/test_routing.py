@@ -252,44 +252,6 @@ async def test_realm_on_another_port_of_the_same_host_gets_no_credentials(
     assert a.token_requests == []  # bob's password never reached A
 
 
-@pytest.mark.parametrize(
-    ("upstream", "realm", "allowed"),
-    [
-        ("https://registry-1.docker.io", "https://auth.docker.io/token", True),
-        ("https://ghcr.io", "https://ghcr.io/token", True),
-        ("https://registry.example.com:5000", "https://registry.example.com:5000/t", True),
-        ("https://registry.example.com", "https://auth.example.com/token", True),
-        ("https://registry.example.com", "https://auth.example.com:8443/token", False),
-        ("https://myreg.azurecr.io", "https://attacker.azurecr.io/oauth2/token", False),
-        (
-            "https://111111111111.dkr.ecr.us-east-1.amazonaws.com",
-            "https://999999999999.dkr.ecr.us-east-1.amazonaws.com/t",
-            False,
-        ),
-        ("https://corp.jfrog.io", "https://evil.jfrog.io/token", False),
-        ("https://ghcr.io", "http://ghcr.io/token", False),  # no downgrade to http
-        ("http://[::1]:5000", "http://[::1]:6000/token", True),  # its host, another port
-        ("https://a.co.uk", "https://b.co.uk/token", False),  # only a public suffix shared
-    ],
-)
-def test_token_realm_rules(upstream: str, realm: str, allowed: bool) -> None:
-    from mirror.metrics import Metrics
-    from mirror.upstream import Upstream
-
-    up = Upstream(upstream, httpx.AsyncClient(), Metrics())
-    assert up._realm_allowed(realm) is allowed
-
-
-def test_another_upstreams_origin_is_never_a_realm() -> None:
-    from mirror.metrics import Metrics
-    from mirror.upstream import Upstream
-
-    other = "http://127.0.0.1:6000"
-    up = Upstream("http://127.0.0.1:5000", httpx.AsyncClient(), Metrics(), other_upstreams=(other,))
-    assert not up._realm_allowed(f"{other}/token")
-    assert up._realm_allowed("http://127.0.0.1:7000/token")  # its own host
-
-
 async def test_tags_list_next_page_stays_with_the_same_upstream(
     two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory
 ) -> None:

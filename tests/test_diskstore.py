@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from fakes.cache import commit_bytes
+
+from mirror.diskstore import DiskStore
+from mirror.reference import Digest
+from mirror.store import Stats
+
+
+async def test_recover_after_a_crash(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    kept = await commit_bytes(store, b"kept")
+    lost = await commit_bytes(store, b"file lost")
+    store.blob_path(lost).unlink()  # an index entry without its file
+    orphan = Digest("sha256", hashlib.sha256(b"orphan").hexdigest())
+    store.blob_path(orphan).parent.mkdir(parents=True, exist_ok=True)
+    store.blob_path(orphan).write_bytes(b"orphan")  # renamed in, never recorded
+    store.temp_path().write_bytes(b"half a download")
+    store.close()
+
+    store = DiskStore(tmp_path)
+    report = store.recover()
+    assert (
+        report.blobs,
+        report.temp_removed,
+        report.orphan_files_removed,
+        report.entries_dropped,
+    ) == (1, 1, 1, 1)
+    # The metrics' running totals count only what survived (no scan needed).
+    assert (store.usage().blobs, store.usage().blob_bytes) == (1, len(b"kept"))
+    assert [b.digest for b in store.scan().blobs] == [kept]
+    assert not store.blob_path(orphan).exists()
+    assert list(store.tmp_dir.iterdir()) == []
+    again = store.recover()  # idempotent: nothing left to repair
+    assert (again.blobs, again.temp_removed, again.orphan_files_removed, again.entries_dropped) == (
+        1,
+        0,
+        0,
+        0,
+    )
+    store.close()
+
+
+async def test_stats_and_verify(tmp_path: Path) -> None:
+    clock_now = [1000.0]
+    store = DiskStore(tmp_path, clock=lambda: clock_now[0])
+    a = await commit_bytes(store, b"a" * 100)
+    clock_now[0] = 2000.0
+    b = await commit_bytes(store, b"b" * 50)
+    stats = Stats.of(store.scan())
+    assert (stats.blobs, stats.blob_bytes, stats.oldest, stats.newest) == (2, 150, 1000, 2000)
+
+    with open(store.blob_path(b), "r+b") as f:  # bit rot on disk
+        f.write(b"X")
+    results = {e.digest: store.verify_blob(e) for e in store.scan().blobs}
+    assert results == {a: True, b: False}
+    assert [e.digest for e in store.scan().blobs] == [a]
+    assert not store.blob_path(b).exists()
+    store.close()
+
+
+async def test_open_blob_drops_an_entry_whose_file_vanished(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    d = await commit_bytes(store, b"x")
+    os.unlink(store.blob_path(d))
+    assert await store.open_blob(d) is None
+    assert await store.blob_size(d) is None
+    store.close()
