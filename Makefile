@@ -35,7 +35,7 @@ unit: install
 ## Measurements (results in docs/benchmarks.md): side by side with Distribution's
 ## proxy mode (rewrites its section and plots), upstream read path, pull times.
 bench: system-deps install
-	$(BIN)/python bench/compare.py --write-docs
+	$(BIN)/python -m bench.compare --write-docs
 	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3
 	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3 --mallopt
 	$(BIN)/python bench/pull_times.py --repeat 3 --big-mib 256

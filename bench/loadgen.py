@@ -1,4 +1,4 @@
-"""Load clients for bench/compare.py, run in worker processes (never in the orchestrator).
+"""Load clients for bench/compare/, run in worker processes (never in the orchestrator).
 
 - `fetch_blobs`: N concurrent GETs of one blob, one thread and one raw socket each,
   `recv_into` a reused 1 MiB buffer and hashlib on each piece (both release the GIL, so
