@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from .daemon import free_port
 from .images import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -21,7 +22,7 @@ from .images import (
     registry_get,
     sha256_digest,
 )
-from .registry import LoggedRequest, Registry, free_port
+from .registry import LoggedRequest, Registry
 from .tokenserver import TokenRequest, TokenServer
 
 __all__ = [

@@ -15,16 +15,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import urlsplit
 
 from mirror.hosts import hosts_toml
+
+from .daemon import Daemon, NotReady, find_binary
 
 # Everything that could make containerd touch host paths, the network or the kernel
 # in ways a test does not need. The daemon then loads: content, metadata (bolt),
@@ -127,18 +126,19 @@ class CtrCheck:
     unpacked: bool
 
 
-class Containerd:
+class Containerd(Daemon):
     """A private containerd daemon: `with Containerd(workdir) as ctd: ctd.pull(...)`."""
 
+    name = "containerd"
+    new_session = True
+
     def __init__(self, workdir: Path, *, namespace: str = "mirror-test") -> None:
-        self.workdir = Path(workdir).absolute()
+        super().__init__(Path(workdir).absolute(), "containerd.log")
         self.namespace = namespace
         self.root = self.workdir / "root"
         self.state = self.workdir / "state"
         self.config_path = self.workdir / "config.toml"
-        self.log_path = self.workdir / "containerd.log"
         self._sockdir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -148,7 +148,12 @@ class Containerd:
             raise RuntimeError("containerd is not started")
         return str(self._sockdir / "c.sock")
 
-    def _write_config(self) -> None:
+    def command(self) -> list[str]:
+        return [find_binary("containerd", "containerd"), "--config", str(self.config_path)]
+
+    def prepare(self) -> None:
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        self._sockdir = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
         disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
         config = f"""\
 version = 2
@@ -176,60 +181,18 @@ disabled_plugins = [{disabled}]
 """
         self.config_path.write_text(config)
 
-    def start(self, timeout: float = 20.0) -> Containerd:
-        binary = shutil.which("containerd")
-        if binary is None:
-            raise RuntimeError("containerd is not on PATH (apt-get install containerd)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "tmp").mkdir(exist_ok=True)
-        self._sockdir = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
-        self._write_config()
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [binary, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self._env(),
-                start_new_session=True,  # a ^C in pytest must not reach it first
-            )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def check_ready(self) -> None:
+        if not Path(self.address).exists():
+            raise NotReady(f"no socket at {self.address} yet")
+        result = self.ctr("version", timeout=5)
+        if result.returncode != 0:
+            raise NotReady(result.stderr.strip())
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no attempt made"
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                last = f"containerd exited with code {self._proc.returncode}"
-                break
-            if Path(self.address).exists():
-                result = self.ctr("version", timeout=5)
-                if result.returncode == 0:
-                    return
-                last = result.stderr.strip()
-            time.sleep(0.05)
-        raise RuntimeError(f"containerd did not become ready: {last}\n{self.log()}")
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        try:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            self._unmount()
-            if self._sockdir is not None:
-                shutil.rmtree(self._sockdir, ignore_errors=True)
-                self._sockdir = None
+    def cleanup(self) -> None:
+        self._unmount()
+        if self._sockdir is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            self._sockdir = None
 
     def _unmount(self) -> None:
         # The native snapshotter unpacks through bind mounts under root/tmpmounts;
@@ -238,32 +201,26 @@ disabled_plugins = [{disabled}]
             for point in mounts_under(base):
                 subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
 
-    def __enter__(self) -> Containerd:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @staticmethod
-    def _env() -> dict[str, str]:
+    def environment(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
 
     def ctr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """`ctr --address SOCK --namespace NS ARGS...`; never raises on a non-zero exit."""
-        binary = shutil.which("ctr")
-        if binary is None:
-            raise RuntimeError("ctr is not on PATH (apt-get install containerd)")
-        cmd = [binary, "--address", self.address, "--namespace", self.namespace, *args]
+        cmd = [
+            find_binary("ctr", "containerd"),
+            "--address",
+            self.address,
+            "--namespace",
+            self.namespace,
+            *args,
+        ]
         return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=self._env(), check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.environment(),
+            check=False,
         )
 
     def pull(

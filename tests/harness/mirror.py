@@ -7,20 +7,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from .daemon import Daemon, expect_status, free_port
 from .images import _skopeo, _skopeo_env
-from .registry import free_port
 
 
-class MirrorProcess:
+class MirrorProcess(Daemon):
     """`python -m mirror serve` on 127.0.0.1:<free port>, with its log in a file."""
+
+    name = "mirror"
+    stop_grace = 15.0
 
     def __init__(
         self,
@@ -32,16 +32,14 @@ class MirrorProcess:
         port: int | None = None,
         argv: list[str] | None = None,
     ) -> None:
-        self.workdir = workdir
+        super().__init__(workdir, "mirror.log")
         self.upstream = upstream
-        self.cache_dir = cache_dir or workdir / "cache"
+        self.cache_dir = cache_dir or self.workdir / "cache"
         self.port = port or free_port()
-        self.log_path = workdir / "mirror.log"
         self.env = env or {}
         # A command line of its own (e.g. the image's ENTRYPOINT + CMD): then listen
         # address and cache directory must come from `env`.
         self.argv = argv
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -51,51 +49,23 @@ class MirrorProcess:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> MirrorProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "mirror",
-            "serve",
-            "--listen",
-            self.host,
-            "--cache-dir",
-            str(self.cache_dir),
-        ]
+    def command(self) -> list[str]:
+        if self.argv is not None:
+            return self.argv
+        cmd = [sys.executable, "-m", "mirror", "serve", "--listen", self.host]
+        cmd += ["--cache-dir", str(self.cache_dir)]
         if self.upstream is not None:  # else `upstreams` come from env or a config file
             cmd += ["--upstream", self.upstream]
-        if self.argv is not None:
-            cmd = self.argv
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, **self.env}
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"mirror exited ({self._proc.returncode}):\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/v2/", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mirror did not become ready:\n{self.log()}")
+        return cmd
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(sig)
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
+    def environment(self) -> dict[str, str]:
+        # The developer's own MIRROR_* settings must not leak into a test's mirror;
+        # everything else (PYTHONPATH above all) is passed on.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        return {**env, **self.env}
+
+    def check_ready(self) -> None:
+        expect_status(self.url + "/v2/", 200)
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send `sig` and wait for the process to exit by itself; its exit code."""
@@ -104,9 +74,6 @@ class MirrorProcess:
         code = self._proc.wait(timeout=timeout)
         self._proc = None
         return code
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Samples from /metrics, keyed by (name, sorted labels)."""
@@ -120,17 +87,6 @@ class MirrorProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def __enter__(self) -> MirrorProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def skopeo_copy(

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .registry import free_port
+from .daemon import Daemon, expect_status, find_binary, free_port
 
 
-class Prometheus:
+class Prometheus(Daemon):
     """Scrapes `targets` every `interval_ms`; loads `rule_files` (alerts)."""
+
+    name = "prometheus"
+    start_timeout = 30.0
+    stop_grace = 15.0
 
     def __init__(
         self,
@@ -27,23 +27,27 @@ class Prometheus:
         interval_ms: int = 1000,
         rule_files: list[Path] | None = None,
     ) -> None:
-        self.workdir = workdir
+        super().__init__(workdir, "prometheus.log")
         self.targets = targets
         self.interval = f"{interval_ms}ms"
         self.rule_files = rule_files or []
         self.port = free_port()
-        self.log_path = workdir / "prometheus.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.config_path = self.workdir / "prometheus.yml"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> Prometheus:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            raise RuntimeError("prometheus is not on PATH; install the Debian package")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
+        return [
+            find_binary("prometheus", "prometheus"),
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+        ]
+
+    def prepare(self) -> None:
         config = {
             "global": {
                 "scrape_interval": self.interval,
@@ -54,39 +58,10 @@ class Prometheus:
                 {"job_name": "mirror", "static_configs": [{"targets": self.targets}]}
             ],
         }
-        config_path = self.workdir / "prometheus.yml"
-        config_path.write_text(json.dumps(config))  # JSON is YAML
-        cmd = [
-            binary,
-            f"--config.file={config_path}",
-            f"--storage.tsdb.path={self.workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-            "--web.enable-lifecycle",
-        ]
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"prometheus did not become ready:\n{self.log_path.read_text()}")
+        self.config_path.write_text(json.dumps(config))  # JSON is YAML
 
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
+    def check_ready(self) -> None:
+        expect_status(self.url + "/-/ready", 200)
 
     def query(self, expr: str) -> dict[str, Any]:
         """The `data` of an instant query; raises with Prometheus' error if it failed."""
@@ -101,14 +76,3 @@ class Prometheus:
             raise AssertionError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
         data: dict[str, Any] = body["data"]
         return data
-
-    def __enter__(self) -> Prometheus:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
