@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
-
 from mirror import dockerhub
 from mirror.config import Settings, UpstreamSettings
 from mirror.diskstore import DiskStore
@@ -60,12 +58,12 @@ class Components:
     store: DiskStore
     router: Router
     evictor: Evictor
-    clients: list[httpx.AsyncClient]
+    upstreams: list[Upstream]
 
     async def aclose(self) -> None:
-        await self.router.aclose()
-        for client in self.clients:
-            await client.aclose()
+        await self.router.aclose()  # downloads and flights first: they use the upstreams
+        for upstream in self.upstreams:
+            await upstream.aclose()
         self.store.close()
 
 
@@ -76,15 +74,13 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     configured = settings.resolved_upstreams()
     urls = [c.base_url for c in configured]
     freshness = settings.freshness()
-    clients = []
+    upstreams = []
     proxies: dict[str, Proxy] = {}
     for config in configured:
-        client = make_client(settings.connect_timeout, settings.read_timeout, verify=_tls(config))
-        clients.append(client)
         secret = config.secret()
         upstream = Upstream(
             config.base_url,
-            client,
+            make_client(settings.connect_timeout, settings.read_timeout, verify=_tls(config)),
             metrics,
             name=config.name,
             credentials=Credentials(config.username, secret)
@@ -94,6 +90,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             other_upstreams=tuple(u for u in urls if u != config.base_url),
             resume_attempts=settings.resume_attempts,
         )
+        upstreams.append(upstream)
         metrics.add_upstream(config.name)
         proxies[config.name] = Proxy(
             store,
@@ -114,7 +111,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
         {alias: c.name for c in configured for alias in c.aliases},
     )
     return Components(
-        settings, metrics, store, router, evictor(settings, store, metrics, clock), clients
+        settings, metrics, store, router, evictor(settings, store, metrics, clock), upstreams
     )
 
 

@@ -1,4 +1,4 @@
-"""The remote store: one upstream registry, and the only module that imports httpx.
+"""The remote store: one upstream registry, and the one module that talks to upstreams.
 
 It speaks the registry API for the proxy (`get_manifest`, `head_manifest`,
 `head_blob`, `open_blob`, `tags`) and hides the transport: authentication (the
@@ -108,6 +108,10 @@ class Upstream:
             other_upstreams=other_upstreams,
             clock=clock,
         )
+
+    async def aclose(self) -> None:
+        """Close the connection pool: this upstream owns its client."""
+        await self._client.aclose()
 
     # -- the remote store -------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MirrorFactory, get_when_cached
+from conftest import MirrorFactory, get_when_cached, until
 from fakes.disk import fill_disk_after
 from fakes.upstream import FakeUpstream, Fault
 
@@ -176,11 +176,8 @@ async def test_full_disk_still_streams_the_whole_blob_to_every_client(
         assert again.headers["x-cache"] == "MISS"
         assert upstream.count("GET", f"/blobs/{digest}") == 2
         assert m.metric("mirror_cache_write_failures_total", kind="blob") == 2
-        for _ in range(100):
-            if not any((tmp_path / "cache" / "tmp").iterdir()):
-                break
-            await asyncio.sleep(0.02)
-        assert not any((tmp_path / "cache" / "tmp").iterdir())
+        tmp = tmp_path / "cache" / "tmp"
+        await until(lambda: not any(tmp.iterdir()), "the temp file to go")
         assert not any(p.is_file() for p in (tmp_path / "cache" / "blobs").rglob("*"))
         # Space came back: the mirror caches again without a restart.
         monkeypatch.undo()
@@ -279,10 +276,8 @@ async def test_full_disk_download_stops_when_its_last_client_leaves(
         async with c.stream("GET", f"/v2/a/blobs/{digest}") as r:
             async for _ in r.aiter_raw():
                 break  # the only client hangs up after its first chunk
-        fetched = -1.0
-        host = url.removeprefix("http://")
-        while fetched != (fetched := m.metric("mirror_upstream_bytes_total", upstream=host)):
-            await asyncio.sleep(0.5)  # until the download stops moving
+        await until(lambda: m.metric("mirror_downloads_in_flight") == 0, "the download to stop")
+        fetched = m.metric("mirror_upstream_bytes_total", upstream=url.removeprefix("http://"))
         # Nobody is left to relay to, and nothing can be cached: the fetch stopped early.
         assert fetched < len(big) / 2
 
@@ -309,7 +304,8 @@ async def test_refused_repository_does_not_fail_other_repositories(
     upstream.deny_repos.add("evil/x")
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
         evil = asyncio.create_task(c.get(f"/v2/evil/x/blobs/{digest}"))
-        await asyncio.sleep(0.05)  # the good request joins the evil one's download
+        # The upstream holds the evil request 0.2 s: the good one joins its download.
+        await until(lambda: upstream.count("GET", f"/evil/x/blobs/{digest}") == 1, "evil GET")
         good = await c.get(f"/v2/good/app/blobs/{digest}")
         assert (await evil).status_code == 404
         assert good.status_code == 200
@@ -406,7 +402,8 @@ async def test_range_on_a_blob_in_flight_waits_for_its_bytes(
     upstream.faults[digest] = Fault(delay=0.01, chunk=64 * 1024)  # about 0.5 s in all
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
         full = asyncio.create_task(c.get(f"/v2/a/blobs/{digest}"))
-        await asyncio.sleep(0.1)  # the download is under way, far from done
+        host = url.removeprefix("http://")
+        await until(lambda: m.metric("mirror_upstream_bytes_total", upstream=host) > 0, "bytes")
         tail = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=2000000-"})
         head = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=0-99"})
         assert (await full).content == BLOB

@@ -42,18 +42,20 @@ async def test_errors_reach_every_caller_and_are_not_remembered() -> None:
 
 async def test_a_caller_leaving_does_not_cancel_the_work() -> None:
     flight: SingleFlight[str] = SingleFlight()
-    done = asyncio.Event()
+    started, release, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def work() -> str:
-        await asyncio.sleep(0.05)
+        started.set()
+        await release.wait()
         done.set()
         return "ok"
 
     first = asyncio.create_task(flight.run("k", work))
-    await asyncio.sleep(0.01)
+    await started.wait()
     second = asyncio.create_task(flight.run("k", work))
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
+    release.set()
     assert await second == ("ok", True)
     assert done.is_set()

@@ -7,7 +7,7 @@ import math
 import os
 
 import httpx
-from conftest import MirrorFactory, get_when_cached
+from conftest import MirrorFactory, get_when_cached, until
 from fakes.upstream import FakeUpstream, Fault
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
@@ -26,11 +26,7 @@ async def test_upstream_token_bytes_and_in_flight_downloads(mirror: MirrorFactor
         async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=30) as c:
             assert m.metric("mirror_downloads_in_flight") == 0
             pull = asyncio.create_task(c.get(f"/v2/a/blobs/{digest}"))
-            for _ in range(100):
-                if m.metric("mirror_downloads_in_flight") == 1:
-                    break
-                await asyncio.sleep(0.01)
-            assert m.metric("mirror_downloads_in_flight") == 1
+            await until(lambda: m.metric("mirror_downloads_in_flight") == 1, "the download")
             assert (await pull).content == data
             await get_when_cached(c, f"/v2/a/blobs/{digest}")
             assert m.metric("mirror_downloads_in_flight") == 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MirrorFactory, get_when_cached
+from conftest import MirrorFactory, get_when_cached, until
 from fakes.server import serve
 from fakes.upstream import FakeUpstream
 
@@ -327,7 +327,7 @@ async def test_one_upstreams_failure_never_breaks_another_upstreams_pull(
                 return exc
 
         broken = asyncio.create_task(via_a())
-        await asyncio.sleep(0.2)  # A's download is under way
+        await until(lambda: a.count("GET", f"/blobs/{digest}") == 1, "A's download")
         rb = await c.get(f"/v2/y/blobs/{digest}", params={"ns": "regb.test:5000"})
         assert isinstance(await broken, httpx.RemoteProtocolError)
     assert rb.status_code == 200 and rb.content == blob
