@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mirror.metrics import Metrics
+from mirror.metrics import EvictionReason, Kind, Metrics
 from mirror.store import Store
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Evictor:
             )
         return result
 
-    def _count(self, kind: str, reason: str, size: int) -> None:
+    def _count(self, kind: Kind, reason: EvictionReason, size: int) -> None:
         if self._metrics is not None:
             self._metrics.evictions.labels(kind, reason).inc()
             self._metrics.evicted_bytes.labels(reason).inc(size)

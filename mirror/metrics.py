@@ -43,10 +43,12 @@ Kind = Literal["manifest", "blob"]
 CacheResult = Literal["hit", "miss", "revalidated", "stale"]
 Source = Literal["cache", "upstream"]  # where served bytes came from
 UpstreamKind = Literal["manifest", "blob", "tags", "token", "ping"]
+EvictionReason = Literal["ttl", "size"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
 SOURCES: tuple[Source, ...] = get_args(Source)
 UPSTREAM_KINDS: tuple[UpstreamKind, ...] = get_args(UpstreamKind)
+EVICTION_REASONS: tuple[EvictionReason, ...] = get_args(EvictionReason)
 
 # Manifests answer in milliseconds; GB blobs take seconds to minutes.
 REQUEST_BUCKETS = (
@@ -196,7 +198,7 @@ class Metrics:
             self.cache_write_failures.labels(kind)
             for result in CACHE_RESULTS:
                 self.cache.labels(kind, result)
-        for reason in ("ttl", "size"):
+        for reason in EVICTION_REASONS:
             self.evicted_bytes.labels(reason)
             for kind in KINDS:
                 self.evictions.labels(kind, reason)
@@ -226,7 +228,9 @@ class Metrics:
         self.registry.register(collector)
         return collector
 
-    def upstream_request(self, upstream: str, kind: str, status: str, seconds: float) -> None:
+    def upstream_request(
+        self, upstream: str, kind: UpstreamKind, status: str, seconds: float
+    ) -> None:
         self.upstream_requests.labels(upstream, kind, status).inc()
         self.upstream_duration.labels(upstream, kind).observe(seconds)
 
