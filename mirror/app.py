@@ -26,33 +26,40 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         built = components.build(settings, metrics, clock)
-        report = built.store.recover()
-        log.info(
-            "cache recovered in %.2f s: %d blobs; removed %d temp files and %d orphan "
-            "files, dropped %d entries without files",
-            report.seconds,
-            report.blobs,
-            report.temp_removed,
-            report.orphan_files_removed,
-            report.entries_dropped,
-        )
-        collector = metrics.watch_cache(built.store.usage, settings.max_size, settings.cache_dir)
-        app.state.components = built
-        log.info(
-            "mirror ready: upstreams %s (default %s), cache %s",
-            ", ".join(f"{c.name}={c.base_url}" for c in settings.resolved_upstreams()),
-            settings.default_upstream_name(),
-            settings.cache_dir,
-        )
-        # Eviction runs in the background, in a worker thread: never in a request's path.
-        eviction = asyncio.create_task(built.evictor.run_forever(settings.eviction_interval))
+        collector = None
+        eviction = None
         try:
+            report = built.store.recover()
+            log.info(
+                "cache recovered in %.2f s: %d blobs; removed %d temp files and %d orphan "
+                "files, dropped %d entries without files",
+                report.seconds,
+                report.blobs,
+                report.temp_removed,
+                report.orphan_files_removed,
+                report.entries_dropped,
+            )
+            collector = metrics.watch_cache(
+                built.store.usage, settings.max_size, settings.cache_dir
+            )
+            app.state.components = built
+            log.info(
+                "mirror ready: upstreams %s (default %s), cache %s",
+                ", ".join(f"{c.name}={c.base_url}" for c in settings.resolved_upstreams()),
+                settings.default_upstream_name(),
+                settings.cache_dir,
+            )
+            # Eviction runs in the background, in a worker thread: never in a request's path.
+            eviction = asyncio.create_task(built.evictor.run_forever(settings.eviction_interval))
             yield
         finally:
-            eviction.cancel()
-            await asyncio.gather(eviction, return_exceptions=True)
+            # Also when start-up failed half-way: nothing built is left open.
+            if eviction is not None:
+                eviction.cancel()
+                await asyncio.gather(eviction, return_exceptions=True)
             await built.aclose()
-            metrics.registry.unregister(collector)
+            if collector is not None:
+                metrics.registry.unregister(collector)
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.metrics = metrics

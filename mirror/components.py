@@ -74,10 +74,12 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     configured = settings.resolved_upstreams()
     urls = [c.base_url for c in configured]
     freshness = settings.freshness()
+    # Every secret is read before any client is opened: a missing one fails the start
+    # with nothing to clean up.
+    secrets = [config.secret() for config in configured]
     upstreams = []
     proxies: dict[str, Proxy] = {}
-    for config in configured:
-        secret = config.secret()
+    for config, secret in zip(configured, secrets, strict=True):
         upstream = Upstream(
             config.base_url,
             make_client(settings.connect_timeout, settings.read_timeout, verify=_tls(config)),

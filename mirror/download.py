@@ -71,7 +71,7 @@ class BlobDownload:
 
     async def room(self) -> None:
         """A spilled download moves at its readers' pace (relay.Relay.room)."""
-        await self._relay.room(self.written, self._notify)
+        await self._relay.room(lambda: self.written, self._notify)
 
     def verified(self, size: int) -> None:
         self.size = size

@@ -78,9 +78,12 @@ class Relay:
             self._bytes -= len(chunk)
         self._room.set()
 
-    async def room(self, written: int, wake: Callable[[], None]) -> None:
+    async def room(self, written: Callable[[], int], wake: Callable[[], None]) -> None:
         """Wait until the window has room; cut readers that stall it for STALL.
 
+        `written` is read when it is needed, not when the wait starts: the writer
+        thread keeps relaying chunks it had queued while the producer waits, and a
+        reader that fell behind them must be judged against where the bytes are now.
         `wake` tells waiting readers to look again (a cut one learns it was cut).
         """
         while True:
@@ -93,7 +96,7 @@ class Relay:
             try:
                 await asyncio.wait_for(self._room.wait(), STALL)
             except TimeoutError:
-                keep_from = written - WINDOW
+                keep_from = written() - WINDOW
                 if self._chunks:
                     # A reader stalled inside the oldest chunk must go too, or nothing
                     # is freed and the producer waits forever.
@@ -101,7 +104,7 @@ class Relay:
                 for cursor in live:
                     if cursor.pos < keep_from:
                         cursor.lagged = True
-                self.moved(written)
+                self.moved(written())
                 wake()
 
     def _live(self) -> list[Cursor]:

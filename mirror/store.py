@@ -149,7 +149,12 @@ class Store(Protocol):
         ...
 
     async def commit_blob(self, digest: Digest, temp: Path, size: int) -> Path:
-        """Adopt a verified, synced temp file under its digest; where it now is."""
+        """Adopt a verified, synced temp file under its digest; where it now is.
+
+        Readers may still join the download while this runs and open `temp` by name:
+        a store that awaits before the file is in its final place must keep `temp`
+        readable until then.
+        """
         ...
 
     # -- access tracking (no I/O on the request path) and lifecycle -------------------

@@ -269,7 +269,11 @@ class RemoteBlob:
                     log.warning(
                         "upstream body of %s broke at %d bytes: %r", self._path, offset, exc
                     )
-                    raise _transport_error(exc, "upstream") from exc
+                    # The upstream answered, then broke: not "unreachable", and not a
+                    # timeout to report as 504 either; no transport detail for clients.
+                    raise UpstreamError(
+                        "UNAVAILABLE", "upstream download failed", status=502
+                    ) from exc
                 attempts += 1
                 log.warning(
                     "upstream body of %s broke at %d bytes (%r); resuming (%d/%d)",

@@ -483,3 +483,16 @@ async def test_client_gets_verified_bytes_without_waiting_for_fsync(
         disk_caught_up.set()
         await get_when_cached(c, f"/v2/a/blobs/{digest}")  # now the commit follows
     assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_a_body_that_breaks_for_good_is_a_plain_502_without_transport_detail(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    digest = upstream.add_blob(BLOB)
+    # Chunked: a range must wait for the end, so it sees the download's error.
+    upstream.faults[digest] = Fault(chunked=True, cut_after=500_000, cut_times=9)
+    async with mirror(url, resume_attempts=0) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get(f"/v2/a/blobs/{digest}", headers={"Range": "bytes=10-19"})
+    assert r.status_code == 502
+    assert r.json() == {"errors": [{"code": "UNAVAILABLE", "message": "upstream download failed"}]}

@@ -45,6 +45,9 @@ async def test_a_reader_stalled_mid_chunk_is_cut_and_the_others_go_on(
         nonlocal woken
         woken += 1
 
+    def now() -> int:
+        return written
+
     async def produce() -> None:
         nonlocal written
         while not stalled.lagged:
@@ -52,7 +55,7 @@ async def test_a_reader_stalled_mid_chunk_is_cut_and_the_others_go_on(
             written += 4096
             fast.pos = written
             r.moved(written)
-            await r.room(written, wake)
+            await r.room(now, wake)
 
     await asyncio.wait_for(produce(), timeout=10)
     assert stalled.lagged
@@ -65,4 +68,29 @@ async def test_the_last_reader_leaving_abandons_the_download() -> None:
     only = r.attach()
     only.closed = True
     with pytest.raises(Abandoned):
-        await r.room(0, lambda: None)
+        await r.room(lambda: 0, lambda: None)
+
+
+async def test_a_stall_is_judged_by_the_bytes_relayed_while_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer thread goes on relaying what it had queued while the producer waits:
+    a reader that falls a window behind meanwhile is cut after one stall, not two."""
+    monkeypatch.setattr(relay, "WINDOW", 100)
+    monkeypatch.setattr(relay, "STALL", 0.2)
+    r = Relay()
+    behind, ahead = r.attach(), r.attach()
+    written = 110
+    for _ in range(11):
+        r.push(b"x" * 10)
+    behind.pos, ahead.pos = 50, 110
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiting = asyncio.create_task(r.room(lambda: written, lambda: None))
+    await asyncio.sleep(0)  # the producer is waiting now
+    for _ in range(5):  # queued chunks still arrive
+        r.push(b"x" * 10)
+        written += 10
+    await asyncio.wait_for(waiting, timeout=5)
+    assert behind.lagged
+    assert loop.time() - started < 0.35  # one stall
