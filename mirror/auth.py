@@ -91,6 +91,9 @@ class Credentials:
     password: str
 
 
+# RFC 6750 b64token, leniently: visible ASCII, no spaces (JWTs and opaque tokens fit).
+_TOKEN_RE = re.compile(r"[!-~]{1,16384}")
+
 # GET url with params and headers -> (status, body): the upstream module's transport.
 TokenGet = Callable[[str, dict[str, str], dict[str, str]], Awaitable[tuple[int, bytes]]]
 
@@ -140,8 +143,24 @@ class UpstreamAuth:
             or (challenge.scheme == "basic" and self._credentials is None)
         ):
             return False
+        if challenge.scheme == "bearer" and challenge.realm:
+            # Checked before it is kept: a refused challenge must fail this request
+            # only, never every later one (public repositories need no token at all).
+            self._check_realm(challenge.realm)
         self._challenge = challenge
         return True
+
+    def _check_realm(self, realm: str) -> None:
+        if not self.realm_allowed(realm):
+            # A registry (or whoever answers for it) naming a foreign token service
+            # would learn our credentials, or hand us tokens from anywhere. The
+            # upstream misbehaves: trouble that a stale tag may paper over.
+            log.warning("upstream %s named a foreign token realm; refused", self._name)
+            raise UpstreamError(
+                "UNAUTHORIZED",
+                f"upstream {self._name} named a token realm on a host not allowed for it",
+                status=502,
+            )
 
     async def authorization(
         self, scope: str | None, *, rejected: str | None = None, asked: str | None = None
@@ -161,16 +180,6 @@ class UpstreamAuth:
             return self._basic()
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
-        if not self.realm_allowed(challenge.realm):
-            # A registry (or whoever answers for it) naming a foreign token service
-            # would learn our credentials, or hand us tokens from anywhere.
-            log.warning("upstream %s named a foreign token realm; refused", self._name)
-            raise UpstreamError(
-                "UNAUTHORIZED",
-                f"upstream {self._name} named a token realm on a host not allowed for it",
-                status=502,
-                upstream_status=401,
-            )
         key = (challenge.realm, challenge.service or "", scope or "")
         token = self._tokens.get(key)
         if token is not None and f"Bearer {token}" != rejected:
@@ -272,6 +281,10 @@ def _token_from(status: int, body: bytes) -> tuple[str, object]:
         token = None
     if not isinstance(token, str) or not token:
         raise UpstreamError("UNAVAILABLE", "token service returned no token", status=502)
+    if _TOKEN_RE.fullmatch(token) is None:
+        # It goes into an Authorization header: CR/LF or non-ASCII would break the
+        # request (or inject headers into it).
+        raise UpstreamError("UNAVAILABLE", "token service returned a malformed token", status=502)
     return token, data.get("expires_in")
 
 

@@ -91,6 +91,8 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             token_hosts=tuple(config.token_hosts),
             other_upstreams=tuple(u for u in urls if u != config.base_url),
             resume_attempts=settings.resume_attempts,
+            fetch_timeout=settings.fetch_timeout,
+            stall_timeout=settings.read_timeout,
         )
         upstreams.append(upstream)
         metrics.add_upstream(config.name)
@@ -104,6 +106,9 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
                 dockerhub.patterns(config.name, config.deny),
             ),
             manifest_max_bytes=settings.manifest_max_bytes,
+            # Commits in progress at SIGTERM finish within the shutdown's time.
+            commit_grace=settings.shutdown_timeout,
+            max_blob_size=settings.max_blob_size,
             clock=clock,
         )
     router = Router(

@@ -216,8 +216,21 @@ class Settings(BaseSettings):
     # On SIGTERM, responses in flight get this long to finish (keep it below the
     # orchestrator's grace period: Kubernetes' default is 30 s).
     shutdown_timeout: Duration = Field(default=25.0, ge=0)
+    # The listener's guard (mirror/listener.py): open client connections, the time a
+    # client has to send a request head, and that head's size.
+    max_connections: int = Field(default=4096, ge=1)
+    header_timeout: Duration = Field(default=10.0, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0  # between two reads of a body, not for the whole body
+    # Between two reads of a body, not for the whole body; a blob download that
+    # receives nothing this long is also cut by its own watchdog (and resumed).
+    read_timeout: float = 60.0
+    # One deadline for a whole manifest, tag list or token exchange: an upstream that
+    # trickles bytes under the read timeout cannot hold clients longer than this.
+    fetch_timeout: Duration = Field(default=20.0, gt=0)
+    # A blob larger than its manifest descriptor says is cut at that size; one that no
+    # manifest fetched through this mirror describes, at this size.
+    max_blob_size: int = Field(default=64 * 2**30, description="Largest blob fetched")
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
     access_log: bool = True  # one line per request (method, route, status, bytes, ...)
@@ -226,6 +239,14 @@ class Settings(BaseSettings):
     @classmethod
     def _size(cls, value: Any) -> int | None:
         return parse_size(value)
+
+    @field_validator("max_blob_size", mode="before")
+    @classmethod
+    def _blob_size(cls, value: Any) -> int:
+        size = parse_size(value)
+        if size is None:
+            raise ValueError("max_blob_size needs a size, e.g. 64GiB")
+        return size
 
     @field_validator("listen")
     @classmethod

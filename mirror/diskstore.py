@@ -126,6 +126,21 @@ class DiskStore(DiskIndex):
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
 
+    def sweep_temp(self, older_than: float) -> int:
+        # Wall-clock file times, not the injected clock: the file system keeps them.
+        cutoff = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue  # gone meanwhile, or still not removable: next round
+        if removed:
+            log.info("removed %d stale temp files", removed)
+        return removed
+
     def verify_blob(self, entry: BlobEntry) -> bool:
         digest = entry.digest
         h = hashlib.new(digest.algorithm)

@@ -15,7 +15,6 @@ and stops being shared: a relay cannot serve readers who join late.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Coroutine
@@ -39,17 +38,21 @@ class DigestMismatch(Exception):
 
 
 class Downloads:
-    def __init__(self, store: Store, upstream: Upstream, metrics: Metrics) -> None:
+    def __init__(
+        self, store: Store, upstream: Upstream, metrics: Metrics, *, commit_grace: float = 25.0
+    ) -> None:
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
+        self._commit_grace = commit_grace
         self._active: dict[Digest, BlobDownload] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._runs: dict[asyncio.Task[None], BlobDownload] = {}
 
     def active(self, digest: Digest) -> BlobDownload | None:
         return self._active.get(digest)
 
-    async def join(self, repo: str, digest: Digest) -> DownloadReader:
+    async def join(self, repo: str, digest: Digest, max_bytes: int) -> DownloadReader:
         """A reader of the download of `digest` (joined, or started), once upstream
         has answered with headers.
 
@@ -58,7 +61,7 @@ class Downloads:
         one client's bad name cannot fail everybody else's.
         """
         while True:
-            dl = self.get_or_start(repo, digest)
+            dl = self.get_or_start(repo, digest, max_bytes)
             reader = dl.reader()
             try:
                 await dl.ready()
@@ -71,7 +74,7 @@ class Downloads:
                 await reader.aclose()
                 raise
 
-    def get_or_start(self, repo: str, digest: Digest) -> BlobDownload:
+    def get_or_start(self, repo: str, digest: Digest, max_bytes: int) -> BlobDownload:
         download = self._active.get(digest)
         if download is not None:
             self._metrics.coalesced.labels("blob").inc()
@@ -88,21 +91,30 @@ class Downloads:
             write_error = exc
         else:
             self._active[digest] = download
-        self._background(self._run(download, write_error))
+        run = self._background(self._run(download, max_bytes, write_error))
+        self._runs[run] = download
+        run.add_done_callback(self._runs.pop)
         return download
 
     async def aclose(self) -> None:
+        """Stop: downloads whose bytes verified are only committing (fsync, rename), so
+        they get `commit_grace` seconds to finish (clients already have those bytes: a
+        cancelled commit would throw a verified blob away). Everything else stops now."""
+        committing = {t for t, dl in self._runs.items() if dl.state == "verified"}
+        if committing:
+            log.info("waiting up to %.0f s for %d commits", self._commit_grace, len(committing))
+            await asyncio.wait(committing, timeout=self._commit_grace)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- the download task ------------------------------------------------------------
 
-    async def _run(self, dl: BlobDownload, write_error: OSError | None) -> None:
+    async def _run(self, dl: BlobDownload, max_bytes: int, write_error: OSError | None) -> None:
         writer: HashingWriter | None = None
         self._metrics.downloads_in_flight.inc()
         try:
-            body = await self._upstream.open_blob(dl.repo, dl.digest)
+            body = await self._upstream.open_blob(dl.repo, dl.digest, max_bytes)
             try:
                 if write_error is not None:
                     self._cache_write_failed(dl, write_error)
@@ -201,13 +213,21 @@ class Downloads:
         if self._active.get(dl.digest) is dl:
             del self._active[dl.digest]
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `coro` as a task owned by this table (cancelled by aclose)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Best effort: on a read-only or failing disk the file stays, and the store's
+    sweep of old temp files removes it once it can (an error here would only be a
+    second failure on top of the one being handled)."""
+    try:
         path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove temp file %s (%s); left for the sweep", path.name, exc)

@@ -26,6 +26,10 @@ from mirror.store import Store
 
 log = logging.getLogger(__name__)
 
+# A download in progress writes its temp file all the time, and a stalled one is cut
+# by its watchdog long before this: an hour-old temp file has no owner.
+TEMP_MAX_AGE = 3600.0
+
 
 @dataclass(frozen=True, slots=True)
 class Round:
@@ -71,6 +75,7 @@ class Evictor:
         started = time.perf_counter()
         store = self._store
         store.flush_access()
+        store.sweep_temp(TEMP_MAX_AGE)
         now = self._clock()
         ttl_blobs = ttl_manifests = ttl_tags = size_blobs = freed = 0
 

@@ -18,6 +18,9 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+SCHEMA1_TYPES = frozenset({DOCKER_MANIFEST_V1, DOCKER_MANIFEST_V1_SIGNED})
+# What "any manifest" means upstream: everything but schema1, indexes first.
+DEFAULT_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST_V2)
 MANIFEST_TYPES = (
     frozenset({DOCKER_MANIFEST_V2, DOCKER_MANIFEST_V1, DOCKER_MANIFEST_V1_SIGNED, OCI_MANIFEST})
     | INDEX_TYPES
@@ -63,9 +66,18 @@ class AcceptSet:
         # No Accept header at all: HTTP says the client accepts anything.
         return cls(tuple(seen), wildcard or not any_line)
 
-    def header(self) -> str | None:
-        """The merged value to forward upstream (None: send no Accept)."""
-        return ", ".join(self.types) if self.types else None
+    def header(self) -> str:
+        """The merged value to forward upstream.
+
+        Never schema1: an upstream asked with no Accept (curl, a bare `*/*`) answers
+        with a signed schema1 manifest whose digest is not the body's. So schema1 types
+        are dropped, and a client that names no other manifest type is asked for as
+        accepting the v2 and OCI types.
+        """
+        forwarded = [t for t in self.types if t not in SCHEMA1_TYPES]
+        if not any(t in MANIFEST_TYPES for t in forwarded):
+            forwarded += [t for t in DEFAULT_TYPES if t not in forwarded]
+        return ", ".join(forwarded)
 
     def accepts(self, media_type: str) -> bool:
         return self.wildcard or media_type.lower() in self.types

@@ -44,11 +44,13 @@ CacheResult = Literal["hit", "miss", "revalidated", "stale"]
 Source = Literal["cache", "upstream"]  # where served bytes came from
 UpstreamKind = Literal["manifest", "blob", "tags", "token", "ping"]
 EvictionReason = Literal["ttl", "size"]
+RefusalReason = Literal["limit", "header_timeout", "headers_too_large"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
 SOURCES: tuple[Source, ...] = get_args(Source)
 UPSTREAM_KINDS: tuple[UpstreamKind, ...] = get_args(UpstreamKind)
 EVICTION_REASONS: tuple[EvictionReason, ...] = get_args(EvictionReason)
+REFUSAL_REASONS: tuple[RefusalReason, ...] = get_args(RefusalReason)
 
 # Manifests answer in milliseconds; GB blobs take seconds to minutes.
 REQUEST_BUCKETS = (
@@ -145,6 +147,14 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.refused_connections = Counter(
+            "mirror_client_connections_refused",
+            "Client connections closed by the listener's guard, by reason (limit: over "
+            "max_connections; header_timeout: no request head in time; "
+            "headers_too_large: a request head over max_header_bytes).",
+            ["reason"],
+            registry=r,
+        )
         self.resumes = Counter(
             "mirror_upstream_resumes",
             "Blob downloads resumed with Range after a failure.",
@@ -198,6 +208,8 @@ class Metrics:
             self.cache_write_failures.labels(kind)
             for result in CACHE_RESULTS:
                 self.cache.labels(kind, result)
+        for refusal in REFUSAL_REASONS:
+            self.refused_connections.labels(refusal)
         for reason in EVICTION_REASONS:
             self.evicted_bytes.labels(reason)
             for kind in KINDS:

@@ -10,26 +10,26 @@ with a HEAD, and served stale while the upstream is in trouble.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from mirror import dockerhub
+from mirror import dockerhub, manifests
 from mirror.downloads import Downloads
 from mirror.errors import RegistryError, UpstreamError
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
-from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
+from mirror.mediatypes import AcceptSet
 from mirror.metrics import CacheResult, Metrics, Source
 from mirror.policy import RepoPolicy
 from mirror.ranges import ByteRange, RangeSpec
 from mirror.reference import Digest, Reference
 from mirror.store import Body, OpenBlob, Store, StoredManifest, TagEntry, TagKey
-from mirror.upstream import RemoteManifest, Upstream
+from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class Proxy:
         freshness: Freshness,
         policy: RepoPolicy | None = None,
         manifest_max_bytes: int,
+        commit_grace: float = 25.0,
+        max_blob_size: int = 64 << 30,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -77,8 +79,10 @@ class Proxy:
         self._freshness = freshness
         self._manifest_max = manifest_max_bytes
         self._clock = clock
+        self._max_blob = max_blob_size
+        self._sizes = SizeHints()
         # This upstream's downloads: isolation between upstreams is ownership.
-        self.downloads = Downloads(store, upstream, metrics)
+        self.downloads = Downloads(store, upstream, metrics, commit_grace=commit_grace)
         self._fetches: SingleFlight[StoredManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
 
@@ -171,7 +175,10 @@ class Proxy:
 
     async def _fetch_manifest(self, repo: str, ref: Reference, accept: AcceptSet) -> StoredManifest:
         remote = await self._upstream.get_manifest(repo, ref, accept.header(), self._manifest_max)
-        expected = ref.digest or remote.digest
+        # Validated before anything else: a schema1 answer, or one that is no manifest,
+        # is refused as such, never counted as a digest mismatch.
+        checked = manifests.check(remote.content_type, remote.body)
+        expected = ref.digest or manifests.expected_digest(remote.digest_header)
         algorithm = expected.algorithm if expected else "sha256"
         actual = Digest(algorithm, hashlib.new(algorithm, remote.body).hexdigest())
         if expected is not None and actual != expected:
@@ -186,7 +193,8 @@ class Proxy:
             raise UpstreamError(
                 "DIGEST_INVALID", "upstream manifest failed digest verification", status=502
             )
-        stored = StoredManifest(actual, _media_type(remote), remote.body)
+        stored = StoredManifest(actual, checked.media_type, remote.body)
+        self._sizes.remember(checked.sizes)
         await self._cache_write(self._remember(stored, repo, ref.tag, accept))
         return stored
 
@@ -223,7 +231,8 @@ class Proxy:
             size = await self._upstream.head_blob(repo, digest)
             rng = spec.resolve(size) if spec is not None and size is not None else None
             return Blob(size, rng, None, "upstream")
-        return await _answer(await self.downloads.join(repo, digest), spec, head, "upstream")
+        limit = self._sizes.get(digest) or self._max_blob
+        return await _answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
 
     # -- tags -------------------------------------------------------------------------
 
@@ -247,23 +256,29 @@ async def _answer(blob: OpenBlob, spec: RangeSpec | None, head: bool, source: So
     return Blob(size, rng, body, source)
 
 
+class SizeHints:
+    """Blob sizes named by manifests fetched lately: a download of one of these
+    digests may not grow past its descriptor's size. Bounded (least recent go)."""
+
+    MAX_ENTRIES = 1 << 16
+
+    def __init__(self) -> None:
+        self._sizes: OrderedDict[Digest, int] = OrderedDict()
+
+    def remember(self, sizes: dict[Digest, int]) -> None:
+        for digest, size in sizes.items():
+            self._sizes[digest] = size
+            self._sizes.move_to_end(digest)
+        while len(self._sizes) > self.MAX_ENTRIES:
+            self._sizes.popitem(last=False)
+
+    def get(self, digest: Digest) -> int | None:
+        return self._sizes.get(digest)
+
+
 def _upstream_trouble(exc: UpstreamError) -> bool:
     """Failures that stale content may paper over: unreachable, timeouts, 5xx, 429.
 
     A 404, 401 or 403 is the upstream's answer, not its trouble: never hidden.
     """
     return exc.upstream_status is None or exc.upstream_status == 429 or (exc.upstream_status >= 500)
-
-
-def _media_type(remote: RemoteManifest) -> str:
-    media_type = (remote.content_type or "").split(";")[0].strip().lower()
-    if media_type in MANIFEST_TYPES:
-        return media_type
-    # Some registries answer application/json; the manifest names its own type.
-    try:
-        declared = json.loads(remote.body).get("mediaType")
-    except (ValueError, AttributeError):
-        declared = None
-    if isinstance(declared, str) and declared:
-        return declared
-    return media_type or "application/octet-stream"

@@ -80,9 +80,16 @@ class Reference:
 
     @classmethod
     def parse(cls, text: str) -> Reference:
+        """A tag or a digest. Text that is neither names no manifest: 404, as
+        Distribution answers (no route matches) and the OCI conformance suite expects;
+        a malformed digest stays 400 DIGEST_INVALID."""
         if looks_like_digest(text):
             return cls(digest=Digest.parse(text))
-        return cls(tag=validate_tag(text))
+        if _TAG_RE.fullmatch(text) is None:
+            raise RegistryError(
+                "MANIFEST_UNKNOWN", "no such manifest reference", detail={"reference": text[:200]}
+            )
+        return cls(tag=text)
 
     def __str__(self) -> str:
         return str(self.digest) if self.digest is not None else str(self.tag)

@@ -16,6 +16,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from mirror.config import Settings, host_port
+from mirror.listener import Limits
+from mirror.metrics import Metrics
 
 
 class GracefulServer(uvicorn.Server):
@@ -26,16 +28,26 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve_app(app: FastAPI, settings: Settings) -> None:
+def uvicorn_config(app: FastAPI, settings: Settings, metrics: Metrics) -> uvicorn.Config:
     host, port = host_port(settings.listen)
-    config = uvicorn.Config(
+    limits = Limits(
+        metrics,
+        max_connections=settings.max_connections,
+        header_timeout=settings.header_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=limits.protocol(),
         log_level=settings.log_level,
         log_config=None,  # ours (mirror.logs), text or JSON, for uvicorn's records too
         access_log=False,  # the mirror writes its own, richer access log
         server_header=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
     )
-    GracefulServer(config).run()
+
+
+def serve_app(app: FastAPI, settings: Settings) -> None:
+    GracefulServer(uvicorn_config(app, settings, app.state.metrics)).run()

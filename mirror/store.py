@@ -176,6 +176,11 @@ class Store(Protocol):
 
     def drop_tags(self, keys: list[TagKey]) -> None: ...
 
+    def sweep_temp(self, older_than: float) -> int:
+        """Remove temp files untouched for `older_than` seconds (left by a failed
+        cleanup, such as a read-only disk); how many went."""
+        ...
+
     def verify_blob(self, entry: BlobEntry) -> bool:
         """Re-hash one blob; drop it unless it matches."""
         ...

@@ -1,17 +1,20 @@
-"""The remote store: one upstream registry, and the one module that talks to upstreams.
+"""The remote store: one upstream registry.
 
 It speaks the registry API for the proxy (`get_manifest`, `head_manifest`,
-`head_blob`, `open_blob`, `tags`) and hides the transport: authentication (the
-policy is `mirror.auth`'s), redirects (Docker Hub answers blob GETs with a 307 to a CDN
-host, which must never see our `Authorization`), resuming a broken blob body with
-Range, bounded reads, and the mapping of every transport failure and upstream status
-to the error table, once, here.
+`head_blob`, `open_blob`, `tags`) and hides HTTP: authentication (the policy is
+`mirror.auth`'s), redirects (Docker Hub answers blob GETs with a 307 to a CDN host,
+which must never see our `Authorization`), a deadline per exchange, bounded reads, and
+the mapping of every upstream status to the error table. With `mirror.transport` (the
+client and its failures) and `mirror.remoteblob` (blob bodies), the only code that
+talks to upstreams.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import ssl
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -25,51 +28,28 @@ from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import Metrics, UpstreamKind
 from mirror.ranges import parse_length
 from mirror.reference import Digest, Reference
+from mirror.remoteblob import RemoteBlob
+from mirror.transport import make_client, transport_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Credentials", "RemoteBlob", "RemoteManifest", "Upstream", "make_client"]
+__all__ = ["Credentials", "RemoteManifest", "Upstream", "make_client"]
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _NOT_FOUND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}
-
-
-def make_client(
-    connect_timeout: float, read_timeout: float, *, verify: ssl.SSLContext | bool = True
-) -> httpx.AsyncClient:
-    """One pooled client per upstream for the app's lifetime, on the aiohttp transport.
-
-    httpx's default transport reads bodies at ~0.6 GB/s (CPU bound); the aiohttp
-    transport reaches ~2.9 GB/s with 1 MiB reads once malloc is tuned
-    (mirror/tuning.py; bench/transport.py, docs/benchmarks.md).
-    """
-    from httpx_aiohttp import AiohttpTransport
-    from httpx_aiohttp.transport import AiohttpResponseStream
-
-    # The transport reads 16 KiB at a time by default; aiohttp's read(n) returns
-    # whatever is buffered up to n, so a large n costs nothing on slow links.
-    AiohttpResponseStream.CHUNK_SIZE = 1 << 20
-    timeout = httpx.Timeout(
-        connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
-    )
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    return httpx.AsyncClient(
-        # trust_env off: no HTTP(S)_PROXY or netrc from the environment may see our
-        # credentials or reroute an upstream.
-        transport=AiohttpTransport(limits=limits, verify=verify, trust_env=False),
-        timeout=timeout,
-        follow_redirects=False,  # followed by hand: see Upstream._send
-        # Byte-exact bodies: a content-encoded blob would not match its digest.
-        headers={"Accept-Encoding": "identity", "User-Agent": "mirror"},
-    )
+_RETRY_AFTER_RE = re.compile(
+    r"[0-9]{1,10}|[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{4} [0-9:]{8} GMT"
+)
+# Tokens are a few KB (a JWT); anything near this is not a token.
+TOKEN_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteManifest:
     body: bytes
     content_type: str | None
-    digest: Digest | None  # what the upstream's Docker-Content-Digest names, if valid
+    digest_header: str | None  # the upstream's Docker-Content-Digest, as sent
 
 
 class Upstream:
@@ -86,6 +66,8 @@ class Upstream:
         token_hosts: tuple[str, ...] = (),
         other_upstreams: tuple[str, ...] = (),
         resume_attempts: int = 3,
+        fetch_timeout: float = 30.0,
+        stall_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
@@ -98,6 +80,8 @@ class Upstream:
         self._client = client
         self._metrics = metrics
         self._resume_attempts = resume_attempts
+        self._fetch_timeout = fetch_timeout
+        self._stall_timeout = stall_timeout
         self.auth = UpstreamAuth(
             self.name,
             self.url,
@@ -113,33 +97,87 @@ class Upstream:
         """Close the connection pool: this upstream owns its client."""
         await self._client.aclose()
 
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """One deadline for a whole exchange (token, redirects, body), so an upstream
+        that trickles a byte at a time under the read timeout cannot hold a client, or
+        everybody waiting for the same tag, for longer."""
+        try:
+            async with asyncio.timeout(self._fetch_timeout) as deadline:
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise UpstreamError(
+                "UNAVAILABLE", f"upstream took longer than {self._fetch_timeout:.0f} s", status=504
+            ) from None
+
     # -- the remote store -------------------------------------------------------------
 
     async def get_manifest(
         self, repo: str, ref: Reference, accept: str | None, max_bytes: int
     ) -> RemoteManifest:
-        resp = await self._request("GET", f"/v2/{repo}/manifests/{ref}", repo, "manifest", accept)
         too_big = UpstreamError("MANIFEST_INVALID", "manifest exceeds the size limit", status=502)
-        body = await _read(resp, max_bytes, too_big)
+        async with self._deadline():
+            path = f"/v2/{repo}/manifests/{ref}"
+            resp = await self._request("GET", path, repo, "manifest", accept)
+            body = await _read(resp, max_bytes, too_big)
+        headers = resp.headers
         return RemoteManifest(
-            body, resp.headers.get("content-type"), _digest(resp.headers, "docker-content-digest")
+            body, headers.get("content-type"), headers.get("docker-content-digest")
         )
 
     async def head_manifest(self, repo: str, ref: Reference, accept: str | None) -> Digest | None:
         """The digest the upstream names for `ref` now (a HEAD: free on Docker Hub)."""
-        resp = await self._request("HEAD", f"/v2/{repo}/manifests/{ref}", repo, "manifest", accept)
+        path = f"/v2/{repo}/manifests/{ref}"
+        async with self._deadline():
+            try:
+                resp = await self._request("HEAD", path, repo, "manifest", accept)
+            except UpstreamError as exc:
+                if not isinstance(exc.__cause__, httpx.RemoteProtocolError):
+                    raise
+                # A common server bug sends a body after a HEAD answer, which wrecks
+                # the answer: ask with GET instead, and read only its headers.
+                log.warning(
+                    "upstream %s answered a HEAD badly (%s); asking with GET",
+                    self.name,
+                    exc.message,
+                )
+                resp = await self._request("GET", path, repo, "manifest", accept)
         await resp.aclose()
         return _digest(resp.headers, "docker-content-digest")
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None:
-        resp = await self._request("HEAD", f"/v2/{repo}/blobs/{digest}", repo, "blob")
+        async with self._deadline():
+            resp = await self._request("HEAD", f"/v2/{repo}/blobs/{digest}", repo, "blob")
         await resp.aclose()
         return parse_length(resp.headers.get("content-length"))
 
-    async def open_blob(self, repo: str, digest: Digest) -> RemoteBlob:
-        """The blob's body, streaming; a broken read resumes with Range inside."""
-        resp = await self._request("GET", f"/v2/{repo}/blobs/{digest}", repo, "blob")
-        return RemoteBlob(self, repo, digest, resp)
+    async def open_blob(self, repo: str, digest: Digest, max_bytes: int) -> RemoteBlob:
+        """The blob's body, streaming (RemoteBlob: resume, watchdog, size bound)."""
+        path = f"/v2/{repo}/blobs/{digest}"
+        async with self._deadline():
+            resp = await self._request("GET", path, repo, "blob")
+
+        async def resume(offset: int) -> httpx.Response:
+            headers = {"Range": f"bytes={offset}-"}
+            async with self._deadline():
+                return await self._request("GET", path, repo, "blob", headers=headers)
+
+        try:
+            return RemoteBlob(
+                path,
+                resp,
+                resume,
+                self._metrics,
+                self.name,
+                max_bytes=max_bytes,
+                resume_attempts=self._resume_attempts,
+                stall_timeout=self._stall_timeout,
+            )
+        except UpstreamError:
+            await resp.aclose()
+            raise
 
     async def tags(
         self, repo: str, n: int | None, last: str | None, max_bytes: int
@@ -147,9 +185,10 @@ class Upstream:
         """One page of the tag list, and the upstream's `Link` to the next."""
         query = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
         path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
-        resp = await self._request("GET", path, repo, "tags")
         too_big = UpstreamError("UNAVAILABLE", "tag list too large", status=502)
-        body = await _read(resp, max_bytes, too_big)
+        async with self._deadline():
+            resp = await self._request("GET", path, repo, "tags")
+            body = await _read(resp, max_bytes, too_big)
         return body, resp.headers.get("link")
 
     # -- requests ---------------------------------------------------------------------
@@ -208,7 +247,7 @@ class Upstream:
                 self._metrics.upstream_request(
                     self.name, kind, "error", time.perf_counter() - started
                 )
-                raise _transport_error(exc, "upstream") from exc
+                raise transport_error(exc, "upstream") from exc
             self._metrics.upstream_request(
                 self.name, kind, str(resp.status_code), time.perf_counter() - started
             )
@@ -228,75 +267,23 @@ class Upstream:
         self, realm: str, params: dict[str, str], headers: dict[str, str]
     ) -> tuple[int, bytes]:
         started = time.perf_counter()
+        request = self._client.build_request("GET", realm, params=params, headers=headers)
         try:
-            resp = await self._client.get(realm, params=params, headers=headers)
+            resp = await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
             self._metrics.upstream_request(
                 self.name, "token", "error", time.perf_counter() - started
             )
-            raise _transport_error(exc, "token service") from exc
+            raise transport_error(exc, "token service") from exc
         self._metrics.upstream_request(
             self.name, "token", str(resp.status_code), time.perf_counter() - started
         )
-        return resp.status_code, resp.content
-
-
-class RemoteBlob:
-    """A blob body from upstream. When a read breaks (reset, timeout), it asks again
-    from the next byte with `Range`, up to `resume_attempts` times, so callers see
-    one unbroken stream or an error."""
-
-    def __init__(self, upstream: Upstream, repo: str, digest: Digest, resp: httpx.Response):
-        self._upstream = upstream
-        self._path = f"/v2/{repo}/blobs/{digest}"
-        self._repo = repo
-        self._resp = resp
-        self.size = parse_length(resp.headers.get("content-length"))
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        up = self._upstream
-        fetched = up._metrics.upstream_bytes.labels(up.name)
-        offset = attempts = 0
-        while True:
-            try:
-                async for chunk in self._resp.aiter_raw():
-                    offset += len(chunk)
-                    fetched.inc(len(chunk))
-                    yield chunk
-                return
-            except httpx.TransportError as exc:
-                if attempts >= up._resume_attempts:
-                    log.warning(
-                        "upstream body of %s broke at %d bytes: %r", self._path, offset, exc
-                    )
-                    # The upstream answered, then broke: not "unreachable", and not a
-                    # timeout to report as 504 either; no transport detail for clients.
-                    raise UpstreamError(
-                        "UNAVAILABLE", "upstream download failed", status=502
-                    ) from exc
-                attempts += 1
-                log.warning(
-                    "upstream body of %s broke at %d bytes (%r); resuming (%d/%d)",
-                    self._path,
-                    offset,
-                    exc,
-                    attempts,
-                    up._resume_attempts,
-                )
-                up._metrics.resumes.inc()
-            finally:
-                await self._resp.aclose()
-            self._resp = await up._request(
-                "GET", self._path, self._repo, "blob", headers={"Range": f"bytes={offset}-"}
-            )
-            if self._resp.status_code != 206 or not self._resp.headers.get(
-                "content-range", ""
-            ).startswith(f"bytes {offset}-"):
-                await self._resp.aclose()
-                raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)
-
-    async def aclose(self) -> None:
-        await self._resp.aclose()
+        if resp.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            # We ask for identity; a compressed answer could decode to any size.
+            await resp.aclose()
+            raise UpstreamError("UNAVAILABLE", "token service sent an encoded body", status=502)
+        too_big = UpstreamError("UNAVAILABLE", "token response too large", status=502)
+        return resp.status_code, await _read(resp, TOKEN_MAX_BYTES, too_big)
 
 
 async def _read(resp: httpx.Response, max_bytes: int, too_big: UpstreamError) -> bytes:
@@ -311,6 +298,9 @@ async def _read(resp: httpx.Response, max_bytes: int, too_big: UpstreamError) ->
             if len(body) > max_bytes:
                 raise too_big
         return bytes(body)
+    except httpx.TransportError as exc:
+        # Cut mid-body: the upstream's trouble (a stale copy may answer), not ours.
+        raise transport_error(exc, "upstream") from exc
     finally:
         await resp.aclose()
 
@@ -329,8 +319,10 @@ def _status_error(resp: httpx.Response, kind: UpstreamKind) -> UpstreamError:
         return UpstreamError("DENIED", "upstream denied access", upstream_status=403)
     if status == 429:
         headers = {}
-        if "retry-after" in resp.headers:
-            headers["Retry-After"] = resp.headers["retry-after"]
+        retry_after = resp.headers.get("retry-after", "").strip()
+        # Passed on to clients only as what it may be: seconds or an HTTP date.
+        if _RETRY_AFTER_RE.fullmatch(retry_after):
+            headers["Retry-After"] = retry_after
         return UpstreamError(
             "TOOMANYREQUESTS", "upstream rate limit reached", upstream_status=429, headers=headers
         )
@@ -352,21 +344,3 @@ def _digest(headers: Mapping[str, str], name: str) -> Digest | None:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme, parts.netloc
-
-
-def _is_timeout(exc: httpx.TransportError) -> bool:
-    # The aiohttp transport maps every connection error to httpx.ConnectTimeout, so
-    # the original exception decides (aiohttp's timeouts are TimeoutError subclasses).
-    cause = exc.__cause__
-    if cause is None:
-        return isinstance(exc, httpx.TimeoutException)
-    return isinstance(cause, TimeoutError)
-
-
-def _transport_error(exc: httpx.TransportError, what: str) -> UpstreamError:
-    if _is_timeout(exc):
-        return UpstreamError("UNAVAILABLE", f"{what} timed out", status=504)
-    # The message names the failure (refused, reset, DNS) but never a credential.
-    return UpstreamError(
-        "UNAVAILABLE", f"{what} unreachable: {type(exc).__name__}: {exc}", status=502
-    )

@@ -85,11 +85,21 @@ def test_valid_tags(text: str, tag: str) -> None:
     assert Reference.parse(text).tag == tag
 
 
-@pytest.mark.parametrize("text", [".x", "-x", "a" * 129, "a/b", "a b", "ä"])
-def test_invalid_tags(text: str) -> None:
+@pytest.mark.parametrize(
+    "text", [".INVALID_MANIFEST_NAME", ".x", "-x", "a" * 129, "a/b", "a b", "ä"]
+)
+def test_a_reference_that_is_no_tag_names_no_manifest(text: str) -> None:
+    # The OCI conformance suite asks for `.INVALID_MANIFEST_NAME` and expects 404.
     with pytest.raises(RegistryError) as err:
         Reference.parse(text)
-    assert err.value.code == "TAG_INVALID"
+    assert (err.value.code, err.value.status) == ("MANIFEST_UNKNOWN", 404)
+
+
+@pytest.mark.parametrize("text", ["sha256:totallywrong", "sha256:" + "A" * 64, "md5:abc"])
+def test_a_malformed_digest_reference_is_a_client_error(text: str) -> None:
+    with pytest.raises(RegistryError) as err:
+        Reference.parse(text)
+    assert (err.value.code, err.value.status) == ("DIGEST_INVALID", 400)
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,7 @@ async def test_hostile_paths_are_refused_without_upstream_traffic(
         "DIGEST_INVALID",
         "TAG_INVALID",
         "NAME_UNKNOWN",
+        "MANIFEST_UNKNOWN",
     )
     assert upstream.requests == []
 

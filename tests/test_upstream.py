@@ -20,7 +20,7 @@ ANY_DIGEST = "sha256:" + "0" * 64  # mock transports answer any path
 
 
 async def _fetch(up: Upstream, repo: str, digest: str) -> bytes:
-    blob = await up.open_blob(repo, Digest.parse(digest))
+    blob = await up.open_blob(repo, Digest.parse(digest), 1 << 20)
     try:
         return b"".join([chunk async for chunk in blob])
     finally:
@@ -137,7 +137,7 @@ async def test_status_mapping(
     upstream.faults[digest] = Fault(status=status)
     up = Upstream(url, client, Metrics())
     with pytest.raises(UpstreamError) as err:
-        await up.open_blob("a", Digest.parse(digest))
+        await up.open_blob("a", Digest.parse(digest), 1 << 20)
     assert (err.value.code, err.value.status) == (code, mapped)
 
 
@@ -206,7 +206,7 @@ async def test_challenge_from_a_redirect_target_is_not_followed(
         # Learn the upstream's own challenge first, so the CDN's 401 is a new one.
         assert await _fetch(up, "a", plain) == b"plain"
         with pytest.raises(UpstreamError) as err:
-            await up.open_blob("a", Digest.parse(digest))
+            await up.open_blob("a", Digest.parse(digest), 1 << 20)
         assert err.value.code == "UNAUTHORIZED"
         assert len(upstream.token_requests) == 1  # still the upstream's own token
     assert evil.token_requests == []
@@ -219,7 +219,7 @@ async def test_credentials_never_follow_a_downgrade_to_http() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         if request.url.path == "/token":
-            return httpx.Response(200, json={"token": "tok"})
+            return httpx.Response(200, content=_streamed(b'{"token": "tok"}'))
         if request.url.scheme == "https" and "authorization" not in request.headers:
             return httpx.Response(
                 401, headers={"www-authenticate": 'Bearer realm="https://reg.example/token"'}
@@ -242,7 +242,7 @@ async def test_no_basic_credentials_to_a_plain_http_realm_of_an_https_upstream()
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/token":
             token_auth.append(request.headers.get("authorization"))
-            return httpx.Response(200, json={"token": "tok"})
+            return httpx.Response(200, content=_streamed(b'{"token": "tok"}'))
         if "authorization" not in request.headers:
             return httpx.Response(
                 401, headers={"www-authenticate": 'Bearer realm="http://reg.example/token"'}
@@ -253,7 +253,7 @@ async def test_no_basic_credentials_to_a_plain_http_realm_of_an_https_upstream()
         up = Upstream("https://reg.example", c, Metrics(), credentials=Credentials("u", "p"))
         # Neither credentials nor a token travel in clear text for an https upstream.
         with pytest.raises(UpstreamError, match="token realm"):
-            await up.open_blob("a", Digest.parse(ANY_DIGEST))
+            await up.open_blob("a", Digest.parse(ANY_DIGEST), 1 << 20)
     assert token_auth == []
 
 
@@ -263,7 +263,7 @@ async def test_no_basic_credentials_to_a_plain_http_realm_of_an_https_upstream()
 async def test_token_fetches_are_counted_once_by_result(token_status: int, result: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/token":
-            return httpx.Response(token_status, json={"token": "tok"})
+            return httpx.Response(token_status, content=_streamed(b'{"token": "tok"}'))
         if "authorization" not in request.headers:
             return httpx.Response(
                 401, headers={"www-authenticate": 'Bearer realm="https://reg.example/token"'}
