@@ -205,6 +205,29 @@ def test_negotiation_per_client_kind(real_upstream: RealUpstream, tmp_path: Path
         assert head.headers["etag"] == f'"{lst.digest}"'
 
 
+def test_a_client_without_accept_gets_a_verified_v2_manifest_not_schema1(
+    real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    """curl sends no Accept; asked that way, Distribution answers with a signed schema1
+    manifest whose digest is not its body's. The mirror asks for v2 and OCI instead."""
+    image = real_upstream.images["oci"]
+    with MirrorProcess(tmp_path / "m", real_upstream.registry.url) as mirror:
+        url = f"{mirror.url}/v2/{image.repo}/manifests/{image.tag}"
+        r = httpx.get(url, headers={"Accept": ""})
+        assert r.status_code == 200
+        assert r.headers["content-type"] == OCI_MANIFEST
+        assert r.headers["docker-content-digest"] == image.digest == sha256_digest(r.content)
+        assert mirror.metric("mirror_digest_mismatches_total", kind="manifest") == 0
+        # The conformance suite's reference that is neither tag nor digest: 404.
+        for method in ("GET", "HEAD"):
+            bad = httpx.request(method, f"{mirror.url}/v2/{image.repo}/manifests/.INVALID_NAME")
+            assert bad.status_code == 404
+            if method == "GET":
+                assert bad.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        wrong = httpx.get(f"{mirror.url}/v2/{image.repo}/manifests/sha256:totallywrong")
+        assert (wrong.status_code, wrong.json()["errors"][0]["code"]) == (400, "DIGEST_INVALID")
+
+
 def test_library_prefix_is_not_added_for_non_docker_hub(
     real_upstream: RealUpstream, tmp_path: Path
 ) -> None:
