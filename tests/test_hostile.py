@@ -4,6 +4,7 @@ entry, stale content where `max_stale` allows (issue: "never a 500, never a hang
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -419,3 +420,35 @@ async def test_a_commit_on_a_read_only_disk_fails_once_and_the_sweep_cleans_up(
         await m.app.state.components.evictor.run_once()
         assert list(tmp.iterdir()) == []
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_blob_is_bounded_by_the_size_its_manifest_descriptor_gives(
+    mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    blob = b"x" * 5000  # the upstream serves 5000 bytes for a layer described as 1000
+    layer = "sha256:" + "cd" * 32
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI,
+            "config": {"mediaType": "x/y+json", "digest": "sha256:" + "ef" * 32, "size": 2},
+            "layers": [{"mediaType": "x/y", "digest": layer, "size": 1000}],
+        }
+    ).encode()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def answer(request: Request) -> Script:
+        if "/manifests/" in request.path:
+            return Script([manifest_response(body, digest)])
+        return Script([response(200, blob)])
+
+    upstream = RawUpstream(answer)
+    async with (
+        upstream.serve() as url,
+        mirror(url) as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        assert (await c.get("/v2/app/manifests/v1")).status_code == 200
+        r = await c.get(f"/v2/app/blobs/{layer}")
+        assert _oci_error(r) == "UNAVAILABLE"  # refused before a byte reached anyone
+    assert not any((tmp_path / "cache" / "tmp").iterdir())
