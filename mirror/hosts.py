@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mirror import dockerhub
 from mirror.config import UpstreamSettings
 
 
@@ -31,6 +32,10 @@ def hosts_toml(mirror_url: str, server: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def registry_url(name: str) -> str:
+    return dockerhub.API_URL if dockerhub.canonical(name) == dockerhub.NAME else f"https://{name}"
 
 
 def mirror_url_for(host: str, port: int) -> str:
@@ -58,10 +63,14 @@ def write_hosts(
         )
     files: dict[str, str | None] = {}
     for upstream in upstreams:
-        # The fallback is the upstream the mirror itself uses (for docker.io:
-        # registry-1.docker.io, as containerd's own default).
-        for name in (upstream.name, *upstream.aliases):
-            files[name] = upstream.base_url
+        # The fallback for the upstream's own name is how the mirror reaches it (for
+        # docker.io: registry-1.docker.io, as containerd's own default). An alias is
+        # another registry's name that the upstream answers for (a private cache of
+        # Docker Hub): containerd's fallback for it is that registry itself, never
+        # the private upstream.
+        files[upstream.name] = upstream.base_url
+        for alias in upstream.aliases:
+            files.setdefault(alias, registry_url(alias))
     if write_default:
         files["_default"] = None  # no server: the registry named in the image
     written = []

@@ -16,17 +16,37 @@ Each refusal is counted in `mirror_client_connections_refused_total{reason}`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mirror.metrics import Metrics, RefusalReason
 
+log = logging.getLogger(__name__)
+
 _TOO_LARGE = b'{"errors":[{"code":"UNSUPPORTED","message":"request head too large"}]}'
 _431 = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
 )
+
+
+# The first byte of a TLS record carrying a handshake (a ClientHello).
+TLS_HANDSHAKE = b"\x16"
+_told_about_tls = False
+
+
+def _tls_on_plain_port() -> None:
+    """skopeo and podman try HTTPS first and fall back to HTTP: every pull would log
+    uvicorn's "Invalid HTTP request received." Said once, at debug, with the fix."""
+    global _told_about_tls
+    if not _told_about_tls:
+        _told_about_tls = True
+        log.debug(
+            "a client tried TLS on this plain-HTTP listener (skopeo and podman try HTTPS "
+            "first, then HTTP); configure it for an insecure registry to skip the attempt"
+        )
 
 
 class Limits:
@@ -69,6 +89,10 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._in_head and self._head_bytes == 0 and data[:1] == TLS_HANDSHAKE:
+            _tls_on_plain_port()
+            self._refuse("tls_on_plain_port")
+            return
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:

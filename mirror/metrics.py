@@ -20,6 +20,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -44,7 +45,7 @@ CacheResult = Literal["hit", "miss", "revalidated", "stale"]
 Source = Literal["cache", "upstream"]  # where served bytes came from
 UpstreamKind = Literal["manifest", "blob", "tags", "token", "ping"]
 EvictionReason = Literal["ttl", "size"]
-RefusalReason = Literal["limit", "header_timeout", "headers_too_large"]
+RefusalReason = Literal["limit", "header_timeout", "headers_too_large", "tls_on_plain_port"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
 SOURCES: tuple[Source, ...] = get_args(Source)
@@ -77,6 +78,9 @@ REQUEST_BUCKETS = (
 
 class Metrics:
     def __init__(self) -> None:
+        # No `*_created` series: they double the series count for a timestamp that
+        # `process_start_time_seconds` already gives (process-wide in the library).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -151,7 +155,8 @@ class Metrics:
             "mirror_client_connections_refused",
             "Client connections closed by the listener's guard, by reason (limit: over "
             "max_connections; header_timeout: no request head in time; "
-            "headers_too_large: a request head over max_header_bytes).",
+            "headers_too_large: a request head over max_header_bytes; tls_on_plain_port: "
+            "a TLS handshake on the plain-HTTP listener).",
             ["reason"],
             registry=r,
         )

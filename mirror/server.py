@@ -10,6 +10,7 @@ process would "die" of the signal (exit 143) and look like a crash.
 from __future__ import annotations
 
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -49,5 +50,21 @@ def uvicorn_config(app: FastAPI, settings: Settings, metrics: Metrics) -> uvicor
     )
 
 
-def serve_app(app: FastAPI, settings: Settings) -> None:
-    GracefulServer(uvicorn_config(app, settings, app.state.metrics)).run()
+def bind(listen: str) -> socket.socket:
+    """The listening socket, bound now (OSError if the address is taken or not ours)."""
+    host, port = host_port(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_app(app: FastAPI, settings: Settings, sock: socket.socket) -> None:
+    GracefulServer(uvicorn_config(app, settings, app.state.metrics)).run(sockets=[sock])

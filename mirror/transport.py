@@ -19,6 +19,7 @@ things are settled here, once, so the remote store above sees one kind of error:
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,15 +63,29 @@ def make_client(
 
 
 def transport_error(exc: httpx.TransportError, what: str) -> UpstreamError:
-    """A transport failure as clients see it: 504 for a timeout, else 502."""
+    """A transport failure as clients and logs should read it: what failed, in words
+    (the transport calls a refused connection and a DNS failure both ConnectTimeout,
+    and says `ssl:default` for plain http). 504 for a timeout, else 502."""
     if _is_timeout(exc):
         return UpstreamError("UNAVAILABLE", f"{what} timed out", status=504)
     if isinstance(exc, httpx.RemoteProtocolError):
         return UpstreamError("UNAVAILABLE", f"{what} sent an invalid response", status=502)
-    # The message names the failure (refused, reset, DNS) but never a credential.
-    return UpstreamError(
-        "UNAVAILABLE", f"{what} unreachable: {type(exc).__name__}: {exc}", status=502
-    )
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorDNSError):
+        reason = f"cannot resolve {cause.host}"
+    elif isinstance(cause, aiohttp.ClientConnectorCertificateError):
+        reason = f"its TLS certificate is not trusted ({cause.certificate_error})"
+    elif isinstance(cause, aiohttp.ClientConnectorError):
+        port = f":{cause.port}" if cause.port else ""
+        error = cause.os_error
+        why = os.strerror(error.errno).lower() if error.errno else str(error)
+        reason = f"cannot connect to {cause.host}{port}: {why}"
+    elif isinstance(cause, aiohttp.ServerDisconnectedError | ConnectionError):
+        reason = "the connection was closed"
+    else:
+        reason = str(exc) or type(exc).__name__
+    # The reason names host and failure, never a credential (URLs carry none).
+    return UpstreamError("UNAVAILABLE", f"{what} unreachable: {reason}", status=502)
 
 
 def _is_timeout(exc: httpx.TransportError) -> bool:

@@ -81,6 +81,7 @@ class Upstream:
         self._metrics = metrics
         self._resume_attempts = resume_attempts
         self._fetch_timeout = fetch_timeout
+        self._trouble: str | None = None  # why the upstream is failing, while it is
         self._stall_timeout = stall_timeout
         self.auth = UpstreamAuth(
             self.name,
@@ -247,11 +248,14 @@ class Upstream:
                 self._metrics.upstream_request(
                     self.name, kind, "error", time.perf_counter() - started
                 )
-                raise transport_error(exc, "upstream") from exc
+                error = transport_error(exc, "upstream")
+                self._health(error.message)
+                raise error from exc
             self._metrics.upstream_request(
                 self.name, kind, str(resp.status_code), time.perf_counter() - started
             )
             self._metrics.rate_limit(self.name, resp.headers)
+            self._health(f"answered {resp.status_code}" if resp.status_code >= 500 else None)
             if record is not None:
                 record.upstream_status = resp.status_code
             location = resp.headers.get("location")
@@ -262,6 +266,15 @@ class Upstream:
             if resp.status_code == 303:
                 method = "GET"
         raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
+
+    def _health(self, trouble: str | None) -> None:
+        """One log line when the upstream starts failing, and one when it recovers:
+        not one per request (the access log has those)."""
+        if trouble is not None and self._trouble is None:
+            log.warning("upstream %s (%s) is failing: %s", self.name, self.url, trouble)
+        elif trouble is None and self._trouble is not None:
+            log.info("upstream %s answers again", self.name)
+        self._trouble = trouble
 
     async def _get_token(
         self, realm: str, params: dict[str, str], headers: dict[str, str]

@@ -63,6 +63,24 @@ def _platform(entry: dict[str, object]) -> str:
     return f"{text}/{p['variant']}" if p.get("variant") else text
 
 
+class WarmError(Exception):
+    """Why an image could not be warmed, in the mirror's own words."""
+
+
+def _check(r: httpx.Response) -> None:
+    """The mirror's OCI error (code, message, detail) rather than httpx's generic text."""
+    if r.status_code < 400:
+        return
+    try:
+        error = r.json()["errors"][0]
+        told = f"{error['code']}: {error['message']}"
+        if error.get("detail"):
+            told += f" ({json.dumps(error['detail'])})"
+    except (ValueError, KeyError, IndexError, TypeError):
+        told = r.text[:200] or r.reason_phrase
+    raise WarmError(f"the mirror answered {r.status_code} for {r.url.path}: {told}")
+
+
 def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
     """Fetch the image's manifests (through the mirror) and list the blobs to warm."""
     registry, name, ref = parse_image(image)
@@ -74,7 +92,7 @@ def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
             headers={"Accept": ACCEPT},
             params=ns_params(registry),
         )
-        r.raise_for_status()
+        _check(r)
         result.manifests.append(r.headers["docker-content-digest"])
         return r.headers["content-type"].split(";")[0], json.loads(r.content)
 
@@ -92,6 +110,13 @@ def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
             if wanted:
                 result.platforms.append(platform)
                 images.append(manifest(str(entry["digest"]))[1])
+        if platforms is not None and not images:
+            available = (
+                ", ".join(_platform(e) for e in children) if isinstance(children, list) else ""
+            )
+            raise WarmError(
+                f"no platform matches {', '.join(sorted(platforms))} (the image has: {available})"
+            )
     else:
         images.append(top)
     for img in images:
@@ -112,6 +137,8 @@ def fetch_blobs(
     registry, name, _ = parse_image(image)
     for digest in blobs:
         with client.stream("GET", f"/v2/{name}/blobs/{digest}", params=ns_params(registry)) as r:
-            r.raise_for_status()
+            if r.status_code >= 400:
+                r.read()
+                _check(r)
             for chunk in r.iter_raw(1 << 20):
                 on_bytes(len(chunk))

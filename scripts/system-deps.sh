@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install the system packages the test suite runs for real: the CNCF Distribution
 # registry (the upstream), skopeo and containerd (real clients), and Prometheus with
-# promtool (the dashboard's queries and the alert rules are checked against them), and
-# kubectl (its built-in kustomize renders the Kubernetes manifests for validation). Idempotent and quick when
-# everything is present; needs root (or sudo) only when something is missing.
+# promtool (the dashboard's queries and the alert rules are checked against them).
+# kubectl is not a Debian 12 package: `make kubectl` fetches it (scripts/fetch_kubectl.py).
+# Idempotent and quick when everything is present; needs root (or sudo) only when
+# something is missing.
 set -euo pipefail
 
 need=()
@@ -11,7 +12,6 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
-command -v kubectl >/dev/null || need+=(kubectl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import MirrorFactory
 from fakes.cache import commit_bytes
+from fakes.upstream import FakeUpstream
 
 from mirror.cli import main
 from mirror.diskstore import DiskStore
+from mirror.mediatypes import OCI_INDEX, OCI_MANIFEST
 from mirror.reference import Digest
 from mirror.store import TagEntry, TagKey
 
@@ -172,11 +175,28 @@ def test_containerd_hosts_writes_one_file_per_registry(tmp_path: Path, no_mirror
     }
     assert found["docker.io"]["server"] == "https://registry-1.docker.io"
     assert found["registry.example.com:5000"]["server"] == "http://10.0.0.5:5000"
-    assert found["quay.io"]["server"] == "https://hub-cache.example.com"
+    # quay.io images fall back to quay.io itself, not to the cache that answers for it.
+    assert found["quay.io"]["server"] == "https://quay.io"
     assert "server" not in found["_default"]
     for hosts in found.values():
         assert hosts["host"] == {"http://10.1.2.3:5000": {"capabilities": ["pull", "resolve"]}}
     assert not list(certs.glob("*/.hosts-*"))  # no temp files left behind
+
+
+def test_containerd_hosts_for_a_serve_upstream_falls_back_to_docker_hub(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    """`mirror serve --upstream URL` also answers ns=docker.io; containerd's fallback for
+    docker.io images must still be Docker Hub, never the private upstream."""
+    import tomllib
+
+    certs = tmp_path / "certs.d"
+    args = ["--upstream", "http://127.0.0.1:5004", "--mirror-url", "http://10.1.2.3:5000"]
+    result = CliRunner().invoke(main, ["containerd-hosts", *args, "--dir", str(certs)])
+    assert result.exit_code == 0, result.output
+    found = {p.parent.name: tomllib.loads(p.read_text()) for p in certs.glob("*/hosts.toml")}
+    assert found["docker.io"]["server"] == "https://registry-1.docker.io"
+    assert found["127.0.0.1:5004"]["server"] == "http://127.0.0.1:5004"
 
 
 def test_containerd_hosts_refuses_a_bad_mirror_url(tmp_path: Path) -> None:
@@ -210,3 +230,148 @@ def test_containerd_hosts_brackets_an_ipv6_node_ip(tmp_path: Path) -> None:
 def test_probe_exits_0_only_for_a_healthy_mirror() -> None:
     refused = CliRunner().invoke(main, ["probe", "--url", "http://127.0.0.1:9"])
     assert refused.exit_code == 1
+
+
+# -- what a newcomer sees when something is wrong ----------------------------------------
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=env)
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def test_a_bad_setting_is_one_line_naming_it_and_where_it_came_from(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    code, out = _run("serve", "--listen", "5000", "--cache-dir", str(tmp_path))
+    assert (code, out) == (
+        2,
+        "Error: setting listen (command line): listen must be HOST:PORT, got '5000'\n",
+    )
+
+
+def test_a_typo_in_the_file_or_environment_gets_a_did_you_mean(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("tag_tll: 5m\n")
+    code, out = _run("serve", "--config", str(config), env={"MIRROR_MAX_SIZ": "1GiB"})
+    assert code == 2
+    assert out == (
+        "warning: ignoring unknown environment variable MIRROR_MAX_SIZ "
+        "(did you mean MIRROR_MAX_SIZE?)\n"
+        f"Error: unknown setting tag_tll (in {config}) (did you mean tag_ttl?)\n"
+    )
+    assert "pydantic" not in out and "FileSettings" not in out
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path: Path, no_mirror_env: None) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("tag_ttl: 5m\nupstreams: [\n")
+    code, out = _run("serve", "--config", str(config))
+    assert code == 2
+    assert out.startswith(f"Error: {config}, line 3, column 1: not valid YAML: ")
+
+
+def test_credentials_in_a_bad_setting_are_never_echoed(no_mirror_env: None) -> None:
+    code, out = _run("serve", "--upstream", "http://bot:hunter2@registry.example")
+    assert code == 2
+    assert "hunter2" not in out
+    assert "without a path or credentials" in out
+
+
+def test_files_secrets_and_the_cache_dir_are_checked_before_serving(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        "upstreams:\n"
+        "  - {name: a.io, ca_bundle: /nonexistent/ca.pem}\n"
+        "  - {name: b.io, username: u, password_file: /nonexistent/token}\n"
+    )
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "file" / "cache"  # under a regular file
+    code, out = _run("serve", "--config", str(config), "--cache-dir", str(cache))
+    assert (code, out) == (
+        2,
+        "Error: 3 problems:\n"
+        "  upstream a.io: ca_bundle /nonexistent/ca.pem is not a readable file\n"
+        "  upstream b.io: cannot read password_file /nonexistent/token: "
+        "No such file or directory\n"
+        f"  cache_dir {cache} cannot be used: Not a directory\n",
+    )
+
+
+def test_a_port_in_use_is_said_before_anything_claims_to_be_ready(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = f"127.0.0.1:{port}"
+        code, out = _run("serve", "--listen", listen, "--cache-dir", str(tmp_path / "c"))
+    assert code == 2
+    assert out == (
+        f"Error: cannot listen on {listen}: Address already in use; is another mirror "
+        "running? Choose another address with --listen HOST:PORT\n"
+    )
+
+
+def test_cache_commands_name_their_directory_and_never_make_one(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    code, out = _run("cache", "stats", "--cache-dir", str(tmp_path))
+    assert (code, out) == (
+        2,
+        f"cache:      {tmp_path}\nError: {tmp_path} is not a mirror cache (it has no index/)\n",
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing created in somebody else's directory
+
+
+def test_warm_says_where_it_found_no_mirror(no_mirror_env: None) -> None:
+    code, out = _run("warm", "--mirror", "http://127.0.0.1:9", "alpine")
+    assert code == 1
+    assert out.startswith("Error: cannot reach the mirror at http://127.0.0.1:9: ")
+    assert "(is it running? --mirror URL)" in out
+
+
+async def test_warm_reports_the_mirrors_own_error_and_a_platform_that_matches_nothing(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    child = upstream.add_manifest(OCI_MANIFEST, {"mediaType": OCI_MANIFEST, "layers": []})
+    index = {
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "digest": child,
+                "size": 1,
+                "mediaType": OCI_MANIFEST,
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+        ],
+    }
+    upstream.add_manifest(OCI_INDEX, index, tag="multi")
+    async with mirror(url) as m:
+        missing = await asyncio.to_thread(
+            CliRunner().invoke, main, ["warm", "--mirror", m.url, "app:nope"]
+        )
+        other = await asyncio.to_thread(
+            CliRunner().invoke,
+            main,
+            ["warm", "--mirror", m.url, "--platform", "windows/amd64", "app:multi"],
+        )
+    assert missing.exit_code == 1
+    assert "app:nope: failed: the mirror answered 404 for /v2/app/manifests/nope: " in (
+        missing.output
+    )
+    assert "MANIFEST_UNKNOWN" in missing.output and "mozilla" not in missing.output
+    assert other.exit_code == 1
+    assert (
+        "app:multi: failed: no platform matches windows/amd64 (the image has: linux/amd64)"
+        in other.output
+    )

@@ -6,7 +6,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from mirror.config import Settings, host_port, load_settings
+from mirror.config import Settings, host_port
+from mirror.loading import SettingsError, load_settings
 
 pytestmark = pytest.mark.usefixtures("no_mirror_env")
 
@@ -44,12 +45,13 @@ def test_precedence_file_then_env_then_command_line(
 def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
     config = tmp_path / "mirror.yaml"
     config.write_text("upstreem: https://typo.example\n")
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(SettingsError) as err:
         load_settings(config)
+    assert str(err.value) == f"unknown setting upstreem (in {config}) (did you mean upstream?)"
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SettingsError, match="config file not found"):
         load_settings(tmp_path / "nope.yaml")
 
 
@@ -169,7 +171,7 @@ default_upstream: registry-1.docker.io
 def test_bad_upstream_settings_are_clear_errors(tmp_path: Path, yaml: str, message: str) -> None:
     config = tmp_path / "mirror.yaml"
     config.write_text(yaml + "\n")
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(SettingsError, match=re.escape(message)):
         load_settings(config)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mirror.config import load_settings
+from mirror.loading import load_settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -108,3 +108,16 @@ async def test_connections_past_the_cap_are_closed_at_once(settings: Settings) -
         assert _refused(metrics, "limit") == 1
         for _, w in [*held, (reader, writer)]:
             w.close()
+
+
+async def test_a_tls_handshake_on_the_plain_port_is_closed_quietly(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # skopeo and podman try HTTPS first: a ClientHello's first bytes.
+    async with guarded(settings) as (port, metrics):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64)
+        assert await _closed_by_server(reader) == b""
+        writer.close()
+        assert _refused(metrics, "tls_on_plain_port") == 1
+    assert "Invalid HTTP request" not in caplog.text

@@ -94,3 +94,9 @@ async def test_no_limit_is_nan(fake: tuple[FakeUpstream, str], mirror: MirrorFac
     async with mirror(url, max_size="none") as m:
         value = m.registry.get_sample_value("mirror_cache_limit_bytes", {})
         assert value is not None and math.isnan(value)
+
+
+def test_no_created_series_are_exported() -> None:
+    from mirror.metrics import Metrics
+
+    assert b"_created" not in Metrics().render()

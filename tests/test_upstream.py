@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -284,3 +285,41 @@ async def test_token_fetches_are_counted_once_by_result(token_status: int, resul
         for r in ("ok", "refused", "error")
     }
     assert counts == {r: (1.0 if r == result else None) for r in counts}
+
+
+async def test_a_refused_connection_says_so_and_failure_and_recovery_log_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mirror.upstream")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = make_client(2.0, 2.0)
+    up = Upstream(f"http://127.0.0.1:{port}", c, Metrics())
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ndocker-content-digest: sha256:" + b"a" * 64)
+        writer.write(b"\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    try:
+        for _ in range(3):
+            with pytest.raises(UpstreamError) as err:
+                await up.head_manifest("a", Reference(tag="x"), None)
+        # Not ConnectTimeout, not "ssl:default": what happened, and where.
+        assert err.value.message == (
+            f"upstream unreachable: cannot connect to 127.0.0.1:{port}: connection refused"
+        )
+        server = await asyncio.start_server(answer, "127.0.0.1", port)
+        async with server:
+            for _ in range(2):
+                assert await up.head_manifest("a", Reference(tag="x"), None) is not None
+    finally:
+        await c.aclose()
+    said = [r.getMessage() for r in caplog.records if r.name == "mirror.upstream"]
+    assert said == [
+        f"upstream 127.0.0.1:{port} (http://127.0.0.1:{port}) is failing: {err.value.message}",
+        f"upstream 127.0.0.1:{port} answers again",
+    ]

@@ -1,0 +1,69 @@
+"""The app factory. Nothing here does I/O until the lifespan starts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from mirror import components
+from mirror.config import Settings
+from mirror.errors import install_handlers
+from mirror.metrics import Metrics
+from mirror.middleware import ObserveMiddleware
+from mirror.routes import router
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> FastAPI:
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        built = components.build(settings, metrics, clock)
+        collector = None
+        eviction = None
+        try:
+            report = built.store.recover()
+            log.info(
+                "cache recovered in %.2f s: %d blobs; removed %d temp files and %d orphan "
+                "files, dropped %d entries without files",
+                report.seconds,
+                report.blobs,
+                report.temp_removed,
+                report.orphan_files_removed,
+                report.entries_dropped,
+            )
+            collector = metrics.watch_cache(
+                built.store.usage, settings.max_size, settings.cache_dir
+            )
+            app.state.components = built
+            log.info(
+                "mirror ready: upstreams %s (default %s), cache %s",
+                ", ".join(f"{c.name}={c.base_url}" for c in settings.resolved_upstreams()),
+                settings.default_upstream_name(),
+                settings.cache_dir,
+            )
+            # Eviction runs in the background, in a worker thread: never in a request's path.
+            eviction = asyncio.create_task(built.evictor.run_forever(settings.eviction_interval))
+            yield
+        finally:
+            # Also when start-up failed half-way: nothing built is left open.
+            if eviction is not None:
+                eviction.cancel()
+                await asyncio.gather(eviction, return_exceptions=True)
+            await built.aclose()
+            if collector is not None:
+                metrics.registry.unregister(collector)
+
+    app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+    app.include_router(router)
+    install_handlers(app)
+    app.add_middleware(ObserveMiddleware, metrics=metrics, access_log=settings.access_log)
+    return app

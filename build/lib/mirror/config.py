@@ -1,0 +1,329 @@
+"""Settings: defaults < YAML file (`--config`) < `MIRROR_*` environment < command line.
+
+Credentials come only from the environment or the file, never from the command line
+(they would show in `ps` and shell history), and are `SecretStr` so they never print.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from mirror import dockerhub
+from mirror.freshness import Freshness, TTLRule
+from mirror.units import parse_duration, parse_size
+
+MiB = 1 << 20
+ENV_PREFIX = "MIRROR_"
+
+
+def default_cache_dir() -> Path:
+    # A system service (root) caches under /var/cache, a user under XDG's cache dir.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/cache/mirror")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mirror"
+
+
+# A number of seconds, or `300`, `5m`, `7d` in the YAML file and MIRROR_* variables.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class TTLRuleSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str
+    ttl: Duration
+
+
+_REGISTRY_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
+_URL_RE = re.compile(r"https?://[^/\s@]+/?")
+
+
+def _url(value: str) -> str:
+    if not _URL_RE.fullmatch(value):
+        raise ValueError(
+            "an upstream URL is http(s)://host[:port], without a path or credentials "
+            "(e.g. https://ghcr.io; credentials go in username/password)"
+        )
+    return value.rstrip("/")
+
+
+class UpstreamSettings(BaseModel):
+    """One upstream registry, as clients name it (`docker.io`, `ghcr.io`, `host:5000`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    # Other names clients use for this registry (what containerd sends as `ns`), e.g.
+    # docker.io for a registry that is a pull-through cache of Docker Hub.
+    aliases: list[str] = Field(default_factory=list)
+    # Default: https://<name>; docker.io -> https://registry-1.docker.io.
+    url: str | None = None
+    # Credentials: the password (a token for ghcr.io, quay.io robots, ...) inline in the
+    # YAML, from a file (a mounted Secret), or from a named environment variable.
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    ca_bundle: Path | None = None  # PEM file of CAs to trust for this upstream
+    insecure_skip_verify: bool = False  # no TLS verification: test registries only
+    # fnmatch patterns on the upstream repository name (`library/alpine`, `org/*`);
+    # empty `allow` means everything not denied.
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    # Hosts besides the upstream's own host and registrable domain where a token realm
+    # may live (e.g. a separate auth host).
+    token_hosts: list[str] = Field(default_factory=list)
+    # `/v2/<path_prefix>/<repo>/...` reaches this upstream, for clients that send no ns.
+    path_prefix: str | None = None
+    tag_ttl: Duration | None = None
+    tag_ttl_rules: list[TTLRuleSetting] | None = None
+    max_stale: Duration | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_field(cls, value: str) -> str:
+        return cls._name(value)
+
+    @staticmethod
+    def _name(value: str) -> str:
+        value = dockerhub.canonical(value)
+        if not _REGISTRY_NAME_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a registry host name (e.g. ghcr.io, host:5000)")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, values: list[str]) -> list[str]:
+        return [cls._name(v) for v in values]
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        for pattern in values:
+            first = pattern.split("/", 1)[0]
+            if pattern != pattern.lower() or "." in first or ":" in first:
+                raise ValueError(
+                    f"repository pattern {pattern!r} can never match: patterns are lower "
+                    "case repository names without the registry (e.g. myorg/*)"
+                )
+        return values
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip("/")
+        if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", value):
+            raise ValueError(f"path_prefix {value!r} must be one path component, e.g. ghcr")
+        return value
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> UpstreamSettings:
+        sources = [self.password, self.password_file, self.password_env]
+        if sum(s is not None for s in sources) > 1:
+            raise ValueError(
+                f"upstream {self.name}: give one of password, password_file, password_env"
+            )
+        if any(s is not None for s in sources) and not self.username:
+            raise ValueError(f"upstream {self.name}: a password needs a username")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        if self.url is not None:
+            return self.url
+        return dockerhub.API_URL if self.name == dockerhub.NAME else f"https://{self.name}"
+
+    def secret(self) -> str | None:
+        """The password, read now from wherever it is configured; never logged."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"upstream {self.name}: cannot read password_file {self.password_file}: "
+                    f"{exc.strerror}"
+                ) from None
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ValueError(
+                    f"upstream {self.name}: environment variable {self.password_env} is not set"
+                )
+            return value
+        return None
+
+    def freshness(self, default: Freshness) -> Freshness:
+        rules = default.rules
+        if self.tag_ttl_rules is not None:
+            rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)
+        return Freshness(
+            default.default_ttl if self.tag_ttl is None else self.tag_ttl,
+            default.max_stale if self.max_stale is None else self.max_stale,
+            rules,
+        )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", yaml_file=None)
+
+    listen: str = Field(default="0.0.0.0:5000", description="HOST:PORT to listen on")
+    # The single-upstream shorthand (`--upstream URL`); `upstreams` configures several.
+    upstream: str | None = Field(default=None, description="Upstream registry URL")
+    upstream_username: str | None = None
+    upstream_password: SecretStr | None = None
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
+    # The upstream for requests without `ns` (Docker's); default docker.io if configured,
+    # else the first upstream.
+    default_upstream: str | None = None
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    tag_ttl: Duration = Field(default=300.0, description="Seconds a tag->digest answer is trusted")
+    # First match wins, against "<repository>:<tag>", e.g. {pattern: "*:latest", ttl: 1m}.
+    tag_ttl_rules: list[TTLRuleSetting] = Field(default_factory=list)
+    max_stale: Duration = Field(default=7 * 86400.0, description="Serve a tag stale this long")
+    content_ttl: Duration = Field(default=7 * 86400.0, description="Evict content unused this long")
+    max_size: int | None = Field(default=50 * 2**30, description="Cap on cached blob bytes")
+    eviction_interval: Duration = Field(default=60.0, description="Seconds between rounds")
+    manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
+    resume_attempts: int = Field(default=3, ge=0, le=100)
+    # On SIGTERM, responses in flight get this long to finish (keep it below the
+    # orchestrator's grace period: Kubernetes' default is 30 s).
+    shutdown_timeout: Duration = Field(default=25.0, ge=0)
+    # The listener's guard (mirror/listener.py): open client connections, the time a
+    # client has to send a request head, and that head's size.
+    max_connections: int = Field(default=4096, ge=1)
+    header_timeout: Duration = Field(default=10.0, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    connect_timeout: float = 10.0
+    # Between two reads of a body, not for the whole body; a blob download that
+    # receives nothing this long is also cut by its own watchdog (and resumed).
+    read_timeout: float = 60.0
+    # One deadline for a whole manifest, tag list or token exchange: an upstream that
+    # trickles bytes under the read timeout cannot hold clients longer than this.
+    fetch_timeout: Duration = Field(default=20.0, gt=0)
+    # A blob larger than its manifest descriptor says is cut at that size; one that no
+    # manifest fetched through this mirror describes, at this size.
+    max_blob_size: int = Field(default=64 * 2**30, description="Largest blob fetched")
+    log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
+    access_log: bool = True  # one line per request (method, route, status, bytes, ...)
+
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        return parse_size(value)
+
+    @field_validator("max_blob_size", mode="before")
+    @classmethod
+    def _blob_size(cls, value: Any) -> int:
+        size = parse_size(value)
+        if size is None:
+            raise ValueError("max_blob_size needs a size, e.g. 64GiB")
+        return size
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host_port(value)
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value)
+
+    @model_validator(mode="after")
+    def _upstream_set(self) -> Settings:
+        if self.upstreams and (self.upstream or self.upstream_username or self.upstream_password):
+            raise ValueError(
+                "give either `upstream` (with upstream_username/password) or `upstreams`, not both"
+            )
+        names = [n for u in self.upstreams for n in (u.name, *u.aliases)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"upstream names and aliases must be unique: {names}")
+        prefixes = [u.path_prefix for u in self.upstreams if u.path_prefix]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(f"upstream path prefixes must be unique: {prefixes}")
+        resolved = self.resolved_upstreams()  # the shorthand's credentials validate here
+        if self.default_upstream is not None:
+            default = UpstreamSettings(name=self.default_upstream).name
+            if default not in {u.name for u in resolved}:
+                raise ValueError(f"default_upstream {default!r} is not a configured upstream")
+            self.default_upstream = default
+        return self
+
+    def resolved_upstreams(self) -> list[UpstreamSettings]:
+        """The configured upstreams, or the one the shorthand settings describe."""
+        if self.upstreams:
+            return list(self.upstreams)
+        url = self.upstream or dockerhub.API_URL
+        name = dockerhub.name_of(url)
+        return [
+            UpstreamSettings(
+                name=name,
+                # The one upstream is what Docker-style set-ups mean by "the mirror's
+                # upstream": it also answers containerd's ns=docker.io (e.g. a Harbor
+                # or mirror.gcr.io cache of Docker Hub).
+                aliases=[] if name == dockerhub.NAME else [dockerhub.NAME],
+                url=url,
+                username=self.upstream_username,
+                password=self.upstream_password,
+            )
+        ]
+
+    def default_upstream_name(self) -> str:
+        if self.default_upstream is not None:
+            return self.default_upstream
+        names = [u.name for u in self.resolved_upstreams()]
+        return dockerhub.NAME if dockerhub.NAME in names else names[0]
+
+    def freshness(self) -> Freshness:
+        rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)
+        return Freshness(self.tag_ttl, self.max_stale, rules)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Command line (init) beats environment beats the YAML file.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

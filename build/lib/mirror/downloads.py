@@ -1,0 +1,233 @@
+"""One upstream's blob downloads: at most one per digest, owned by the table, not by
+any response.
+
+A miss starts a `BlobDownload` task that streams the upstream body into a temp file
+(hashing as it goes, `mirror.hashing`) and commits it to the store when the digest
+verifies. Responses only *read* the growing file at their own pace, so a client that
+disconnects, or reads slowly, never affects the download, and every byte is fetched
+from upstream once. Each upstream has its own table: one registry's failure (or wrong
+bytes) never breaks pulls through another, while committed blobs are shared by all.
+
+When the cache cannot take the bytes the download spills to a relay (`mirror.relay`)
+and stops being shared: a relay cannot serve readers who join late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from mirror.download import BlobDownload, DownloadReader
+from mirror.errors import RegistryError, UpstreamError
+from mirror.hashing import HashingWriter
+from mirror.metrics import Metrics
+from mirror.reference import Digest
+from mirror.relay import Abandoned
+from mirror.store import Store
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+class DigestMismatch(Exception):
+    pass
+
+
+class Downloads:
+    def __init__(
+        self, store: Store, upstream: Upstream, metrics: Metrics, *, commit_grace: float = 25.0
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._metrics = metrics
+        self._commit_grace = commit_grace
+        self._active: dict[Digest, BlobDownload] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runs: dict[asyncio.Task[None], BlobDownload] = {}
+
+    def active(self, digest: Digest) -> BlobDownload | None:
+        return self._active.get(digest)
+
+    async def join(self, repo: str, digest: Digest, max_bytes: int) -> DownloadReader:
+        """A reader of the download of `digest` (joined, or started), once upstream
+        has answered with headers.
+
+        A download started for another repository that the upstream refused (404, 401,
+        403) says nothing about this repository: then this request asks for itself, so
+        one client's bad name cannot fail everybody else's.
+        """
+        while True:
+            dl = self.get_or_start(repo, digest, max_bytes)
+            reader = dl.reader()
+            try:
+                await dl.ready()
+                return reader
+            except UpstreamError as exc:
+                await reader.aclose()
+                if dl.repo == repo or exc.status >= 500:
+                    raise
+            except BaseException:
+                await reader.aclose()
+                raise
+
+    def get_or_start(self, repo: str, digest: Digest, max_bytes: int) -> BlobDownload:
+        download = self._active.get(digest)
+        if download is not None:
+            self._metrics.coalesced.labels("blob").inc()
+            return download
+        download = BlobDownload(digest, self._store.temp_path(), repo)
+        write_error = None
+        try:
+            # Created now, so a reader can open it before the first byte arrives.
+            download.path.touch()
+        except OSError as exc:
+            # No cache file (full or read-only disk): relay-only from byte 0, and not
+            # shared. Counted once the upstream answers: a 404 lost nothing.
+            download.spill()
+            write_error = exc
+        else:
+            self._active[digest] = download
+        run = self._background(self._run(download, max_bytes, write_error))
+        self._runs[run] = download
+        run.add_done_callback(self._runs.pop)
+        return download
+
+    async def aclose(self) -> None:
+        """Stop: downloads whose bytes verified are only committing (fsync, rename), so
+        they get `commit_grace` seconds to finish (clients already have those bytes: a
+        cancelled commit would throw a verified blob away). Everything else stops now."""
+        committing = {t for t, dl in self._runs.items() if dl.state == "verified"}
+        if committing:
+            log.info("waiting up to %.0f s for %d commits", self._commit_grace, len(committing))
+            await asyncio.wait(committing, timeout=self._commit_grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the download task ------------------------------------------------------------
+
+    async def _run(self, dl: BlobDownload, max_bytes: int, write_error: OSError | None) -> None:
+        writer: HashingWriter | None = None
+        self._metrics.downloads_in_flight.inc()
+        try:
+            body = await self._upstream.open_blob(dl.repo, dl.digest, max_bytes)
+            try:
+                if write_error is not None:
+                    self._cache_write_failed(dl, write_error)
+                writer = HashingWriter(
+                    self._open_for_write(dl),
+                    dl.digest.algorithm,
+                    dl.progressed,
+                    lambda exc: self._spill(dl, exc),
+                    dl.relayed,
+                )
+                dl.streaming(body.size)
+                async for chunk in body:
+                    await writer.write(chunk)
+                    if dl.spilled:
+                        await dl.room()  # the relay moves at its readers' pace
+            finally:
+                await body.aclose()
+            hexdigest = await writer.finish()
+            total = writer.submitted
+            if hexdigest != dl.digest.hex or (dl.size is not None and total != dl.size):
+                self._metrics.digest_mismatches.labels("blob").inc()
+                log.error(
+                    "blob %s from %s failed verification (got %s:%s, %d bytes); discarded",
+                    dl.digest,
+                    dl.repo,
+                    dl.digest.algorithm,
+                    hexdigest,
+                    total,
+                )
+                raise DigestMismatch(str(dl.digest))
+            dl.verified(total)  # readers may finish now; the disk catches up below
+            if dl.spilled:
+                log.info("blob %s verified and served uncached", dl.digest)
+                return
+            await writer.synced()
+            dl.committed(await self._store.commit_blob(dl.digest, dl.path, total))
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            await self._failed(dl, exc)
+        finally:
+            self._metrics.downloads_in_flight.dec()
+            self._forget(dl)
+
+    async def _failed(self, dl: BlobDownload, exc: BaseException) -> None:
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        # Forget it before anything else: the next request must start afresh, never
+        # join a failed download whose file is being removed.
+        self._forget(dl)
+        if dl.state == "verified":
+            # Clients have (or are reading) verified bytes from the temp file; only
+            # the cache lost this blob. Their open descriptors survive the unlink.
+            log.error("could not commit verified blob %s: %r", dl.digest, exc)
+            if not cancelled:
+                self._metrics.cache_write_failures.labels("blob").inc()
+        else:
+            dl.failed(exc)
+            if isinstance(exc, Abandoned):
+                log.info("uncached download of %s stopped: no client left", dl.digest)
+            elif not isinstance(exc, RegistryError | DigestMismatch):
+                log.warning("download of %s from %s failed: %r", dl.digest, dl.repo, exc)
+        if cancelled:
+            _unlink(dl.path)
+            raise exc
+        # Unlinking a multi-GB file can take a while: not in the event loop.
+        await asyncio.to_thread(_unlink, dl.path)
+
+    def _open_for_write(self, dl: BlobDownload) -> int | None:
+        if dl.spilled:
+            return None
+        try:
+            return os.open(dl.path, os.O_WRONLY | os.O_TRUNC)
+        except OSError as exc:
+            self._spill(dl, exc)
+            return None
+
+    def _spill(self, dl: BlobDownload, exc: OSError | None) -> None:
+        if dl.state == "failed":
+            return  # a chunk still queued when the download failed: nobody to relay to
+        dl.spill()
+        self._cache_write_failed(dl, exc)
+
+    def _cache_write_failed(self, dl: BlobDownload, exc: OSError | None) -> None:
+        """The cache refused a blob: stream it on, uncached, and free what it took."""
+        self._metrics.cache_write_failures.labels("blob").inc()
+        log.error(
+            "cannot write blob %s to the cache (%s); streaming it to its clients uncached",
+            dl.digest,
+            exc,
+        )
+        self._forget(dl)  # later requests start their own download
+        self._background(asyncio.to_thread(_unlink, dl.path))
+
+    def _forget(self, dl: BlobDownload) -> None:
+        """Drop `dl` from the table, but never a newer download of the same digest."""
+        if self._active.get(dl.digest) is dl:
+            del self._active[dl.digest]
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `coro` as a task owned by this table (cancelled by aclose)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _unlink(path: Path) -> None:
+    """Best effort: on a read-only or failing disk the file stays, and the store's
+    sweep of old temp files removes it once it can (an error here would only be a
+    second failure on top of the one being handled)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove temp file %s (%s); left for the sweep", path.name, exc)

@@ -1,0 +1,149 @@
+"""Eviction: content unused for `content_ttl` goes, and the cache stays under `max_size`.
+
+The store keeps access times in memory (`touch_blob`, on every hit) and writes them in
+one batch at the start of each round, so serving a hit never writes to the index. A
+round runs in a worker thread every `interval` seconds (and on demand:
+`mirror cache prune`):
+
+1. blobs and manifests not accessed for `content_ttl` are removed ("ttl");
+2. tag entries older than their usefulness (`max_stale`) are removed ("ttl");
+3. while blob bytes exceed `max_size`, the least recently used blob goes ("size").
+
+Removing a blob someone is reading is safe (POSIX unlink keeps open files readable);
+downloads in flight are not in the index yet, so they are never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mirror.metrics import EvictionReason, Kind, Metrics
+from mirror.store import Store
+
+log = logging.getLogger(__name__)
+
+# A download in progress writes its temp file all the time, and a stalled one is cut
+# by its watchdog long before this: an hour-old temp file has no owner.
+TEMP_MAX_AGE = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    ttl_blobs: int
+    ttl_manifests: int
+    ttl_tags: int
+    size_blobs: int
+    bytes_freed: int
+    blob_bytes: int  # after the round
+    seconds: float
+
+
+class Evictor:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics | None,
+        *,
+        content_ttl: float,
+        max_size: int | None,
+        max_stale: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._content_ttl = content_ttl
+        self._max_size = max_size
+        self._tag_lifetime = max_stale
+        self._clock = clock
+
+    async def run_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("eviction round failed; retrying next interval")
+
+    async def run_once(self) -> Round:
+        return await asyncio.to_thread(self.evict)
+
+    def evict(self) -> Round:
+        started = time.perf_counter()
+        store = self._store
+        store.flush_access()
+        store.sweep_temp(TEMP_MAX_AGE)
+        now = self._clock()
+        ttl_blobs = ttl_manifests = ttl_tags = size_blobs = freed = 0
+
+        scan = store.scan()
+        # The running totals restart from what is there (another process may have
+        # changed the cache); the drops below keep them exact.
+        store.reconcile(scan)
+        blobs = []
+        expired = []
+        for entry in scan.blobs:
+            atime = entry.atime
+            if now - atime > self._content_ttl:
+                expired.append(entry)
+            else:
+                blobs.append((atime, entry))
+        store.drop_blobs([e.digest for e in expired])
+        for entry in expired:
+            ttl_blobs += 1
+            freed += entry.size
+            self._count("blob", "ttl", entry.size)
+        # Atimes came with the scan (one transaction, not a read per manifest).
+        stale = [d for d, atime in scan.manifests if now - (atime or now) > self._content_ttl]
+        store.drop_manifests(stale)
+        ttl_manifests = len(stale)
+        for _ in stale:
+            self._count("manifest", "ttl", 0)
+        old_tags = [key for key, stored_at in scan.tags if now - stored_at > self._tag_lifetime]
+        store.drop_tags(old_tags)
+        ttl_tags = len(old_tags)
+
+        total = sum(e.size for _, e in blobs)
+        if self._max_size is not None and total > self._max_size:
+            blobs.sort(key=lambda pair: pair[0])  # least recently used first
+            victims = []
+            for _, entry in blobs:
+                if total <= self._max_size:
+                    break
+                victims.append(entry)
+                total -= entry.size
+                freed += entry.size
+                size_blobs += 1
+                self._count("blob", "size", entry.size)
+            store.drop_blobs([e.digest for e in victims])
+        result = Round(
+            ttl_blobs,
+            ttl_manifests,
+            ttl_tags,
+            size_blobs,
+            freed,
+            total,
+            time.perf_counter() - started,
+        )
+        if freed or ttl_manifests or ttl_tags:
+            log.info(
+                "evicted %d blobs (%d by ttl, %d by size), %d manifests, %d tags: "
+                "%d bytes freed, %d bytes cached, %.2f s",
+                ttl_blobs + size_blobs,
+                ttl_blobs,
+                size_blobs,
+                ttl_manifests,
+                ttl_tags,
+                freed,
+                total,
+                result.seconds,
+            )
+        return result
+
+    def _count(self, kind: Kind, reason: EvictionReason, size: int) -> None:
+        if self._metrics is not None:
+            self._metrics.evictions.labels(kind, reason).inc()
+            self._metrics.evicted_bytes.labels(reason).inc(size)

@@ -1,0 +1,135 @@
+"""The client-facing connection guard: what a listener owes the machine it runs on.
+
+uvicorn's HTTP protocol accepts any number of connections, waits forever for a request
+that never comes, and buffers request headers of any size (32 MiB headers on 8
+connections cost 379 MiB). Each connection here is held to:
+
+- a cap on open connections (`max_connections`): past it, new ones are closed at once;
+- a deadline for the request head (`header_timeout`), from the connection's start or
+  the end of the previous request, so silent or trickling clients cannot hold
+  descriptors (the keep-alive timeout only starts after a response);
+- a size for the request head (`max_header_bytes`): past it, 431 and close.
+
+Each refusal is counted in `mirror_client_connections_refused_total{reason}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from mirror.metrics import Metrics, RefusalReason
+
+log = logging.getLogger(__name__)
+
+_TOO_LARGE = b'{"errors":[{"code":"UNSUPPORTED","message":"request head too large"}]}'
+_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
+)
+
+
+# The first byte of a TLS record carrying a handshake (a ClientHello).
+TLS_HANDSHAKE = b"\x16"
+_told_about_tls = False
+
+
+def _tls_on_plain_port() -> None:
+    """skopeo and podman try HTTPS first and fall back to HTTP: every pull would log
+    uvicorn's "Invalid HTTP request received." Said once, at debug, with the fix."""
+    global _told_about_tls
+    if not _told_about_tls:
+        _told_about_tls = True
+        log.debug(
+            "a client tried TLS on this plain-HTTP listener (skopeo and podman try HTTPS "
+            "first, then HTTP); configure it for an insecure registry to skip the attempt"
+        )
+
+
+class Limits:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_connections: int,
+        header_timeout: float,
+        max_header_bytes: int,
+    ) -> None:
+        self.metrics = metrics
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.max_header_bytes = max_header_bytes
+
+    def protocol(self) -> type[HttpToolsProtocol]:
+        """The protocol class uvicorn instantiates per connection, bound to these limits."""
+        return type("GuardedProtocol", (GuardedProtocol,), {"limits": self})
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    limits: Limits
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._in_head = True
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse("limit")
+            return
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head and self._head_bytes == 0 and data[:1] == TLS_HANDSHAKE:
+            _tls_on_plain_port()
+            self._refuse("tls_on_plain_port")
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self.transport.write(_431)
+                self._refuse("headers_too_large")
+                return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_deadline()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._await_head()  # the next request on this connection (pipelined or later)
+
+    def _await_head(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._stop_deadline()
+        self._head_deadline = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        # A response still streaming (a pipelined next request waits for it) is not
+        # the client's silence: only an idle connection is closed.
+        if self.cycle is None or self.cycle.response_complete:
+            self._refuse("header_timeout")
+
+    def _stop_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _refuse(self, reason: RefusalReason) -> None:
+        self.limits.metrics.refused_connections.labels(reason).inc()
+        self._stop_deadline()
+        if not self.transport.is_closing():
+            self.transport.close()

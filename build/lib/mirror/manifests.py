@@ -1,0 +1,152 @@
+"""What a manifest from upstream must be before the mirror caches it.
+
+A cached manifest is served to every client until it expires, so a bad one is not one
+failed pull but a poisoned name. Checked before anything is stored, in this order:
+
+- the media type: a known manifest type, or a well-formed JSON media type
+  (`type/subtype+json`) for artifacts; ASCII only, since it becomes a response header.
+  Never schema1: its signed body has no stable digest, and the mirror never asks for it;
+- the body: JSON nesting bounded before parsing (a deep body would exhaust the
+  parser's recursion), then a JSON object;
+- its `mediaType` field, when present, agreeing with the content type;
+- the upstream's `Docker-Content-Digest`, when present, well-formed (the proxy then
+  checks that the body matches it).
+
+Anything else is refused with a clear 502 and never cached.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from mirror.errors import RegistryError, UpstreamError
+from mirror.mediatypes import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES
+from mirror.reference import Digest
+
+# Real manifests nest a handful of levels (index > descriptor > platform > features).
+MAX_DEPTH = 32
+
+# RFC 6838 restricted names, lower case (media types are matched lower-cased).
+_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"
+_MEDIA_TYPE_RE = re.compile(rf"{_NAME}/{_NAME}")
+_SIGNIFICANT = re.compile(rb'[\\"\[\]{}]')
+SCHEMA1 = "upstream answered with a schema1 manifest, which this mirror does not serve"
+_GENERIC_JSON = frozenset({"application/json", "application/octet-stream", "text/plain", ""})
+
+
+def _refuse(message: str) -> UpstreamError:
+    return UpstreamError("MANIFEST_INVALID", message, status=502)
+
+
+def expected_digest(header: str | None) -> Digest | None:
+    """The digest the upstream names; a malformed one is refused, never ignored (the
+    body would then be cached unverified)."""
+    if header is None:
+        return None
+    try:
+        return Digest.parse(header.strip())
+    except RegistryError:
+        raise _refuse("upstream named a malformed manifest digest") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    media_type: str
+    # Sizes its descriptors give (config, layers, child manifests): what a blob
+    # fetched by one of these digests may weigh at most.
+    sizes: dict[Digest, int]
+
+
+def check(content_type: str | None, body: bytes) -> Checked:
+    """The manifest's media type and descriptor sizes, once it passed every check."""
+    announced = (content_type or "").split(";")[0].strip().lower()
+    if announced in SCHEMA1_TYPES:
+        raise _refuse(SCHEMA1)
+    if announced not in _GENERIC_JSON and not _json_type(announced):
+        raise _refuse("upstream answered with something that is not a manifest")
+    _check_depth(body)
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _refuse("upstream manifest is not JSON") from None
+    if not isinstance(document, dict):
+        raise _refuse("upstream manifest is not a JSON object")
+    declared = document.get("mediaType")
+    if declared is not None and (not isinstance(declared, str) or not _json_type(declared)):
+        raise _refuse("upstream manifest declares a malformed mediaType")
+    if announced in _GENERIC_JSON:
+        # Some registries answer application/json: the manifest names its own type.
+        resolved = declared or _implied(document)
+        if resolved is None:
+            raise _refuse("upstream manifest names no media type")
+        if resolved in SCHEMA1_TYPES:
+            raise _refuse(SCHEMA1)
+        return Checked(resolved, _sizes(document))
+    if declared is not None and declared != announced:
+        raise _refuse("upstream manifest's mediaType contradicts its Content-Type")
+    return Checked(announced, _sizes(document))
+
+
+def _sizes(document: dict[str, object]) -> dict[Digest, int]:
+    descriptors: list[object] = [document.get("config"), document.get("subject")]
+    for key in ("layers", "manifests", "blobs"):
+        listed = document.get(key)
+        if isinstance(listed, list):
+            descriptors += listed
+    sizes = {}
+    for d in descriptors:
+        if not isinstance(d, dict):
+            continue
+        digest, size = d.get("digest"), d.get("size")
+        if isinstance(digest, str) and isinstance(size, int) and size >= 0:
+            try:
+                sizes[Digest.parse(digest)] = size
+            except RegistryError:
+                continue  # a descriptor the client cannot fetch through us anyway
+    return sizes
+
+
+def _json_type(value: str) -> bool:
+    return value in MANIFEST_TYPES or (
+        _MEDIA_TYPE_RE.fullmatch(value) is not None and value.endswith("+json")
+    )
+
+
+def _implied(document: dict[str, object]) -> str | None:
+    """OCI makes `mediaType` optional: an index lists manifests, a manifest a config."""
+    if document.get("schemaVersion") != 2:
+        return None
+    if isinstance(document.get("manifests"), list):
+        return OCI_INDEX
+    if isinstance(document.get("config"), dict):
+        return OCI_MANIFEST
+    return None
+
+
+def _check_depth(body: bytes) -> None:
+    """Refuse nesting deeper than MAX_DEPTH without recursing. Only quotes, escapes
+    and brackets are visited (a regex finds them), and brackets inside strings do not
+    count."""
+    depth = 0
+    in_string = False
+    escaped_at = -1
+    for match in _SIGNIFICANT.finditer(body):
+        at = match.start()
+        char = body[at]
+        if in_string:
+            if at == escaped_at:
+                continue
+            if char == 0x5C:  # backslash: the next byte is escaped
+                escaped_at = at + 1
+            elif char == 0x22:
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _refuse(f"upstream manifest nests deeper than {MAX_DEPTH} levels")
+        elif char in (0x5D, 0x7D):  # ] }
+            depth -= 1

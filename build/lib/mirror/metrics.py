@@ -1,0 +1,331 @@
+"""Every Prometheus metric of the mirror, in one place.
+
+Names carry the `mirror_` prefix and unit suffixes; labels are route templates and
+small closed sets, never raw paths or repository names (unbounded cardinality).
+Each app gets its own CollectorRegistry so tests and embedded apps never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mirror import __version__
+
+ROUTES = (
+    "/v2/",
+    "/v2/{name}/manifests/{reference}",
+    "/v2/{name}/blobs/{digest}",
+    "/v2/{name}/tags/list",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "other",
+)
+# The closed label sets, as types: a typo is a type error, not a new time series.
+Kind = Literal["manifest", "blob"]
+# How a request was answered; also the X-Cache header, upper-cased.
+CacheResult = Literal["hit", "miss", "revalidated", "stale"]
+Source = Literal["cache", "upstream"]  # where served bytes came from
+UpstreamKind = Literal["manifest", "blob", "tags", "token", "ping"]
+EvictionReason = Literal["ttl", "size"]
+RefusalReason = Literal["limit", "header_timeout", "headers_too_large", "tls_on_plain_port"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
+SOURCES: tuple[Source, ...] = get_args(Source)
+UPSTREAM_KINDS: tuple[UpstreamKind, ...] = get_args(UpstreamKind)
+EVICTION_REASONS: tuple[EvictionReason, ...] = get_args(EvictionReason)
+REFUSAL_REASONS: tuple[RefusalReason, ...] = get_args(RefusalReason)
+
+# Manifests answer in milliseconds; GB blobs take seconds to minutes.
+REQUEST_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # No `*_created` series: they double the series count for a timestamp that
+        # `process_start_time_seconds` already gives (process-wide in the library).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mirror_http_requests",
+            "HTTP requests answered, by route template and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "mirror_http_request_duration_seconds",
+            "Time from request to the end of the response body, by route template.",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.cache = Counter(
+            "mirror_cache_requests",
+            "Cache lookups by kind and result.",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes",
+            "Body bytes sent to clients, by where they came from.",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests",
+            "Requests sent upstream, by upstream, kind and status.",
+            ["upstream", "kind", "status"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "mirror_upstream_request_duration_seconds",
+            "Time until upstream response headers, by upstream and kind.",
+            ["upstream", "kind"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes",
+            "Blob body bytes received from upstream, by upstream.",
+            ["upstream"],
+            registry=r,
+        )
+        self.token_fetches = Counter(
+            "mirror_upstream_token_fetches",
+            "Bearer tokens fetched from upstream token services, by upstream and result "
+            "(ok, refused, error).",
+            ["upstream", "result"],
+            registry=r,
+        )
+        self.downloads_in_flight = Gauge(
+            "mirror_downloads_in_flight",
+            "Blob downloads from upstream in progress.",
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches",
+            "Upstream content whose digest did not verify.",
+            ["kind"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "mirror_coalesced_requests",
+            "Requests that joined an upstream fetch already in flight, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "mirror_client_connections_refused",
+            "Client connections closed by the listener's guard, by reason (limit: over "
+            "max_connections; header_timeout: no request head in time; "
+            "headers_too_large: a request head over max_header_bytes; tls_on_plain_port: "
+            "a TLS handshake on the plain-HTTP listener).",
+            ["reason"],
+            registry=r,
+        )
+        self.resumes = Counter(
+            "mirror_upstream_resumes",
+            "Blob downloads resumed with Range after a failure.",
+            registry=r,
+        )
+        self.cache_write_failures = Counter(
+            "mirror_cache_write_failures",
+            "Content served but not cached because the cache refused the write "
+            "(ENOSPC, read-only file system), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.evictions = Counter(
+            "mirror_evictions",
+            "Cache entries evicted, by kind and reason (ttl, size).",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes",
+            "Blob bytes evicted, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit",
+            "Pull rate limit the upstream announced (Docker Hub ratelimit-limit).",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's window (Docker Hub ratelimit-remaining).",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_window = Gauge(
+            "mirror_upstream_ratelimit_window_seconds",
+            "Length of the upstream's rate-limit window.",
+            ["upstream"],
+            registry=r,
+        )
+        self.build_info = Info("mirror_build", "Version of mirror and Python.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        # Initialise label values so dashboards see zeros instead of gaps.
+        for route in ROUTES:
+            self.request_duration.labels(route)
+        for kind in KINDS:
+            self.digest_mismatches.labels(kind)
+            self.coalesced.labels(kind)
+            self.cache_write_failures.labels(kind)
+            for result in CACHE_RESULTS:
+                self.cache.labels(kind, result)
+        for refusal in REFUSAL_REASONS:
+            self.refused_connections.labels(refusal)
+        for reason in EVICTION_REASONS:
+            self.evicted_bytes.labels(reason)
+            for kind in KINDS:
+                self.evictions.labels(kind, reason)
+        for source in SOURCES:
+            self.served_bytes.labels(source)
+
+    def add_upstream(self, upstream: str) -> None:
+        """Initialise an upstream's label values, so its panels start at zero."""
+        for kind in UPSTREAM_KINDS:
+            self.upstream_duration.labels(upstream, kind)
+            # Transport failures have a fixed status value: the error panels and alerts
+            # then read 0, not "no data", while all is well.
+            self.upstream_requests.labels(upstream, kind, "error")
+        self.upstream_bytes.labels(upstream)
+        for result in ("ok", "refused", "error"):
+            self.token_fetches.labels(upstream, result)
+        # Unknown until the upstream sends ratelimit-* headers (Docker Hub does): NaN,
+        # never 0, which would read as "exhausted".
+        for gauge in (self.ratelimit_limit, self.ratelimit_remaining):
+            gauge.labels(upstream).set(float("nan"))
+
+    def watch_cache(
+        self, usage: Callable[[], CacheUsage], limit: int | None, root: Path
+    ) -> Collector:
+        """Export the cache's size and its file system's space, read at scrape time."""
+        collector = _CacheCollector(usage, limit, root)
+        self.registry.register(collector)
+        return collector
+
+    def upstream_request(
+        self, upstream: str, kind: UpstreamKind, status: str, seconds: float
+    ) -> None:
+        self.upstream_requests.labels(upstream, kind, status).inc()
+        self.upstream_duration.labels(upstream, kind).observe(seconds)
+
+    def rate_limit(self, upstream: str, headers: Mapping[str, str]) -> None:
+        """Export Docker Hub's `ratelimit-limit: 100;w=21600` style headers."""
+        for header, gauge in (
+            ("ratelimit-limit", self.ratelimit_limit),
+            ("ratelimit-remaining", self.ratelimit_remaining),
+        ):
+            parsed = parse_rate_limit(headers.get(header))
+            if parsed is not None:
+                value, window = parsed
+                gauge.labels(upstream).set(value)
+                if window is not None:
+                    self.ratelimit_window.labels(upstream).set(window)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse_rate_limit(value: str | None) -> tuple[int, int | None] | None:
+    """`100;w=21600` -> (100, 21600); `76` -> (76, None); junk -> None."""
+    if not value:
+        return None
+    count, *params = (p.strip() for p in value.split(";"))
+    if not count.isascii() or not count.isdigit() or len(count) > 12:
+        return None
+    window = None
+    for param in params:
+        key, _, val = param.partition("=")
+        if key.strip() == "w" and val.isascii() and val.isdigit() and len(val) <= 12:
+            window = int(val)
+    return int(count), window
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    blobs: int
+    blob_bytes: int
+    manifests: int
+    tags: int
+
+
+class _CacheCollector(Collector):
+    def __init__(self, usage: Callable[[], CacheUsage], limit: int | None, root: Path) -> None:
+        self._usage = usage
+        self._limit = limit
+        self._root = root
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        usage = self._usage()
+        yield GaugeMetricFamily(
+            "mirror_cache_size_bytes", "Bytes of cached blobs.", value=usage.blob_bytes
+        )
+        entries = GaugeMetricFamily(
+            "mirror_cache_entries", "Cached entries, by kind.", labels=["kind"]
+        )
+        entries.add_metric(["blob"], usage.blobs)
+        entries.add_metric(["manifest"], usage.manifests)
+        entries.add_metric(["tag"], usage.tags)
+        yield entries
+        yield GaugeMetricFamily(
+            "mirror_cache_limit_bytes",
+            "The configured max_size (NaN: no cap).",
+            value=float("nan") if self._limit is None else self._limit,
+        )
+        # The disk itself: the cap is the mirror's own; this is what can really fill.
+        try:
+            st = os.statvfs(self._root)
+        except OSError:
+            return
+        yield GaugeMetricFamily(
+            "mirror_cache_filesystem_size_bytes",
+            "Size of the file system holding the cache.",
+            value=st.f_blocks * st.f_frsize,
+        )
+        yield GaugeMetricFamily(
+            "mirror_cache_filesystem_avail_bytes",
+            "Bytes available to the mirror on the cache's file system.",
+            value=st.f_bavail * st.f_frsize,
+        )

@@ -1,0 +1,284 @@
+"""The pull-through store: a store over a local store and a remote store.
+
+Routes call a `Proxy` and never know whether bytes came from the cache or the
+upstream (Distribution's `proxyBlobStore{localStore, remoteStore}` shape). Digests and
+tags follow different rules: content by digest is immutable, so a cached copy is
+always right; a tag is a pointer that is trusted only for `tag_ttl`, then revalidated
+with a HEAD, and served stale while the upstream is in trouble.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from mirror import dockerhub, manifests
+from mirror.downloads import Downloads
+from mirror.errors import RegistryError, UpstreamError
+from mirror.freshness import Freshness
+from mirror.inflight import SingleFlight
+from mirror.mediatypes import AcceptSet
+from mirror.metrics import CacheResult, Metrics, Source
+from mirror.policy import RepoPolicy
+from mirror.ranges import ByteRange, RangeSpec
+from mirror.reference import Digest, Reference
+from mirror.store import Body, OpenBlob, Store, StoredManifest, TagEntry, TagKey
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+TAGS_LIST_MAX_BYTES = 16 << 20
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    stored: StoredManifest
+    result: CacheResult
+
+    @property
+    def source(self) -> Source:
+        return "upstream" if self.result == "miss" else "cache"
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """What a blob response needs: size, the byte range, and a body (None for HEAD)."""
+
+    size: int | None
+    range: ByteRange | None
+    body: Body | None
+    source: Source
+
+
+class Proxy:
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        metrics: Metrics,
+        *,
+        freshness: Freshness,
+        policy: RepoPolicy | None = None,
+        manifest_max_bytes: int,
+        commit_grace: float = 25.0,
+        max_blob_size: int = 64 << 30,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._metrics = metrics
+        self._policy = policy or RepoPolicy()
+        self._freshness = freshness
+        self._manifest_max = manifest_max_bytes
+        self._clock = clock
+        self._max_blob = max_blob_size
+        self._sizes = SizeHints()
+        # This upstream's downloads: isolation between upstreams is ownership.
+        self.downloads = Downloads(store, upstream, metrics, commit_grace=commit_grace)
+        self._fetches: SingleFlight[StoredManifest] = SingleFlight()
+        self._revalidations: SingleFlight[Manifest] = SingleFlight()
+
+    @property
+    def name(self) -> str:
+        return self._upstream.name
+
+    def repo(self, name: str) -> str:
+        """The upstream's repository name for `name`, if this mirror may serve it."""
+        repo = dockerhub.repository(name, hub=self._upstream.docker_hub)
+        self._policy.check(self._upstream.name, repo)
+        return repo
+
+    async def aclose(self) -> None:
+        await self._revalidations.aclose()
+        await self._fetches.aclose()
+        await self.downloads.aclose()
+
+    # -- manifests --------------------------------------------------------------------
+
+    async def manifest(self, name: str, ref: Reference, accept: AcceptSet) -> Manifest:
+        repo = self.repo(name)
+        if ref.digest is not None:
+            stored = await self._store.get_manifest(ref.digest)
+            manifest = (
+                Manifest(stored, "hit") if stored else await self._shared_fetch(repo, ref, accept)
+            )
+        else:
+            manifest = await self._tag(repo, ref, accept)
+        self._metrics.cache.labels("manifest", manifest.result).inc()
+        self._store.touch_manifest(manifest.stored.digest)
+        if not accept.accepts(manifest.stored.media_type):
+            # A client that cannot read an index must never be handed one.
+            raise RegistryError(
+                "MANIFEST_UNKNOWN",
+                f"manifest is {manifest.stored.media_type}, which the client does not accept",
+                detail={"Accept": list(accept.types)},
+            )
+        return manifest
+
+    async def _tag(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
+        assert ref.tag is not None
+        key = TagKey(self.name, repo, ref.tag, accept.cache_key)
+        entry = await self._store.get_tag(key)
+        stored = await self._store.get_manifest(entry.digest) if entry else None
+        if entry is None or stored is None:
+            return await self._shared_fetch(repo, ref, accept)
+        age = self._clock() - entry.stored_at
+        if age < self._freshness.ttl(repo, ref.tag):
+            return Manifest(stored, "hit")
+        # N concurrent requests for an expired tag cause one revalidation.
+        return await self._coalesced(
+            self._revalidations, key, lambda: self._revalidate(key, ref, accept, stored, age)
+        )
+
+    async def _revalidate(
+        self, key: TagKey, ref: Reference, accept: AcceptSet, stored: StoredManifest, age: float
+    ) -> Manifest:
+        """HEAD the tag; fetch the body only if the digest moved; stale if upstream fails."""
+        try:
+            current = await self._upstream.head_manifest(key.repo, ref, accept.header())
+            if current == stored.digest:
+                entry = TagEntry(stored.digest, stored.media_type, self._clock())
+                await self._cache_write(self._store.put_tag(key, entry))
+                return Manifest(stored, "revalidated")
+            # The tag moved (or the upstream named no digest): fetch the body.
+            return Manifest(await self._fetch_manifest(key.repo, ref, accept), "miss")
+        except UpstreamError as exc:
+            if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
+                raise
+            log.warning("serving %s:%s stale (%.0f s old): %s", key.repo, key.tag, age, exc.message)
+            return Manifest(stored, "stale")
+
+    async def _shared_fetch(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
+        # N concurrent misses for one manifest (a rollout) cause one upstream request.
+        stored = await self._coalesced(
+            self._fetches,
+            (repo, str(ref), accept.cache_key),
+            lambda: self._fetch_manifest(repo, ref, accept),
+        )
+        return Manifest(stored, "miss")
+
+    async def _coalesced(
+        self, flight: SingleFlight[T], key: object, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        result, joined = await flight.run(key, work)
+        if joined:
+            self._metrics.coalesced.labels("manifest").inc()
+        return result
+
+    async def _fetch_manifest(self, repo: str, ref: Reference, accept: AcceptSet) -> StoredManifest:
+        remote = await self._upstream.get_manifest(repo, ref, accept.header(), self._manifest_max)
+        # Validated before anything else: a schema1 answer, or one that is no manifest,
+        # is refused as such, never counted as a digest mismatch.
+        checked = manifests.check(remote.content_type, remote.body)
+        expected = ref.digest or manifests.expected_digest(remote.digest_header)
+        algorithm = expected.algorithm if expected else "sha256"
+        actual = Digest(algorithm, hashlib.new(algorithm, remote.body).hexdigest())
+        if expected is not None and actual != expected:
+            self._metrics.digest_mismatches.labels("manifest").inc()
+            log.error(
+                "manifest %s/%s from upstream is %s, expected %s; not cached",
+                repo,
+                ref,
+                actual,
+                expected,
+            )
+            raise UpstreamError(
+                "DIGEST_INVALID", "upstream manifest failed digest verification", status=502
+            )
+        stored = StoredManifest(actual, checked.media_type, remote.body)
+        self._sizes.remember(checked.sizes)
+        await self._cache_write(self._remember(stored, repo, ref.tag, accept))
+        return stored
+
+    async def _remember(
+        self, stored: StoredManifest, repo: str, tag: str | None, accept: AcceptSet
+    ) -> None:
+        await self._store.put_manifest(stored)
+        if tag is not None:
+            key = TagKey(self.name, repo, tag, accept.cache_key)
+            await self._store.put_tag(
+                key, TagEntry(stored.digest, stored.media_type, self._clock())
+            )
+
+    async def _cache_write(self, write: Awaitable[None]) -> None:
+        """Cache a manifest or tag; a full or read-only disk costs the cache, not the pull."""
+        try:
+            await write
+        except (OSError, sqlite3.Error) as exc:
+            self._metrics.cache_write_failures.labels("manifest").inc()
+            log.error("cannot write a manifest to the cache (%s); served uncached", exc)
+
+    # -- blobs ------------------------------------------------------------------------
+
+    async def blob(self, name: str, digest: Digest, spec: RangeSpec | None, *, head: bool) -> Blob:
+        repo = self.repo(name)
+        cached = await self._store.open_blob(digest)
+        if cached is not None:
+            self._metrics.cache.labels("blob", "hit").inc()
+            self._store.touch_blob(digest)
+            return await _answer(cached, spec, head, "cache")
+        self._metrics.cache.labels("blob", "miss").inc()
+        if head and self.downloads.active(digest) is None:
+            # A HEAD must not start a multi-GB download: ask upstream for the size only.
+            size = await self._upstream.head_blob(repo, digest)
+            rng = spec.resolve(size) if spec is not None and size is not None else None
+            return Blob(size, rng, None, "upstream")
+        limit = self._sizes.get(digest) or self._max_blob
+        return await _answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
+
+    # -- tags -------------------------------------------------------------------------
+
+    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+        return await self._upstream.tags(self.repo(name), n, last, TAGS_LIST_MAX_BYTES)
+
+
+async def _answer(blob: OpenBlob, spec: RangeSpec | None, head: bool, source: Source) -> Blob:
+    """The response for an open blob: its range resolved, a body unless HEAD. The blob
+    is released here unless its body goes out with the answer."""
+    try:
+        size = blob.size if spec is None else await blob.wait_size(spec.first)
+        rng = spec.resolve(size) if spec is not None and size is not None else None
+    except BaseException:
+        await blob.aclose()
+        raise
+    if head:
+        await blob.aclose()
+        return Blob(size, rng, None, source)
+    body = blob.body(rng.start, rng.end) if rng is not None else blob.body(0, None)
+    return Blob(size, rng, body, source)
+
+
+class SizeHints:
+    """Blob sizes named by manifests fetched lately: a download of one of these
+    digests may not grow past its descriptor's size. Bounded (least recent go)."""
+
+    MAX_ENTRIES = 1 << 16
+
+    def __init__(self) -> None:
+        self._sizes: OrderedDict[Digest, int] = OrderedDict()
+
+    def remember(self, sizes: dict[Digest, int]) -> None:
+        for digest, size in sizes.items():
+            self._sizes[digest] = size
+            self._sizes.move_to_end(digest)
+        while len(self._sizes) > self.MAX_ENTRIES:
+            self._sizes.popitem(last=False)
+
+    def get(self, digest: Digest) -> int | None:
+        return self._sizes.get(digest)
+
+
+def _upstream_trouble(exc: UpstreamError) -> bool:
+    """Failures that stale content may paper over: unreachable, timeouts, 5xx, 429.
+
+    A 404, 401 or 403 is the upstream's answer, not its trouble: never hidden.
+    """
+    return exc.upstream_status is None or exc.upstream_status == 429 or (exc.upstream_status >= 500)

@@ -1,0 +1,77 @@
+"""The blob response: status, headers, and a body streamed to the client.
+
+It knows nothing of files or downloads: the body (`mirror.store.Body`) does, and is
+closed here whatever happens. It watches for client disconnects itself (uvicorn drops
+writes to a gone client silently), so a departed client stops reading at once; and a
+body that fails mid-way (`AbortResponse`) propagates, so the connection is cut
+instead of ending a short, "successful" body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from mirror.store import Body
+
+
+class BlobResponse(Response):
+    # A Response subclass only so that FastAPI passes it through; its __init__ is
+    # not used: it would add `content-length: 0` for an empty body, turning a blob of
+    # unknown length (chunked upstream) into a "complete" empty one.
+    def __init__(
+        self,
+        status_code: int,
+        headers: Mapping[str, str],
+        body: Body | None,
+        on_chunk: Callable[[int], None],
+    ) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+        ]
+        self._body = body
+        self._on_chunk = on_chunk
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            if self._body is None:
+                await send({"type": "http.response.body", "body": b""})
+                return
+            stream = asyncio.ensure_future(self._stream(self._body, send))
+            watch = asyncio.ensure_future(_wait_disconnect(receive))
+            try:
+                await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stream.cancel()
+                watch.cancel()
+                outcome, _ = await asyncio.gather(stream, watch, return_exceptions=True)
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, asyncio.CancelledError
+            ):
+                raise outcome
+        finally:
+            if self._body is not None:
+                await self._body.aclose()
+
+    async def _stream(self, body: Body, send: Send) -> None:
+        async for chunk in body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self._on_chunk(len(chunk))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,185 @@
+"""HTTP routes of the registry API (read side). Handlers parse, delegate, render."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from mirror import logs
+from mirror.components import Components
+from mirror.errors import RegistryError
+from mirror.mediatypes import AcceptSet
+from mirror.metrics import Metrics
+from mirror.ranges import parse_length, parse_range
+from mirror.reference import Digest, Reference, parse_path, validate_tag
+from mirror.responses import BlobResponse
+from mirror.routing import Route
+
+router = APIRouter()
+
+READ_METHODS = ("GET", "HEAD")
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def _route(request: Request, name: str) -> Route:
+    route = _components(request).router.route(request.query_params.get("ns"), name)
+    if (record := logs.current.get()) is not None:
+        record.upstream = route.proxy.name
+    return route
+
+
+def _components(request: Request) -> Components:
+    built: Components = request.app.state.components
+    return built
+
+
+@router.api_route("/v2/", methods=["GET", "HEAD"])
+@router.api_route("/v2", methods=["GET", "HEAD"], include_in_schema=False)
+async def base(request: Request) -> Response:
+    request.state.route = "/v2/"
+    if "ns" in request.query_params and hasattr(request.app.state, "components"):
+        # A client configured for a registry this mirror does not serve learns it at
+        # its first request (403), like it would on any other endpoint.
+        _components(request).router.for_ns(request.query_params["ns"])
+    return Response(b"{}", media_type="application/json")
+
+
+@router.api_route("/healthz", methods=["GET", "HEAD"])
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. Nothing else, so a slow disk or a down upstream
+    never gets a working mirror restarted."""
+    request.state.route = "/healthz"
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@router.api_route("/readyz", methods=["GET", "HEAD"])
+async def readyz(request: Request) -> Response:
+    """Readiness: settings loaded and the cache usable. Upstream trouble and a full
+    disk do not count: a mirror that can serve from its cache (and stale tags, and
+    stream uncached) should get traffic."""
+    request.state.route = "/readyz"
+    built: Components | None = getattr(request.app.state, "components", None)
+    ready = built is not None
+    checks = {"settings": "ok" if ready else "not loaded"}
+    if built is not None:
+        usable, checks["cache"] = await asyncio.to_thread(built.store.probe)
+        ready = ready and usable
+    body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks})
+    return Response(body.encode(), status_code=200 if ready else 503, media_type="application/json")
+
+
+def _metrics(request: Request) -> Metrics:
+    # Built with the app, before the lifespan: /metrics answers even while starting.
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    request.state.route = "/metrics"
+    return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.api_route("/v2/{rest:path}", methods=[*READ_METHODS, *WRITE_METHODS])
+async def registry(request: Request, rest: str) -> Response:
+    if request.method in WRITE_METHODS:
+        raise RegistryError(
+            "UNSUPPORTED", "this mirror is read-only: push to the upstream", status=405
+        )
+    path = parse_path(rest)
+    request.state.route = path.route
+    if (record := logs.current.get()) is not None:
+        record.repository, record.reference = path.name, path.reference
+    head = request.method == "HEAD"
+    if path.kind == "manifests":
+        return await _manifest(request, path.name, Reference.parse(path.reference), head)
+    if path.kind == "blobs":
+        return await _blob(request, path.name, Digest.parse(path.reference), head)
+    return await _tags(request, path.name)
+
+
+async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> Response:
+    accept = AcceptSet.from_headers(request.headers.getlist("accept"))
+    route = _route(request, name)
+    manifest = await route.proxy.manifest(route.name, ref, accept)
+    stored = manifest.stored
+    etag = f'"{stored.digest}"'
+    headers = {
+        "Docker-Content-Digest": str(stored.digest),
+        "ETag": etag,
+        "X-Cache": manifest.result.upper(),  # HIT, MISS, REVALIDATED or STALE
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    if not head:
+        _metrics(request).served_bytes.labels(manifest.source).inc(len(stored.body))
+    # uvicorn drops the body of a HEAD response but keeps our Content-Length.
+    return Response(stored.body, media_type=stored.media_type, headers=headers)
+
+
+async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Response:
+    spec = parse_range(request.headers.get("range"))
+    route = _route(request, name)
+    blob = await route.proxy.blob(route.name, digest, spec, head=head)
+    headers = {
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        # Content-addressed: the bytes behind this URL never change.
+        "Cache-Control": "public, max-age=31536000, immutable",
+        "ETag": f'"{digest}"',
+        "X-Cache": "HIT" if blob.source == "cache" else "MISS",
+    }
+    status = 200
+    if blob.range is not None and blob.size is not None:
+        status = 206
+        headers["Content-Range"] = blob.range.content_range(blob.size)
+        headers["Content-Length"] = str(blob.range.length)
+    elif blob.size is not None:
+        headers["Content-Length"] = str(blob.size)
+    counter = _metrics(request).served_bytes.labels(blob.source)
+    return BlobResponse(status, headers, blob.body, counter.inc)
+
+
+_LAST_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+async def _tags(request: Request, name: str) -> Response:
+    params = request.query_params
+    n: int | None = None
+    if "n" in params:
+        n = parse_length(params["n"])
+        if n is None:
+            raise RegistryError("UNSUPPORTED", "n must be a non-negative integer", status=400)
+    last = params.get("last")
+    if last is not None and _LAST_RE.fullmatch(last) is None:
+        validate_tag(last)  # raises TAG_INVALID with the offending value
+    route = _route(request, name)
+    body, link = await route.proxy.tags(route.name, n, last)
+    headers = {}
+    if link and (next_page := _next_page(link, route.prefix + route.name, params.get("ns"))):
+        headers["Link"] = next_page
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _next_page(link: str, name: str, ns: str | None) -> str | None:
+    """The upstream's `Link: <...?last=x&n=y>; rel="next"`, pointed back at this mirror.
+
+    Only `n` and `last` are taken from it: the path is the client's own (with its
+    prefix) and `ns` is carried over, so following the link reaches the same upstream
+    through the mirror, never the upstream directly or the default registry.
+    """
+    target, sep, rest = link.partition(">")
+    if not sep or 'rel="next"' not in rest.replace(" ", ""):
+        return None
+    query = parse_qs(urlsplit(target.strip().lstrip("<")).query)
+    params = {k: query[k][0] for k in ("n", "last") if query.get(k)}
+    if ns is not None:
+        params["ns"] = ns
+    return f'</v2/{name}/tags/list?{urlencode(params)}>; rel="next"'

@@ -1,0 +1,202 @@
+"""What the proxy needs from a cache: the `Store` protocol and the values it holds.
+
+The local disk (`mirror.diskstore`) is the embedded default; a shared store for
+replicas (object storage for bytes, a key-value index for tags and metadata)
+implements the same protocol. Calls a network store would block on are `async`;
+lifecycle work that runs in a worker thread (scan, drop, recover) is not.
+
+Keys are the store's business: callers name digests, tags and upstreams, never key
+strings, so each implementation lays out its own keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mirror.metrics import CacheUsage
+from mirror.reference import Digest
+
+# 256 KiB per read and send: each stream holds about two chunks (ours, plus the
+# transport's copy of what the socket did not take yet), so 64 streams of 1 GiB peaked
+# at ~111 MiB RSS with 256 KiB vs ~265 MiB with 1 MiB, at the same throughput
+# (docs/benchmarks.md).
+READ_CHUNK = 256 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TagKey:
+    """A tag's answer is cached per upstream and per negotiated Accept set: the same
+    name on two registries never mixes, and a schema2-only client never gets an index."""
+
+    upstream: str
+    repo: str
+    tag: str
+    accept: str  # AcceptSet.cache_key
+
+
+@dataclass(frozen=True, slots=True)
+class TagEntry:
+    digest: Digest
+    media_type: str
+    stored_at: float  # wall-clock seconds, from the injected clock
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    digest: Digest
+    size: int
+    stored_at: float
+    atime: float  # last access, as last recorded
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What start-up recovery found and removed after an unclean stop."""
+
+    blobs: int
+    temp_removed: int
+    orphan_files_removed: int
+    entries_dropped: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """Everything a lifecycle round looks at, read in one pass."""
+
+    blobs: list[BlobEntry]
+    manifests: list[tuple[Digest, float | None]]  # (digest, last access; None: never)
+    tags: list[tuple[TagKey, float]]  # (tag, stored_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    blobs: int
+    blob_bytes: int
+    manifests: int
+    tags: int
+    oldest: float | None  # stored_at of the oldest / newest blob
+    newest: float | None
+
+    @classmethod
+    def of(cls, scan: Scan) -> Stats:
+        times = [b.stored_at for b in scan.blobs]
+        return cls(
+            len(scan.blobs),
+            sum(b.size for b in scan.blobs),
+            len(scan.manifests),
+            len(scan.tags),
+            min(times, default=None),
+            max(times, default=None),
+        )
+
+
+class Body(Protocol):
+    """A blob body being streamed: chunks, then `aclose()` releases what it holds
+    (a file descriptor, a reader's place in a download) whether or not it finished."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OpenBlob(Protocol):
+    """A blob opened for reading, cached or still downloading: its size (None while a
+    chunked download runs) and one body for a byte range. `aclose()` releases it when
+    no body was taken (a HEAD, a refused range); closing the body does otherwise."""
+
+    @property
+    def size(self) -> int | None: ...
+
+    async def wait_size(self, first: int | None) -> int | None:
+        """The size a range request needs (`first`: where it starts reading)."""
+        ...
+
+    def body(self, start: int, end: int | None) -> Body:
+        """Bytes [start, end); `end` None: to the blob's end."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Store(Protocol):
+    # -- manifests by digest (immutable) and tags (pointers with a birth time) --------
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None: ...
+
+    async def put_manifest(self, manifest: StoredManifest) -> None: ...
+
+    async def get_tag(self, key: TagKey) -> TagEntry | None: ...
+
+    async def put_tag(self, key: TagKey, entry: TagEntry) -> None: ...
+
+    # -- blobs ------------------------------------------------------------------------
+    async def open_blob(self, digest: Digest) -> OpenBlob | None: ...
+
+    async def blob_size(self, digest: Digest) -> int | None: ...
+
+    def temp_path(self) -> Path:
+        """A local file for a download in progress; readers tail it while it grows."""
+        ...
+
+    async def commit_blob(self, digest: Digest, temp: Path, size: int) -> Path:
+        """Adopt a verified, synced temp file under its digest; where it now is.
+
+        Readers may still join the download while this runs and open `temp` by name:
+        a store that awaits before the file is in its final place must keep `temp`
+        readable until then.
+        """
+        ...
+
+    # -- access tracking (no I/O on the request path) and lifecycle -------------------
+    def touch_blob(self, digest: Digest) -> None: ...
+
+    def touch_manifest(self, digest: Digest) -> None: ...
+
+    def flush_access(self) -> None:
+        """Write the accesses recorded since the last flush (a lifecycle round)."""
+        ...
+
+    def scan(self) -> Scan:
+        """Read every entry. No side effects."""
+        ...
+
+    def drop_blobs(self, digests: list[Digest]) -> None: ...
+
+    def drop_manifests(self, digests: list[Digest]) -> None: ...
+
+    def drop_tags(self, keys: list[TagKey]) -> None: ...
+
+    def sweep_temp(self, older_than: float) -> int:
+        """Remove temp files untouched for `older_than` seconds (left by a failed
+        cleanup, such as a read-only disk); how many went."""
+        ...
+
+    def verify_blob(self, entry: BlobEntry) -> bool:
+        """Re-hash one blob; drop it unless it matches."""
+        ...
+
+    def recover(self) -> Recovery: ...
+
+    def usage(self) -> CacheUsage:
+        """Running totals for the metrics, exact without a scan."""
+        ...
+
+    def reconcile(self, scan: Scan) -> None:
+        """Reset the running totals from a full scan (absorbs other processes' changes)."""
+        ...
+
+    def probe(self) -> tuple[bool, str]:
+        """Can the cache take a write now (for /readyz)? (usable, what was found)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,359 @@
+"""The remote store: one upstream registry.
+
+It speaks the registry API for the proxy (`get_manifest`, `head_manifest`,
+`head_blob`, `open_blob`, `tags`) and hides HTTP: authentication (the policy is
+`mirror.auth`'s), redirects (Docker Hub answers blob GETs with a 307 to a CDN host,
+which must never see our `Authorization`), a deadline per exchange, bounded reads, and
+the mapping of every upstream status to the error table. With `mirror.transport` (the
+client and its failures) and `mirror.remoteblob` (blob bodies), the only code that
+talks to upstreams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import httpx
+
+from mirror import dockerhub, logs
+from mirror.auth import Credentials, UpstreamAuth, parse_www_authenticate
+from mirror.errors import RegistryError, UpstreamError
+from mirror.metrics import Metrics, UpstreamKind
+from mirror.ranges import parse_length
+from mirror.reference import Digest, Reference
+from mirror.remoteblob import RemoteBlob
+from mirror.transport import make_client, transport_error
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Credentials", "RemoteManifest", "Upstream", "make_client"]
+
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_NOT_FOUND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}
+_RETRY_AFTER_RE = re.compile(
+    r"[0-9]{1,10}|[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{4} [0-9:]{8} GMT"
+)
+# Tokens are a few KB (a JWT); anything near this is not a token.
+TOKEN_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteManifest:
+    body: bytes
+    content_type: str | None
+    digest_header: str | None  # the upstream's Docker-Content-Digest, as sent
+
+
+class Upstream:
+    """One upstream registry, reached through its own pooled client."""
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient,
+        metrics: Metrics,
+        *,
+        name: str | None = None,
+        credentials: Credentials | None = None,
+        token_hosts: tuple[str, ...] = (),
+        other_upstreams: tuple[str, ...] = (),
+        resume_attempts: int = 3,
+        fetch_timeout: float = 30.0,
+        stall_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        self.name = name or parts.netloc  # as clients call it: docker.io, ghcr.io
+        # Credentials go only to this origin: scheme included, so an https upstream's
+        # token never follows a redirect to plain http on the same host.
+        self.origin = (parts.scheme, parts.netloc)
+        self.docker_hub = dockerhub.is_hub(self.name, self.url)
+        self._client = client
+        self._metrics = metrics
+        self._resume_attempts = resume_attempts
+        self._fetch_timeout = fetch_timeout
+        self._trouble: str | None = None  # why the upstream is failing, while it is
+        self._stall_timeout = stall_timeout
+        self.auth = UpstreamAuth(
+            self.name,
+            self.url,
+            metrics,
+            self._get_token,
+            credentials=credentials,
+            token_hosts=token_hosts,
+            other_upstreams=other_upstreams,
+            clock=clock,
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool: this upstream owns its client."""
+        await self._client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """One deadline for a whole exchange (token, redirects, body), so an upstream
+        that trickles a byte at a time under the read timeout cannot hold a client, or
+        everybody waiting for the same tag, for longer."""
+        try:
+            async with asyncio.timeout(self._fetch_timeout) as deadline:
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise UpstreamError(
+                "UNAVAILABLE", f"upstream took longer than {self._fetch_timeout:.0f} s", status=504
+            ) from None
+
+    # -- the remote store -------------------------------------------------------------
+
+    async def get_manifest(
+        self, repo: str, ref: Reference, accept: str | None, max_bytes: int
+    ) -> RemoteManifest:
+        too_big = UpstreamError("MANIFEST_INVALID", "manifest exceeds the size limit", status=502)
+        async with self._deadline():
+            path = f"/v2/{repo}/manifests/{ref}"
+            resp = await self._request("GET", path, repo, "manifest", accept)
+            body = await _read(resp, max_bytes, too_big)
+        headers = resp.headers
+        return RemoteManifest(
+            body, headers.get("content-type"), headers.get("docker-content-digest")
+        )
+
+    async def head_manifest(self, repo: str, ref: Reference, accept: str | None) -> Digest | None:
+        """The digest the upstream names for `ref` now (a HEAD: free on Docker Hub)."""
+        path = f"/v2/{repo}/manifests/{ref}"
+        async with self._deadline():
+            try:
+                resp = await self._request("HEAD", path, repo, "manifest", accept)
+            except UpstreamError as exc:
+                if not isinstance(exc.__cause__, httpx.RemoteProtocolError):
+                    raise
+                # A common server bug sends a body after a HEAD answer, which wrecks
+                # the answer: ask with GET instead, and read only its headers.
+                log.warning(
+                    "upstream %s answered a HEAD badly (%s); asking with GET",
+                    self.name,
+                    exc.message,
+                )
+                resp = await self._request("GET", path, repo, "manifest", accept)
+        await resp.aclose()
+        return _digest(resp.headers, "docker-content-digest")
+
+    async def head_blob(self, repo: str, digest: Digest) -> int | None:
+        async with self._deadline():
+            resp = await self._request("HEAD", f"/v2/{repo}/blobs/{digest}", repo, "blob")
+        await resp.aclose()
+        return parse_length(resp.headers.get("content-length"))
+
+    async def open_blob(self, repo: str, digest: Digest, max_bytes: int) -> RemoteBlob:
+        """The blob's body, streaming (RemoteBlob: resume, watchdog, size bound)."""
+        path = f"/v2/{repo}/blobs/{digest}"
+        async with self._deadline():
+            resp = await self._request("GET", path, repo, "blob")
+
+        async def resume(offset: int) -> httpx.Response:
+            headers = {"Range": f"bytes={offset}-"}
+            async with self._deadline():
+                return await self._request("GET", path, repo, "blob", headers=headers)
+
+        try:
+            return RemoteBlob(
+                path,
+                resp,
+                resume,
+                self._metrics,
+                self.name,
+                max_bytes=max_bytes,
+                resume_attempts=self._resume_attempts,
+                stall_timeout=self._stall_timeout,
+            )
+        except UpstreamError:
+            await resp.aclose()
+            raise
+
+    async def tags(
+        self, repo: str, n: int | None, last: str | None, max_bytes: int
+    ) -> tuple[bytes, str | None]:
+        """One page of the tag list, and the upstream's `Link` to the next."""
+        query = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
+        path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
+        too_big = UpstreamError("UNAVAILABLE", "tag list too large", status=502)
+        async with self._deadline():
+            resp = await self._request("GET", path, repo, "tags")
+            body = await _read(resp, max_bytes, too_big)
+        return body, resp.headers.get("link")
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        repo: str,
+        kind: UpstreamKind,
+        accept: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """A response with a success status, streaming (the caller closes it); any
+        other status, or a transport failure, raises UpstreamError."""
+        hdrs = dict(headers or {})
+        if accept is not None:
+            hdrs["Accept"] = accept
+        scope = f"repository:{repo}:pull"
+        auth = await self.auth.authorization(scope)
+        resp = await self._send(method, self.url + path, hdrs, auth, kind)
+        if resp.status_code == 401:
+            challenge = parse_www_authenticate(resp.headers.get("www-authenticate", ""))
+            await resp.aclose()
+            from_upstream = _origin(str(resp.request.url)) == self.origin
+            if not self.auth.learn(challenge, from_upstream=from_upstream):
+                raise UpstreamError(
+                    "UNAUTHORIZED", "upstream requires authentication", upstream_status=401
+                )
+            assert challenge is not None
+            auth = await self.auth.authorization(scope, rejected=auth, asked=challenge.scope)
+            resp = await self._send(method, self.url + path, hdrs, auth, kind)
+        if resp.status_code >= 400:
+            await resp.aclose()
+            raise _status_error(resp, kind)
+        return resp
+
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], auth: str | None, kind: UpstreamKind
+    ) -> httpx.Response:
+        for _ in range(MAX_REDIRECTS + 1):
+            hdrs = dict(headers)
+            record = logs.current.get()
+            if record is not None:  # lets the upstream's logs be matched to ours
+                hdrs["X-Request-Id"] = record.request_id
+            # Credentials go only to the upstream itself: a redirect to a CDN or any
+            # other host gets no Authorization header (it carries its own signature).
+            if auth is not None and _origin(url) == self.origin:
+                hdrs["Authorization"] = auth
+            started = time.perf_counter()
+            try:
+                resp = await self._client.send(
+                    self._client.build_request(method, url, headers=hdrs), stream=True
+                )
+            except httpx.TransportError as exc:
+                self._metrics.upstream_request(
+                    self.name, kind, "error", time.perf_counter() - started
+                )
+                error = transport_error(exc, "upstream")
+                self._health(error.message)
+                raise error from exc
+            self._metrics.upstream_request(
+                self.name, kind, str(resp.status_code), time.perf_counter() - started
+            )
+            self._metrics.rate_limit(self.name, resp.headers)
+            self._health(f"answered {resp.status_code}" if resp.status_code >= 500 else None)
+            if record is not None:
+                record.upstream_status = resp.status_code
+            location = resp.headers.get("location")
+            if resp.status_code not in _REDIRECTS or not location:
+                return resp
+            await resp.aclose()
+            url = urljoin(url, location)
+            if resp.status_code == 303:
+                method = "GET"
+        raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
+
+    def _health(self, trouble: str | None) -> None:
+        """One log line when the upstream starts failing, and one when it recovers:
+        not one per request (the access log has those)."""
+        if trouble is not None and self._trouble is None:
+            log.warning("upstream %s (%s) is failing: %s", self.name, self.url, trouble)
+        elif trouble is None and self._trouble is not None:
+            log.info("upstream %s answers again", self.name)
+        self._trouble = trouble
+
+    async def _get_token(
+        self, realm: str, params: dict[str, str], headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        started = time.perf_counter()
+        request = self._client.build_request("GET", realm, params=params, headers=headers)
+        try:
+            resp = await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            self._metrics.upstream_request(
+                self.name, "token", "error", time.perf_counter() - started
+            )
+            raise transport_error(exc, "token service") from exc
+        self._metrics.upstream_request(
+            self.name, "token", str(resp.status_code), time.perf_counter() - started
+        )
+        if resp.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            # We ask for identity; a compressed answer could decode to any size.
+            await resp.aclose()
+            raise UpstreamError("UNAVAILABLE", "token service sent an encoded body", status=502)
+        too_big = UpstreamError("UNAVAILABLE", "token response too large", status=502)
+        return resp.status_code, await _read(resp, TOKEN_MAX_BYTES, too_big)
+
+
+async def _read(resp: httpx.Response, max_bytes: int, too_big: UpstreamError) -> bytes:
+    """The whole body, refused once it passes `max_bytes` (announced or streamed)."""
+    try:
+        length = parse_length(resp.headers.get("content-length"))
+        if length is not None and length > max_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_big
+        return bytes(body)
+    except httpx.TransportError as exc:
+        # Cut mid-body: the upstream's trouble (a stale copy may answer), not ours.
+        raise transport_error(exc, "upstream") from exc
+    finally:
+        await resp.aclose()
+
+
+def _status_error(resp: httpx.Response, kind: UpstreamKind) -> UpstreamError:
+    """An upstream error status, as the error table names it."""
+    status = resp.status_code
+    if status == 404:
+        code = _NOT_FOUND.get(kind, "NAME_UNKNOWN")
+        return UpstreamError(code, f"{kind} unknown to upstream", upstream_status=404)
+    if status == 401:
+        return UpstreamError(
+            "UNAUTHORIZED", "upstream refused our credentials", upstream_status=401
+        )
+    if status == 403:
+        return UpstreamError("DENIED", "upstream denied access", upstream_status=403)
+    if status == 429:
+        headers = {}
+        retry_after = resp.headers.get("retry-after", "").strip()
+        # Passed on to clients only as what it may be: seconds or an HTTP date.
+        if _RETRY_AFTER_RE.fullmatch(retry_after):
+            headers["Retry-After"] = retry_after
+        return UpstreamError(
+            "TOOMANYREQUESTS", "upstream rate limit reached", upstream_status=429, headers=headers
+        )
+    return UpstreamError(
+        "UNAVAILABLE", f"upstream answered {status}", status=502, upstream_status=status
+    )
+
+
+def _digest(headers: Mapping[str, str], name: str) -> Digest | None:
+    value = headers.get(name)
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except RegistryError:
+        return None
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc

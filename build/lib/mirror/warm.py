@@ -1,0 +1,144 @@
+"""`mirror warm`: pre-pull images through a running mirror, so the first real pull is a hit.
+
+It is an ordinary client of the mirror's registry API (like docker or containerd): the
+mirror fetches, verifies and caches as for any pull, and its coalescing applies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES
+from mirror.reference import Reference, validate_name
+
+ACCEPT = ", ".join(sorted(MANIFEST_TYPES))
+
+
+@dataclass
+class Plan:
+    """What warming one image fetches: manifests now, then these blobs."""
+
+    image: str
+    manifests: list[str] = field(default_factory=list)  # digests fetched
+    blobs: dict[str, int] = field(default_factory=dict)  # digest -> size
+    platforms: list[str] = field(default_factory=list)
+
+
+def parse_image(image: str) -> tuple[str | None, str, str]:
+    """`[registry/]name[:tag]` or `...@digest` -> (registry, name, reference).
+
+    The first component is a registry when it looks like a host (a dot, a port, or
+    `localhost`), as Docker decides; the mirror is then asked with `?ns=<registry>`,
+    as containerd does. The tag defaults to latest.
+    """
+    registry = None
+    first, sep, rest = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        registry, image = first.lower(), rest
+    if "@" in image:
+        name, ref = image.split("@", 1)
+    else:
+        head, _, last = image.rpartition("/")
+        name, sep, tag = last.partition(":")
+        name = f"{head}/{name}" if head else name
+        ref = tag if sep else "latest"
+    validate_name(name)
+    Reference.parse(ref)
+    return registry, name, ref
+
+
+def ns_params(registry: str | None) -> dict[str, str]:
+    return {"ns": registry} if registry else {}
+
+
+def _platform(entry: dict[str, object]) -> str:
+    p = entry.get("platform")
+    if not isinstance(p, dict):
+        return "unknown"
+    text = f"{p.get('os')}/{p.get('architecture')}"
+    return f"{text}/{p['variant']}" if p.get("variant") else text
+
+
+class WarmError(Exception):
+    """Why an image could not be warmed, in the mirror's own words."""
+
+
+def _check(r: httpx.Response) -> None:
+    """The mirror's OCI error (code, message, detail) rather than httpx's generic text."""
+    if r.status_code < 400:
+        return
+    try:
+        error = r.json()["errors"][0]
+        told = f"{error['code']}: {error['message']}"
+        if error.get("detail"):
+            told += f" ({json.dumps(error['detail'])})"
+    except (ValueError, KeyError, IndexError, TypeError):
+        told = r.text[:200] or r.reason_phrase
+    raise WarmError(f"the mirror answered {r.status_code} for {r.url.path}: {told}")
+
+
+def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
+    """Fetch the image's manifests (through the mirror) and list the blobs to warm."""
+    registry, name, ref = parse_image(image)
+    result = Plan(image)
+
+    def manifest(reference: str) -> tuple[str, dict[str, object]]:
+        r = client.get(
+            f"/v2/{name}/manifests/{reference}",
+            headers={"Accept": ACCEPT},
+            params=ns_params(registry),
+        )
+        _check(r)
+        result.manifests.append(r.headers["docker-content-digest"])
+        return r.headers["content-type"].split(";")[0], json.loads(r.content)
+
+    media_type, top = manifest(ref)
+    images: list[dict[str, object]] = []
+    if media_type in INDEX_TYPES:
+        children = top.get("manifests")
+        for entry in children if isinstance(children, list) else []:
+            platform = _platform(entry)
+            wanted = (
+                platforms is None
+                or platform in platforms
+                or (platform.count("/") == 2 and platform.rsplit("/", 1)[0] in platforms)
+            )
+            if wanted:
+                result.platforms.append(platform)
+                images.append(manifest(str(entry["digest"]))[1])
+        if platforms is not None and not images:
+            available = (
+                ", ".join(_platform(e) for e in children) if isinstance(children, list) else ""
+            )
+            raise WarmError(
+                f"no platform matches {', '.join(sorted(platforms))} (the image has: {available})"
+            )
+    else:
+        images.append(top)
+    for img in images:
+        config = img.get("config")
+        layers = img.get("layers")
+        for desc in [config, *(layers if isinstance(layers, list) else [])]:
+            if isinstance(desc, dict) and "digest" in desc and not desc.get("urls"):
+                result.blobs[str(desc["digest"])] = int(desc.get("size", 0))
+    return result
+
+
+def fetch_blobs(
+    client: httpx.Client,
+    image: str,
+    blobs: dict[str, int],
+    on_bytes: Callable[[int], None],
+) -> None:
+    registry, name, _ = parse_image(image)
+    for digest in blobs:
+        with client.stream("GET", f"/v2/{name}/blobs/{digest}", params=ns_params(registry)) as r:
+            if r.status_code >= 400:
+                r.read()
+                _check(r)
+            for chunk in r.iter_raw(1 << 20):
+                on_bytes(len(chunk))
