@@ -375,3 +375,22 @@ async def test_warm_reports_the_mirrors_own_error_and_a_platform_that_matches_no
         "app:multi: failed: no platform matches windows/amd64 (the image has: linux/amd64)"
         in other.output
     )
+
+
+def test_a_cache_that_cannot_be_opened_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_mirror_env: None
+) -> None:
+    import sqlite3
+
+    DiskStore(tmp_path).close()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(DiskStore, "__init__", read_only)
+    code, out = _run("cache", "stats", "--cache-dir", str(tmp_path))
+    assert (code, out) == (
+        2,
+        f"cache:      {tmp_path}\n"
+        f"Error: cannot open the cache at {tmp_path}: attempt to write a readonly database\n",
+    )
