@@ -199,11 +199,15 @@ class UpstreamAuth:
         on the default port (registry-1.docker.io -> auth.docker.io), or a host in
         `token_hosts`. Never another configured upstream's origin (its credentials
         would reach that registry), never plain http for an https upstream."""
-        parts = urlsplit(realm)
-        host = (parts.hostname or "").lower()
+        try:
+            parts = urlsplit(realm)
+            host = (parts.hostname or "").lower()
+            port = _port(parts)  # raises on a port that is not a number
+        except ValueError:
+            return False  # unparsable: certainly not a realm we trust
         if parts.scheme not in ("http", "https") or not host:
             return False
-        if (parts.scheme, host, _port(parts)) in self._foreign_origins:
+        if (parts.scheme, host, port) in self._foreign_origins:
             return False
         if self._url.scheme == "https" and parts.scheme != "https":
             return False  # a token fetched in clear text could be swapped on the way
@@ -277,7 +281,7 @@ def _token_from(status: int, body: bytes) -> tuple[str, object]:
     try:
         data = json.loads(body)
         token = data.get("token") or data.get("access_token")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         token = None
     if not isinstance(token, str) or not token:
         raise UpstreamError("UNAVAILABLE", "token service returned no token", status=502)

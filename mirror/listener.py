@@ -49,6 +49,10 @@ def _tls_on_plain_port() -> None:
         )
 
 
+class HeadTooLarge(Exception):
+    pass
+
+
 class Limits:
     def __init__(
         self,
@@ -73,8 +77,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_bytes = 0
-        self._in_head = True
+        self._in_head = True  # from a head's start (or the connection's) to its end
+        self._pending = 0  # raw bytes of an unfinished head, across reads
+        self._head_size = 0  # the current head's size, from the parser's callbacks
+        self._heads = 0  # heads completed on this connection
         self._head_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -89,38 +95,69 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head and self._head_bytes == 0 and data[:1] == TLS_HANDSHAKE:
+        if self._heads == 0 and self._pending == 0 and data[:1] == TLS_HANDSHAKE:
             _tls_on_plain_port()
             self._refuse("tls_on_plain_port")
             return
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
+            # Counted from raw reads, before the parser sees them: it buffers a header
+            # until the header ends, so waiting for its callbacks would let a 32 MiB
+            # header into memory. Only this head's bytes count (pipelined heads may
+            # follow it in the same read).
+            end = data.find(b"\r\n\r\n")
+            if self._pending + (len(data) if end < 0 else end + 4) > self.limits.max_header_bytes:
                 self.transport.write(_431)
                 self._refuse("headers_too_large")
                 return
+        heads = self._heads
         super().data_received(data)
+        if self._in_head:
+            last = data.rfind(b"\r\n\r\n") if self._heads != heads else -1
+            self._pending = len(data) - last - 4 if last >= 0 else self._pending + len(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._heads += 1
         self._stop_deadline()
+        if self._head_size > self.limits.max_header_bytes:
+            # A later head of a pipelined read: the parser turns this into a 400.
+            self.limits.metrics.refused_connections.labels("headers_too_large").inc()
+            raise HeadTooLarge
         super().on_headers_complete()
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._await_head()  # the next request on this connection (pipelined or later)
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_complete and self.cycle.more_body:
+            # The request's body is still coming (the mirror reads none): a client
+            # could trickle it forever.
+            self.transport.close()
+            return
+        # The next request's head is due within the deadline, however slowly it comes
+        # (uvicorn's keep-alive timer stops at the first byte).
+        self._await_head()
 
     def _await_head(self) -> None:
-        self._in_head = True
-        self._head_bytes = 0
         self._stop_deadline()
         self._head_deadline = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
-        # A response still streaming (a pipelined next request waits for it) is not
-        # the client's silence: only an idle connection is closed.
-        if self.cycle is None or self.cycle.response_complete:
+        if self._in_head or self.cycle is None or self.cycle.response_complete:
             self._refuse("header_timeout")
 
     def _stop_deadline(self) -> None:

@@ -7,6 +7,7 @@ line loses media types, so every line is merged here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ MANIFEST_TYPES = (
     frozenset({DOCKER_MANIFEST_V2, DOCKER_MANIFEST_V1, DOCKER_MANIFEST_V1_SIGNED, OCI_MANIFEST})
     | INDEX_TYPES
 )
+
+
+# type/subtype (RFC 9110 tokens, ASCII), or a `*/*` / `type/*` range.
+_RESTRICTED = r"[!#$%&'*+.^_`|~0-9a-z-]+"
+_MEDIA_RANGE_RE = re.compile(rf"{_RESTRICTED}/{_RESTRICTED}")
 
 
 def _strip_params(value: str) -> tuple[str, float]:
@@ -58,6 +64,8 @@ class AcceptSet:
                     continue
                 any_line = True
                 media_type, q = _strip_params(part)
+                if _MEDIA_RANGE_RE.fullmatch(media_type) is None:
+                    continue  # not a media type: never forwarded (nor a non-ASCII header)
                 if q <= 0:  # q=0 means "not acceptable" (RFC 9110)
                     continue
                 if media_type in ("*/*", "application/*"):

@@ -9,6 +9,7 @@ with a HEAD, and served stale while the upstream is in trouble.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import sqlite3
@@ -34,6 +35,8 @@ from mirror.upstream import Upstream
 log = logging.getLogger(__name__)
 
 TAGS_LIST_MAX_BYTES = 16 << 20
+# Manifests larger than this are checked in a worker thread (a 4 MiB one takes ~0.4 s).
+CHECK_INLINE_MAX = 64 << 10
 
 T = TypeVar("T")
 
@@ -106,7 +109,7 @@ class Proxy:
     async def manifest(self, name: str, ref: Reference, accept: AcceptSet) -> Manifest:
         repo = self.repo(name)
         if ref.digest is not None:
-            stored = await self._store.get_manifest(ref.digest)
+            stored = await self._cached(ref.digest)
             manifest = (
                 Manifest(stored, "hit") if stored else await self._shared_fetch(repo, ref, accept)
             )
@@ -127,7 +130,7 @@ class Proxy:
         assert ref.tag is not None
         key = TagKey(self.name, repo, ref.tag, accept.cache_key)
         entry = await self._store.get_tag(key)
-        stored = await self._store.get_manifest(entry.digest) if entry else None
+        stored = await self._cached(entry.digest) if entry else None
         if entry is None or stored is None:
             return await self._shared_fetch(repo, ref, accept)
         age = self._clock() - entry.stored_at
@@ -165,6 +168,13 @@ class Proxy:
         )
         return Manifest(stored, "miss")
 
+    async def _cached(self, digest: Digest) -> StoredManifest | None:
+        stored = await self._store.get_manifest(digest)
+        if stored is not None and not manifests.servable(stored.media_type):
+            # Cached by an older version that did not check manifests: fetched anew.
+            return None
+        return stored
+
     async def _coalesced(
         self, flight: SingleFlight[T], key: object, work: Callable[[], Awaitable[T]]
     ) -> T:
@@ -177,7 +187,10 @@ class Proxy:
         remote = await self._upstream.get_manifest(repo, ref, accept.header(), self._manifest_max)
         # Validated before anything else: a schema1 answer, or one that is no manifest,
         # is refused as such, never counted as a digest mismatch.
-        checked = manifests.check(remote.content_type, remote.body)
+        if len(remote.body) > CHECK_INLINE_MAX:  # parsing takes a while: not in the loop
+            checked = await asyncio.to_thread(manifests.check, remote.content_type, remote.body)
+        else:
+            checked = manifests.check(remote.content_type, remote.body)
         expected = ref.digest or manifests.expected_digest(remote.digest_header)
         algorithm = expected.algorithm if expected else "sha256"
         actual = Digest(algorithm, hashlib.new(algorithm, remote.body).hexdigest())
@@ -194,7 +207,7 @@ class Proxy:
                 "DIGEST_INVALID", "upstream manifest failed digest verification", status=502
             )
         stored = StoredManifest(actual, checked.media_type, remote.body)
-        self._sizes.remember(checked.sizes)
+        self._sizes.remember(repo, checked.sizes)
         await self._cache_write(self._remember(stored, repo, ref.tag, accept))
         return stored
 
@@ -231,7 +244,10 @@ class Proxy:
             size = await self._upstream.head_blob(repo, digest)
             rng = spec.resolve(size) if spec is not None and size is not None else None
             return Blob(size, rng, None, "upstream")
-        limit = self._sizes.get(digest) or self._max_blob
+        # A descriptor's size only lowers the bound, and only for its own repository:
+        # another repository's manifest cannot make a blob unpullable here.
+        hint = self._sizes.get(repo, digest)
+        limit = self._max_blob if hint is None else min(hint, self._max_blob)
         return await _answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
 
     # -- tags -------------------------------------------------------------------------
@@ -257,23 +273,24 @@ async def _answer(blob: OpenBlob, spec: RangeSpec | None, head: bool, source: So
 
 
 class SizeHints:
-    """Blob sizes named by manifests fetched lately: a download of one of these
-    digests may not grow past its descriptor's size. Bounded (least recent go)."""
+    """Blob sizes named by manifests fetched lately, per repository: a download of one
+    of these digests through that repository may not grow past its descriptor's size.
+    Bounded (least recent go)."""
 
     MAX_ENTRIES = 1 << 16
 
     def __init__(self) -> None:
-        self._sizes: OrderedDict[Digest, int] = OrderedDict()
+        self._sizes: OrderedDict[tuple[str, Digest], int] = OrderedDict()
 
-    def remember(self, sizes: dict[Digest, int]) -> None:
+    def remember(self, repo: str, sizes: dict[Digest, int]) -> None:
         for digest, size in sizes.items():
-            self._sizes[digest] = size
-            self._sizes.move_to_end(digest)
+            self._sizes[repo, digest] = size
+            self._sizes.move_to_end((repo, digest))
         while len(self._sizes) > self.MAX_ENTRIES:
             self._sizes.popitem(last=False)
 
-    def get(self, digest: Digest) -> int | None:
-        return self._sizes.get(digest)
+    def get(self, repo: str, digest: Digest) -> int | None:
+        return self._sizes.get((repo, digest))
 
 
 def _upstream_trouble(exc: UpstreamError) -> bool:

@@ -57,7 +57,7 @@ class RemoteBlob:
         offset = attempts = 0
         while True:
             try:
-                async with asyncio.timeout(loop.time() + self._stall) as watchdog:
+                async with asyncio.timeout(self._stall) as watchdog:  # a delay, not a time
                     async for chunk in self._resp.aiter_raw():
                         offset += len(chunk)
                         if offset > self._max:

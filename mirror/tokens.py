@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ class Token:
 
 # Docker's token spec: when a server omits expires_in, assume 60 seconds.
 DEFAULT_EXPIRES_IN = 60
+# Tokens are refetched at least this often, whatever their expires_in.
+MAX_LIFETIME = 86400.0
 # Past this many per-scope locks, idle ones are dropped.
 MAX_IDLE_ENTRIES = 4096
 # Refresh this early so a token never expires between lookup and use.
@@ -23,13 +26,15 @@ REFRESH_MARGIN = 10.0
 
 
 def token_lifetime(expires_in: object) -> float:
+    """Seconds a token lives: what the token service says, within reason (a huge,
+    infinite or NaN value from a hostile service must neither crash nor pin a token)."""
     try:
         seconds = float(expires_in)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         seconds = DEFAULT_EXPIRES_IN
-    if seconds <= 0:
+    if not math.isfinite(seconds) or seconds <= 0:
         seconds = DEFAULT_EXPIRES_IN
-    return seconds
+    return min(seconds, MAX_LIFETIME)
 
 
 class TokenCache:

@@ -20,6 +20,7 @@ things are settled here, once, so the remote store above sees one kind of error:
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -143,5 +144,9 @@ class _MappedStream(httpx.AsyncByteStream):
 
 
 def _describe(exc: Exception) -> str:
-    # Only the type and a bounded message: it may quote what the upstream sent.
-    return f"{type(exc).__name__}: {str(exc)[:200]!r}"
+    # Only the type and a bounded message: it may quote what the upstream sent, and a
+    # URL's query (a CDN's pre-signed signature) is cut from it before it is logged.
+    return f"{type(exc).__name__}: {_QUERY.sub('?…', str(exc))[:200]!r}"
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*")

@@ -45,6 +45,10 @@ _RETRY_AFTER_RE = re.compile(
 TOKEN_MAX_BYTES = 1 << 20
 
 
+class InvalidResponse(UpstreamError):
+    """The upstream's answer to the request itself could not be parsed."""
+
+
 @dataclass(frozen=True, slots=True)
 class RemoteManifest:
     body: bytes
@@ -134,11 +138,11 @@ class Upstream:
         async with self._deadline():
             try:
                 resp = await self._request("HEAD", path, repo, "manifest", accept)
-            except UpstreamError as exc:
-                if not isinstance(exc.__cause__, httpx.RemoteProtocolError):
-                    raise
+            except InvalidResponse as exc:
                 # A common server bug sends a body after a HEAD answer, which wrecks
-                # the answer: ask with GET instead, and read only its headers.
+                # the answer: ask with GET instead, and read only its headers. Only the
+                # HEAD's own answer counts (a token service's failure is no reason to
+                # spend a rate-limited GET).
                 log.warning(
                     "upstream %s answered a HEAD badly (%s); asking with GET",
                     self.name,
@@ -250,6 +254,8 @@ class Upstream:
                 )
                 error = transport_error(exc, "upstream")
                 self._health(error.message)
+                if isinstance(exc, httpx.RemoteProtocolError):
+                    raise InvalidResponse(error.code, error.message, status=error.status) from exc
                 raise error from exc
             self._metrics.upstream_request(
                 self.name, kind, str(resp.status_code), time.perf_counter() - started

@@ -452,3 +452,126 @@ async def test_a_blob_is_bounded_by_the_size_its_manifest_descriptor_gives(
         r = await c.get(f"/v2/app/blobs/{layer}")
         assert _oci_error(r) == "UNAVAILABLE"  # refused before a byte reached anyone
     assert not any((tmp_path / "cache" / "tmp").iterdir())
+
+
+# -- found by review: each a 500, a hang or a poisoned name before its fix ---------------
+
+
+def _manifest_naming(layer: str, size: int) -> tuple[bytes, str]:
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI,
+            "config": {"mediaType": "x/y+json", "digest": "sha256:" + "ef" * 32, "size": 2},
+            "layers": [{"mediaType": "x/y", "digest": layer, "size": size}],
+        }
+    ).encode()
+    return body, "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+async def test_another_repositorys_manifest_cannot_make_a_blob_unpullable(
+    mirror: MirrorFactory,
+) -> None:
+    blob = b"y" * 5000
+    layer = "sha256:" + hashlib.sha256(blob).hexdigest()
+    lie = _manifest_naming(layer, 10)  # "this popular layer is 10 bytes"
+
+    def answer(request: Request) -> Script:
+        if "/manifests/" in request.path:
+            return Script([manifest_response(*lie)])
+        return Script([response(200, blob)])
+
+    upstream = RawUpstream(answer)
+    async with upstream.serve() as url, mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        assert (await c.get("/v2/attacker/img/manifests/latest")).status_code == 200
+        victim = await c.get(f"/v2/library/ubuntu/blobs/{layer}")
+        assert (victim.status_code, victim.content) == (200, blob)
+
+
+async def test_a_descriptor_cannot_lift_max_blob_size(mirror: MirrorFactory) -> None:
+    layer = "sha256:" + "cd" * 32
+    body, digest = _manifest_naming(layer, 10**13)
+    chunk = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+    endless = [response(200, b"", {"transfer-encoding": "chunked"}, length=False), *[chunk] * 64]
+
+    def answer(request: Request) -> Script:
+        if "/manifests/" in request.path:
+            return Script([manifest_response(body, digest)])
+        return Script(list(endless))
+
+    upstream = RawUpstream(answer)
+    async with (
+        upstream.serve() as url,
+        mirror(url, max_blob_size="1MiB") as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        assert (await c.get("/v2/app/manifests/v1")).status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.get(f"/v2/app/blobs/{layer}")
+    assert m.metric("mirror_upstream_bytes_total", upstream=url.removeprefix("http://")) < 2 << 20
+
+
+async def test_a_manifest_of_a_million_brackets_is_refused_before_parsing(
+    mirror: MirrorFactory,
+) -> None:
+    flood = b"[" + b"[]," * 1_000_000 + b"[]]"
+    upstream = RawUpstream(lambda r: Script([response(200, flood, {"content-type": OCI})]))
+    async with upstream.serve() as url, mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get("/v2/app/manifests/v1")
+    assert _oci_error(r) == "MANIFEST_INVALID"
+    assert "more than 50000 objects and arrays" in r.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    "challenge",
+    [
+        'Bearer realm="http://127.0.0.1:abc/token",service="s"',
+        'Bearer realm="http://[::1/token",service="s"',
+    ],
+    ids=["port not a number", "unclosed bracket"],
+)
+async def test_an_unparsable_realm_is_refused_not_a_500(
+    challenge: str, mirror: MirrorFactory
+) -> None:
+    upstream = RawUpstream(
+        lambda r: Script([response(401, b"{}", {"www-authenticate": challenge})])
+    )
+    async with upstream.serve() as url, mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get("/v2/app/manifests/v1")
+    assert r.status_code == 502
+    assert "token realm" in r.json()["errors"][0]["message"]
+
+
+async def test_a_deeply_nested_token_answer_is_a_502(mirror: MirrorFactory) -> None:
+    upstream = RawUpstream(_token_flow(response(200, b"[" * 100_000)))
+    async with upstream.serve() as url, mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get("/v2/app/manifests/v1")
+    assert r.json()["errors"][0]["message"] == "token service returned no token"
+
+
+async def test_a_client_accept_that_is_not_a_media_type_is_never_forwarded(
+    mirror: MirrorFactory,
+) -> None:
+    upstream = RawUpstream(lambda r: Script([manifest_response(BODY, DIGEST)]))
+    async with upstream.serve() as url, mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        accept = f"{OCI}, application/\u00e9t\u00e9".encode()
+        r = await c.get("/v2/app/manifests/v1", headers=[(b"accept", accept)])
+    assert r.status_code == 200
+    assert upstream.requests[0].headers["accept"] == OCI
+
+
+async def test_a_manifest_cached_before_checks_existed_is_fetched_anew(
+    mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    from mirror.reference import Digest
+    from mirror.store import StoredManifest
+
+    store = DiskStore(tmp_path / "cache")
+    poisoned = StoredManifest(Digest.parse(DIGEST), "text/html", BODY)
+    await store.put_manifest(poisoned)
+    store.close()
+    upstream = RawUpstream(lambda r: Script([manifest_response(BODY, DIGEST)]))
+    async with upstream.serve() as url, mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get(f"/v2/app/manifests/{DIGEST}")
+    assert (r.status_code, r.headers["content-type"]) == (200, OCI)
+    assert upstream.count("GET", f"/manifests/{DIGEST}") == 1

@@ -121,3 +121,48 @@ async def test_a_tls_handshake_on_the_plain_port_is_closed_quietly(
         writer.close()
         assert _refused(metrics, "tls_on_plain_port") == 1
     assert "Invalid HTTP request" not in caplog.text
+
+
+async def test_pipelined_small_requests_are_each_their_own_head(settings: Settings) -> None:
+    async with guarded(settings) as (port, metrics):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        one = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+        writer.write(one * 600)  # ~21 KB in a read or two, each head far under 16 KiB
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 600:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert chunk, f"closed after {answers.count(b'HTTP/1.1 200')} answers"
+            answers += chunk
+        writer.close()
+        assert _refused(metrics, "headers_too_large") == 0
+
+
+async def test_the_next_head_is_due_after_a_long_response_and_a_body_is_never_waited_for(
+    settings: Settings,
+) -> None:
+    async with guarded(settings) as (port, metrics):
+        # A request announcing a body it trickles: answered, then the connection closes.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(15)
+        writer.write(b"a")
+        assert await _closed_by_server(reader) == b""
+        writer.close()
+        # After a response, a head trickled a byte at a time still meets the deadline.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        await reader.readexactly(15)
+
+        async def trickle() -> None:
+            for byte in b"GET /healthz HTTP/1.1\r\n":
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+
+        trickling = asyncio.create_task(trickle())
+        assert await _closed_by_server(reader) == b""
+        trickling.cancel()
+        writer.close()
+        assert _refused(metrics, "header_timeout") >= 1

@@ -95,3 +95,9 @@ async def _read(blob: RemoteBlob) -> bytes:
         return b"".join([chunk async for chunk in blob])
     finally:
         await blob.aclose()
+
+
+async def test_a_body_silent_from_its_first_byte_is_cut_too() -> None:
+    resp = httpx.Response(200, headers={"content-length": "6"}, stream=Stream([], True))
+    with pytest.raises(UpstreamError):
+        await asyncio.wait_for(_read(_blob(resp, Metrics(), attempts=0)), timeout=5)

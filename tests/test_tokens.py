@@ -51,3 +51,10 @@ def test_idle_locks_and_expired_tokens_are_pruned(monkeypatch: pytest.MonkeyPatc
         clock.now += 5
     assert len(cache._locks) <= 10
     assert len(cache._tokens) <= 20  # pruned along with the locks
+
+
+@pytest.mark.parametrize("expires_in", ["1" + "0" * 400, float("inf"), float("nan"), 10**12])
+def test_a_hostile_expires_in_neither_crashes_nor_pins_a_token(expires_in: object) -> None:
+    from mirror.tokens import MAX_LIFETIME, token_lifetime
+
+    assert 0 < token_lifetime(expires_in) <= MAX_LIFETIME
