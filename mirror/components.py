@@ -106,8 +106,10 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
                 dockerhub.patterns(config.name, config.deny),
             ),
             manifest_max_bytes=settings.manifest_max_bytes,
-            # Commits in progress at SIGTERM finish within the shutdown's time.
-            commit_grace=settings.shutdown_timeout,
+            # Commits run during uvicorn's graceful wait (up to shutdown_timeout); what
+            # is still committing after it gets a fifth more, so the whole stop stays
+            # within an orchestrator's grace (Kubernetes: 30 s, the default 25 + 5).
+            commit_grace=max(1.0, settings.shutdown_timeout / 5),
             max_blob_size=settings.max_blob_size,
             clock=clock,
         )

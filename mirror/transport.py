@@ -11,6 +11,8 @@ things are settled here, once, so the remote store above sees one kind of error:
   would become a 500. Every exception from the transport, on the request or in the
   body, becomes an `httpx.TransportError`, which `transport_error` turns into a 502
   or 504 that stale content may answer for.
+- **Answers.** An error status becomes the error table's code (`status_error`), and a
+  body read into memory is bounded (`read_bounded`).
 - **Pool hygiene.** aiohttp checks a pooled connection for leftovers when it is
   released, not when it is reused: bytes that arrive on an idle keep-alive connection
   (an extra response, a body after a HEAD, bytes past Content-Length) would be read
@@ -32,8 +34,14 @@ from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import AiohttpResponseStream
 
 from mirror.errors import UpstreamError
+from mirror.metrics import UpstreamKind
+from mirror.ranges import parse_length
 
 MAX_CONNECTIONS = 256
+_NOT_FOUND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}
+_RETRY_AFTER_RE = re.compile(
+    r"[0-9]{1,10}|[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{4} [0-9:]{8} GMT"
+)
 
 
 def make_client(
@@ -87,6 +95,51 @@ def transport_error(exc: httpx.TransportError, what: str) -> UpstreamError:
         reason = str(exc) or type(exc).__name__
     # The reason names host and failure, never a credential (URLs carry none).
     return UpstreamError("UNAVAILABLE", f"{what} unreachable: {reason}", status=502)
+
+
+async def read_bounded(resp: httpx.Response, max_bytes: int, too_big: UpstreamError) -> bytes:
+    """The whole body, refused once it passes `max_bytes` (announced or streamed)."""
+    try:
+        length = parse_length(resp.headers.get("content-length"))
+        if length is not None and length > max_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_big
+        return bytes(body)
+    except httpx.TransportError as exc:
+        # Cut mid-body: the upstream's trouble (a stale copy may answer), not ours.
+        raise transport_error(exc, "upstream") from exc
+    finally:
+        await resp.aclose()
+
+
+def status_error(resp: httpx.Response, kind: UpstreamKind) -> UpstreamError:
+    """An upstream error status, as the error table names it."""
+    status = resp.status_code
+    if status == 404:
+        code = _NOT_FOUND.get(kind, "NAME_UNKNOWN")
+        return UpstreamError(code, f"{kind} unknown to upstream", upstream_status=404)
+    if status == 401:
+        return UpstreamError(
+            "UNAUTHORIZED", "upstream refused our credentials", upstream_status=401
+        )
+    if status == 403:
+        return UpstreamError("DENIED", "upstream denied access", upstream_status=403)
+    if status == 429:
+        headers = {}
+        retry_after = resp.headers.get("retry-after", "").strip()
+        # Passed on to clients only as what it may be: seconds or an HTTP date.
+        if _RETRY_AFTER_RE.fullmatch(retry_after):
+            headers["Retry-After"] = retry_after
+        return UpstreamError(
+            "TOOMANYREQUESTS", "upstream rate limit reached", upstream_status=429, headers=headers
+        )
+    return UpstreamError(
+        "UNAVAILABLE", f"upstream answered {status}", status=502, upstream_status=status
+    )
 
 
 def _is_timeout(exc: httpx.TransportError) -> bool:

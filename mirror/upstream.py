@@ -3,10 +3,10 @@
 It speaks the registry API for the proxy (`get_manifest`, `head_manifest`,
 `head_blob`, `open_blob`, `tags`) and hides HTTP: authentication (the policy is
 `mirror.auth`'s), redirects (Docker Hub answers blob GETs with a 307 to a CDN host,
-which must never see our `Authorization`), a deadline per exchange, bounded reads, and
-the mapping of every upstream status to the error table. With `mirror.transport` (the
-client and its failures) and `mirror.remoteblob` (blob bodies), the only code that
-talks to upstreams.
+which must never see our `Authorization`), a deadline per exchange, and one log line
+when the upstream starts failing and one when it recovers. With `mirror.transport`
+(the client, its failures, statuses and bounded reads) and `mirror.remoteblob` (blob
+bodies), the only code that talks to upstreams.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from mirror.metrics import Metrics, UpstreamKind
 from mirror.ranges import parse_length
 from mirror.reference import Digest, Reference
 from mirror.remoteblob import RemoteBlob
-from mirror.transport import make_client, transport_error
+from mirror.transport import make_client, read_bounded, status_error, transport_error
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +36,6 @@ __all__ = ["Credentials", "RemoteManifest", "Upstream", "make_client"]
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_NOT_FOUND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}
-_RETRY_AFTER_RE = re.compile(
-    r"[0-9]{1,10}|[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{4} [0-9:]{8} GMT"
-)
 # Tokens are a few KB (a JWT); anything near this is not a token.
 TOKEN_MAX_BYTES = 1 << 20
 
@@ -126,7 +121,7 @@ class Upstream:
         async with self._deadline():
             path = f"/v2/{repo}/manifests/{ref}"
             resp = await self._request("GET", path, repo, "manifest", accept)
-            body = await _read(resp, max_bytes, too_big)
+            body = await read_bounded(resp, max_bytes, too_big)
         headers = resp.headers
         return RemoteManifest(
             body, headers.get("content-type"), headers.get("docker-content-digest")
@@ -193,7 +188,7 @@ class Upstream:
         too_big = UpstreamError("UNAVAILABLE", "tag list too large", status=502)
         async with self._deadline():
             resp = await self._request("GET", path, repo, "tags")
-            body = await _read(resp, max_bytes, too_big)
+            body = await read_bounded(resp, max_bytes, too_big)
         return body, resp.headers.get("link")
 
     # -- requests ---------------------------------------------------------------------
@@ -228,7 +223,7 @@ class Upstream:
             resp = await self._send(method, self.url + path, hdrs, auth, kind)
         if resp.status_code >= 400:
             await resp.aclose()
-            raise _status_error(resp, kind)
+            raise status_error(resp, kind)
         return resp
 
     async def _send(
@@ -302,52 +297,7 @@ class Upstream:
             await resp.aclose()
             raise UpstreamError("UNAVAILABLE", "token service sent an encoded body", status=502)
         too_big = UpstreamError("UNAVAILABLE", "token response too large", status=502)
-        return resp.status_code, await _read(resp, TOKEN_MAX_BYTES, too_big)
-
-
-async def _read(resp: httpx.Response, max_bytes: int, too_big: UpstreamError) -> bytes:
-    """The whole body, refused once it passes `max_bytes` (announced or streamed)."""
-    try:
-        length = parse_length(resp.headers.get("content-length"))
-        if length is not None and length > max_bytes:
-            raise too_big
-        body = bytearray()
-        async for chunk in resp.aiter_raw():
-            body += chunk
-            if len(body) > max_bytes:
-                raise too_big
-        return bytes(body)
-    except httpx.TransportError as exc:
-        # Cut mid-body: the upstream's trouble (a stale copy may answer), not ours.
-        raise transport_error(exc, "upstream") from exc
-    finally:
-        await resp.aclose()
-
-
-def _status_error(resp: httpx.Response, kind: UpstreamKind) -> UpstreamError:
-    """An upstream error status, as the error table names it."""
-    status = resp.status_code
-    if status == 404:
-        code = _NOT_FOUND.get(kind, "NAME_UNKNOWN")
-        return UpstreamError(code, f"{kind} unknown to upstream", upstream_status=404)
-    if status == 401:
-        return UpstreamError(
-            "UNAUTHORIZED", "upstream refused our credentials", upstream_status=401
-        )
-    if status == 403:
-        return UpstreamError("DENIED", "upstream denied access", upstream_status=403)
-    if status == 429:
-        headers = {}
-        retry_after = resp.headers.get("retry-after", "").strip()
-        # Passed on to clients only as what it may be: seconds or an HTTP date.
-        if _RETRY_AFTER_RE.fullmatch(retry_after):
-            headers["Retry-After"] = retry_after
-        return UpstreamError(
-            "TOOMANYREQUESTS", "upstream rate limit reached", upstream_status=429, headers=headers
-        )
-    return UpstreamError(
-        "UNAVAILABLE", f"upstream answered {status}", status=502, upstream_status=status
-    )
+        return resp.status_code, await read_bounded(resp, TOKEN_MAX_BYTES, too_big)
 
 
 def _digest(headers: Mapping[str, str], name: str) -> Digest | None:
