@@ -1,3 +1,0 @@
-from mirror.cli import main
-
-main()
