@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the system packages the test suite runs for real: the CNCF Distribution
 # registry (the upstream), skopeo and containerd (real clients), and Prometheus with
-# promtool (the dashboard's queries and the alert rules are checked against them).
+# promtool (the dashboard's queries and the alert rules are checked against them), and
+# the shared store's engines: Ceph's RADOS Gateway (S3) and Redis, plus curl (the
+# harness signs S3 requests with it).
 # kubectl is not a Debian 12 package: `make kubectl` fetches it (scripts/fetch_kubectl.py).
 # Idempotent and quick when everything is present; needs root (or sudo) only when
 # something is missing.
@@ -12,6 +14,12 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+command -v radosgw >/dev/null || need+=(radosgw)
+command -v ceph-mon >/dev/null || need+=(ceph-mon)
+command -v ceph-osd >/dev/null || need+=(ceph-osd)
+command -v ceph >/dev/null && command -v ceph-authtool >/dev/null || need+=(ceph-common)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v curl >/dev/null || need+=(curl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

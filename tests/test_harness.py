@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +23,12 @@ from harness import (
     build_and_push_test_images,
     fetch_token,
     registry_get,
+    require_root,
     require_tool,
     sha256_digest,
 )
+from harness.redisserver import RedisServer
+from harness.rgw import RadosGateway
 
 EXPECTED_TYPES = {
     "schema2": DOCKER_MANIFEST,
@@ -159,3 +165,57 @@ def test_require_tool_fails_only_in_ci(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="not on PATH"):
         require_tool("docker-registry")
+
+
+def _s3(
+    rgw: RadosGateway, method: str, path: str, data: Path | None = None, out: Path | None = None
+) -> str:
+    """An S3 request signed with SigV4 by curl itself (no client library needed; RGW
+    wants the payload hash header, which curl leaves out)."""
+    creds = rgw.credentials
+    command = [
+        require_tool("curl"), "-sS", "--fail-with-body", "-X", method,
+        "--aws-sigv4", "aws:amz:us-east-1:s3",
+        "--user", f"{creds.access_key}:{creds.secret_key}",
+        "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+        f"{rgw.endpoint}{path}",
+    ]  # fmt: skip
+    if data is not None:
+        command += ["--data-binary", f"@{data}", "-H", "content-type: application/octet-stream"]
+    if out is not None:
+        command += ["-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.e2e
+def test_rados_gateway_serves_s3_and_stops_without_a_trace(tmp_path: Path) -> None:
+    require_tool("radosgw")
+    require_root("run Ceph's daemons as the ceph user")
+    payload = tmp_path / "blob"
+    payload.write_bytes(os.urandom(1 << 20))
+    with RadosGateway() as rgw:
+        pids = [d.pid for d in rgw._daemons]
+        _s3(rgw, "PUT", "/mirror-test")
+        _s3(rgw, "PUT", "/mirror-test/blobs/x", payload)
+        listed = _s3(rgw, "GET", "/mirror-test?list-type=2")
+        assert "<Key>blobs/x</Key>" in listed
+        got = tmp_path / "got"
+        _s3(rgw, "GET", "/mirror-test/blobs/x", out=got)
+        assert got.read_bytes() == payload.read_bytes()
+        root = rgw.root
+    assert not root.exists()
+    for pid in pids:
+        assert pid is not None and not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.e2e
+def test_redis_server_answers_and_stops(tmp_path: Path) -> None:
+    require_tool("redis-server")
+    with RedisServer(tmp_path) as redis:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as conn:
+            conn.sendall(b"SET k v\r\nGET k\r\n")
+            assert conn.recv(64).startswith(b"+OK\r\n")
+        pid = redis.pid
+    assert pid is not None and not Path(f"/proc/{pid}").exists()
