@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: install run test lint unit bench system-deps kubectl clean
 
-# Running needs only the runtime dependencies (a venv of about 83 MB); the tests and
+# Running needs only the runtime dependencies (a venv of about 80 MiB); the tests and
 # benchmarks add the dev and bench extras to the same venv.
 $(BIN)/.runtime: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

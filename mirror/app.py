@@ -44,7 +44,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             )
             app.state.components = built
             log.info(
-                "mirror ready: upstreams %s (default %s), cache %s",
+                "mirror ready on %s: upstreams %s (default %s), cache %s",
+                settings.listen,
                 ", ".join(f"{c.name}={c.base_url}" for c in settings.resolved_upstreams()),
                 settings.default_upstream_name(),
                 settings.cache_dir,

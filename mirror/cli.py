@@ -7,6 +7,8 @@ reads the same everywhere (a usage error, exit 2), and builds what it needs thro
 
 from __future__ import annotations
 
+import errno
+import socket
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -22,6 +24,19 @@ from mirror.config import Settings
 from mirror.diskstore import DiskStore
 from mirror.loading import SettingsError, check_usable, load_settings, unknown_environment
 from mirror.store import Stats
+
+
+def _bind_problem(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            "address already in use; is another mirror running? Choose another address "
+            "with --listen HOST:PORT"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no interface of this machine has that address (0.0.0.0 means all)"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve that host name"
+    return str(exc.strerror or exc).lower()
 
 
 class BadSettings(click.ClickException):
@@ -91,10 +106,7 @@ def serve(
         # Bound before anything says "ready": a port in use is the first thing to know.
         sock = bind(settings.listen)
     except OSError as exc:
-        raise BadSettings(
-            f"cannot listen on {settings.listen}: {exc.strerror or exc}; is another mirror "
-            "running? Choose another address with --listen HOST:PORT"
-        ) from None
+        raise BadSettings(f"cannot listen on {settings.listen}: {_bind_problem(exc)}") from None
     configure_logging(settings.log_level, settings.log_format)
     tune_malloc()
     serve_app(create_app(settings), settings, sock)
@@ -223,6 +235,8 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
     from mirror.errors import RegistryError
     from mirror.warm import WarmError, fetch_blobs, plan
 
+    if not mirror_url.startswith(("http://", "https://")):
+        raise click.UsageError(f"--mirror must be a URL such as http://{mirror_url}")
     wanted = set(platforms) if platforms and "all" not in platforms else None
     failed = False
     with httpx.Client(base_url=mirror_url.rstrip("/"), timeout=httpx.Timeout(30, read=300)) as c:
@@ -297,6 +311,8 @@ def containerd_hosts(
         written = write_hosts(hosts_dir, mirror_url, settings.resolved_upstreams(), write_default)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot write to {hosts_dir}: {exc.strerror or exc}") from None
     for path in written:
         click.echo(f"wrote {path}")
 

@@ -165,13 +165,19 @@ class UpstreamSettings(BaseModel):
         if self.password is not None:
             return self.password.get_secret_value()
         if self.password_file is not None:
+            where = f"upstream {self.name}: password_file {self.password_file}"
             try:
-                return self.password_file.read_text().strip()
+                secret = self.password_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ValueError(
                     f"upstream {self.name}: cannot read password_file {self.password_file}: "
                     f"{exc.strerror}"
                 ) from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{where} is not UTF-8 text") from None
+            if not secret:
+                raise ValueError(f"{where} is empty")
+            return secret
         if self.password_env is not None:
             value = os.environ.get(self.password_env)
             if not value:
@@ -205,14 +211,21 @@ class Settings(BaseSettings):
     # else the first upstream.
     default_upstream: str | None = None
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    tag_ttl: Duration = Field(default=300.0, description="Seconds a tag->digest answer is trusted")
+    tag_ttl: Duration = Field(
+        default=300.0, ge=0, description="Seconds a tag->digest answer is trusted"
+    )
     # First match wins, against "<repository>:<tag>", e.g. {pattern: "*:latest", ttl: 1m}.
     tag_ttl_rules: list[TTLRuleSetting] = Field(default_factory=list)
-    max_stale: Duration = Field(default=7 * 86400.0, description="Serve a tag stale this long")
-    content_ttl: Duration = Field(default=7 * 86400.0, description="Evict content unused this long")
+    max_stale: Duration = Field(
+        default=7 * 86400.0, ge=0, description="Serve a tag stale this long"
+    )
+    content_ttl: Duration = Field(
+        default=7 * 86400.0, gt=0, description="Evict content unused this long"
+    )
     max_size: int | None = Field(default=50 * 2**30, description="Cap on cached blob bytes")
-    eviction_interval: Duration = Field(default=60.0, description="Seconds between rounds")
-    manifest_max_bytes: int = 4 * MiB  # larger manifests are refused, as Distribution does
+    eviction_interval: Duration = Field(default=60.0, ge=1, description="Seconds between rounds")
+    # Larger manifests are refused, as Distribution does.
+    manifest_max_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
     resume_attempts: int = Field(default=3, ge=0, le=100)
     # On SIGTERM, responses in flight get this long to finish (keep it below the
     # orchestrator's grace period: Kubernetes' default is 30 s).
@@ -222,24 +235,32 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=4096, ge=1)
     header_timeout: Duration = Field(default=10.0, gt=0)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
-    connect_timeout: float = 10.0
+    connect_timeout: float = Field(default=10.0, gt=0)
     # Between two reads of a body, not for the whole body; a blob download that
     # receives nothing this long is also cut by its own watchdog (and resumed).
-    read_timeout: float = 60.0
+    read_timeout: float = Field(default=60.0, gt=0)
     # One deadline for a whole manifest, tag list or token exchange: an upstream that
     # trickles bytes under the read timeout cannot hold clients longer than this.
     fetch_timeout: Duration = Field(default=20.0, gt=0)
     # A blob larger than its manifest descriptor says is cut at that size; one that no
     # manifest fetched through this mirror describes, at this size.
     max_blob_size: int = Field(default=64 * 2**30, description="Largest blob fetched")
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
     access_log: bool = True  # one line per request (method, route, status, bytes, ...)
 
     @field_validator("max_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int | None:
-        return parse_size(value)
+        size = parse_size(value)
+        if size is not None and size < 0:
+            raise ValueError("max_size cannot be negative (none: no cap)")
+        return size
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("max_blob_size", mode="before")
     @classmethod
@@ -272,9 +293,11 @@ class Settings(BaseSettings):
         prefixes = [u.path_prefix for u in self.upstreams if u.path_prefix]
         if len(set(prefixes)) != len(prefixes):
             raise ValueError(f"upstream path prefixes must be unique: {prefixes}")
+        if self.upstream_password is not None and not self.upstream_username:
+            raise ValueError("upstream_password needs upstream_username (MIRROR_UPSTREAM_USERNAME)")
         resolved = self.resolved_upstreams()  # the shorthand's credentials validate here
         if self.default_upstream is not None:
-            default = UpstreamSettings(name=self.default_upstream).name
+            default = dockerhub.canonical(self.default_upstream)
             if default not in {u.name for u in resolved}:
                 raise ValueError(f"default_upstream {default!r} is not a configured upstream")
             self.default_upstream = default

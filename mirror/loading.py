@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pydantic
+import pydantic_settings
 import yaml
 from pydantic_settings import SettingsConfigDict
 
-from mirror.config import ENV_PREFIX, Settings, UpstreamSettings
+from mirror.config import ENV_PREFIX, Settings, TTLRuleSetting, UpstreamSettings
 
 
 class SettingsError(Exception):
@@ -31,18 +34,36 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     given = {k: v for k, v in overrides.items() if v is not None}
     cls: type[Settings] = Settings
     if config_file is not None:
-        if not config_file.is_file():
-            raise SettingsError(f"config file not found: {config_file}")
+        _check_file(config_file)
         # The YAML path is only known at run time; a subclass carries it to the source.
         config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
         cls = type("FileSettings", (Settings,), {"model_config": config})
     try:
         return cls(**given)
-    except yaml.YAMLError as exc:
-        raise SettingsError(_yaml_problem(config_file, exc)) from None
+    except pydantic_settings.SettingsError as exc:
+        # The one thing pydantic-settings itself rejects: JSON in a MIRROR_* variable.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{field[1]}".upper() if field else "a MIRROR_* variable"
+        raise SettingsError(f"{name}: not valid JSON") from None
     except pydantic.ValidationError as exc:
         lines = [_problem(e, config_file, given) for e in exc.errors(include_input=False)]
         raise SettingsError("\n".join(lines)) from None
+
+
+def _check_file(config_file: Path) -> None:
+    """Read and parse the file once here, so every way it can be wrong is one line."""
+    if not config_file.is_file():
+        raise SettingsError(f"config file not found: {config_file}")
+    try:
+        document = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SettingsError(f"{config_file}: not UTF-8 text") from None
+    except OSError as exc:
+        raise SettingsError(f"{config_file}: cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(_yaml_problem(config_file, exc)) from None
+    if document is not None and not isinstance(document, dict):
+        raise SettingsError(f"{config_file}: must be a mapping of settings (key: value)")
 
 
 def unknown_environment(environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -61,16 +82,35 @@ def unknown_environment(environ: Mapping[str, str] = os.environ) -> list[str]:
 def _problem(error: Any, config_file: Path | None, given: Mapping[str, Any]) -> str:
     loc = [str(part) for part in error["loc"]]
     name = _dotted(loc)
-    if error["type"] == "extra_forbidden":
-        # Unknown MIRROR_* variables never get this far (see unknown_environment).
-        where = " (command line)" if loc[0] in given else f" (in {config_file})"
-        model = UpstreamSettings if loc[:1] == ["upstreams"] else Settings
-        return f"unknown setting {name}{where}{_did_you_mean(loc[-1], set(model.model_fields))}"
     where = _source(loc[0] if loc else "", config_file, given)
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if not name:  # a check across settings (model validator)
-        return f"invalid settings{where}: {message}"
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc)
+        return f"unknown setting {name}{where}{_did_you_mean(loc[-1], set(model.model_fields))}"
+    message = _FRIENDLY.get(error["type"]) or str(error["msg"]).removeprefix("Value error, ")
+    if not name:  # a check across settings: its message names them
+        return f"invalid settings: {message}"
     return f"setting {name}{where}: {message}"
+
+
+# pydantic's wording for a few common mistakes names internal classes; these do not.
+_FRIENDLY = {
+    "model_type": "should be a mapping (key: value)",
+    "dict_type": "should be a mapping (key: value)",
+    "list_type": "should be a list",
+    "missing": "is required",
+    "bool_parsing": "should be true or false",
+    "bool_type": "should be true or false",
+    "string_type": "should be text",
+    "int_parsing": "should be a whole number",
+    "float_parsing": "should be a number",
+}
+
+
+def _model_at(loc: list[str]) -> type[pydantic.BaseModel]:
+    """The model whose fields a location names (for "did you mean")."""
+    if "tag_ttl_rules" in loc[:-1]:
+        return TTLRuleSetting
+    return UpstreamSettings if loc[:1] == ["upstreams"] else Settings
 
 
 def _source(key: str, config_file: Path | None, given: Mapping[str, Any]) -> str:
@@ -111,10 +151,19 @@ def check_usable(settings: Settings) -> None:
     starts: files named in the settings, secrets, and a cache directory it can write."""
     problems = []
     for upstream in settings.resolved_upstreams():
-        if upstream.ca_bundle is not None and not upstream.ca_bundle.is_file():
-            problems.append(
-                f"upstream {upstream.name}: ca_bundle {upstream.ca_bundle} is not a readable file"
-            )
+        bundle = upstream.ca_bundle
+        if bundle is not None:
+            try:
+                ssl.create_default_context(cafile=str(bundle))
+            except (OSError, ssl.SSLError) as exc:
+                why = (
+                    "is not a readable file"
+                    if isinstance(exc, FileNotFoundError)
+                    else (
+                        f"holds no usable PEM certificate ({getattr(exc, 'reason', None) or exc})"
+                    )
+                )
+                problems.append(f"upstream {upstream.name}: ca_bundle {bundle} {why}")
         try:
             upstream.secret()
         except ValueError as exc:
@@ -127,6 +176,12 @@ def check_usable(settings: Settings) -> None:
 
 
 def _cache_dir_problem(path: Path) -> str | None:
+    if path.exists() and not path.is_dir():
+        return f"cache_dir {path} is a file, not a directory"
+    if path.is_dir() and not (path / "index").is_dir() and any(path.iterdir()):
+        # Start-up recovery empties tmp/ and removes unknown files under blobs/: never
+        # in a directory that holds something else (a home directory, /).
+        return f"cache_dir {path} is not empty and not a mirror cache: give a new or empty one"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".mirror-probe-{os.getpid()}"

@@ -84,6 +84,11 @@ def transport_error(exc: httpx.TransportError, what: str) -> UpstreamError:
         reason = f"cannot resolve {cause.host}"
     elif isinstance(cause, aiohttp.ClientConnectorCertificateError):
         reason = f"its TLS certificate is not trusted ({cause.certificate_error})"
+    elif isinstance(cause, aiohttp.ClientConnectorSSLError):
+        reason = (
+            f"TLS handshake with {cause.host}:{cause.port} failed; if it speaks plain HTTP, "
+            "use an http:// URL"
+        )
     elif isinstance(cause, aiohttp.ClientConnectorError):
         port = f":{cause.port}" if cause.port else ""
         error = cause.os_error

@@ -77,7 +77,7 @@ def _check(r: httpx.Response) -> None:
         if error.get("detail"):
             told += f" ({json.dumps(error['detail'])})"
     except (ValueError, KeyError, IndexError, TypeError):
-        told = r.text[:200] or r.reason_phrase
+        told = f"{r.reason_phrase}, and not a registry's error: is {r.url.host} the mirror?"
     raise WarmError(f"the mirror answered {r.status_code} for {r.url.path}: {told}")
 
 
@@ -93,7 +93,13 @@ def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
             params=ns_params(registry),
         )
         _check(r)
-        result.manifests.append(r.headers["docker-content-digest"])
+        digest = r.headers.get("docker-content-digest")
+        if digest is None:
+            raise WarmError(
+                f"{client.base_url} answered {r.url.path} without Docker-Content-Digest: "
+                "is it the mirror?"
+            )
+        result.manifests.append(digest)
         return r.headers["content-type"].split(";")[0], json.loads(r.content)
 
     media_type, top = manifest(ref)

@@ -56,4 +56,6 @@ def main(dest: Path) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} DEST (where to install kubectl, e.g. .venv/bin/kubectl)")
     sys.exit(main(Path(sys.argv[1])))

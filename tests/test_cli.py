@@ -316,7 +316,7 @@ def test_a_port_in_use_is_said_before_anything_claims_to_be_ready(
         code, out = _run("serve", "--listen", listen, "--cache-dir", str(tmp_path / "c"))
     assert code == 2
     assert out == (
-        f"Error: cannot listen on {listen}: Address already in use; is another mirror "
+        f"Error: cannot listen on {listen}: address already in use; is another mirror "
         "running? Choose another address with --listen HOST:PORT\n"
     )
 
@@ -394,3 +394,109 @@ def test_a_cache_that_cannot_be_opened_is_one_line(
         f"cache:      {tmp_path}\n"
         f"Error: cannot open the cache at {tmp_path}: attempt to write a readonly database\n",
     )
+
+
+def test_serve_never_adopts_a_directory_that_holds_something_else(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    """Start-up recovery empties tmp/: a home directory given as the cache would lose
+    its ~/tmp."""
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True)
+    (home / "tmp" / "notes.txt").write_text("mine")
+    code, out = _run("serve", "--cache-dir", str(home))
+    assert (code, out) == (
+        2,
+        f"Error: cache_dir {home} is not empty and not a mirror cache: give a new or empty one\n",
+    )
+    assert (home / "tmp" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("content", "told"),
+    [
+        ("- a\n- b\n", "must be a mapping of settings (key: value)"),
+        ("42\n", "must be a mapping of settings (key: value)"),
+        (b"\xff\xfe", "not UTF-8 text"),
+    ],
+    ids=["a list", "a number", "not UTF-8"],
+)
+def test_a_config_file_that_is_no_mapping_is_one_line(
+    content: str | bytes, told: str, tmp_path: Path, no_mirror_env: None
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    if isinstance(content, bytes):
+        config.write_bytes(content)
+    else:
+        config.write_text(content)
+    assert _run("serve", "--config", str(config)) == (2, f"Error: {config}: {told}\n")
+
+
+@pytest.mark.parametrize(
+    ("env", "told"),
+    [
+        ({"MIRROR_UPSTREAMS": '[{"name": ghcr'}, "MIRROR_UPSTREAMS: not valid JSON"),
+        (
+            {"MIRROR_UPSTREAMS": '[{"name": "ghcr.io", "pasword": "x"}]'},
+            "unknown setting upstreams[0].pasword (MIRROR_UPSTREAMS) (did you mean password?)",
+        ),
+        (
+            {"MIRROR_TAG_TTL_RULES": '[{"patern": "*", "ttl": "1m"}]'},
+            "2 problems:\n  setting tag_ttl_rules[0].pattern (MIRROR_TAG_TTL_RULES): is required\n"
+            "  unknown setting tag_ttl_rules[0].patern (MIRROR_TAG_TTL_RULES) "
+            "(did you mean pattern?)",
+        ),
+        ({"MIRROR_LOG_LEVEL": "verbose"}, "setting log_level (MIRROR_LOG_LEVEL): "),
+        ({"MIRROR_EVICTION_INTERVAL": "0"}, "setting eviction_interval (MIRROR_EVICTION_INTERVAL)"),
+        ({"MIRROR_MAX_SIZE": "-5"}, "setting max_size (MIRROR_MAX_SIZE): invalid size '-5'"),
+        (
+            {"MIRROR_UPSTREAM_PASSWORD": "x"},
+            "invalid settings: upstream_password needs upstream_username "
+            "(MIRROR_UPSTREAM_USERNAME)",
+        ),
+    ],
+    ids=[
+        "bad JSON",
+        "typo in JSON",
+        "typo in a rule",
+        "log level",
+        "zero interval",
+        "negative size",
+        "password alone",
+    ],
+)
+def test_settings_from_the_environment_are_one_line_each_with_their_source(
+    env: dict[str, str], told: str, tmp_path: Path, no_mirror_env: None
+) -> None:
+    code, out = _run("serve", "--cache-dir", str(tmp_path / "c"), env=env)
+    assert code == 2
+    assert out.startswith(f"Error: {told}"), out
+
+
+def test_a_ca_bundle_that_holds_no_certificate_is_said_before_serving(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("garbage\n")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"upstreams: [{{name: a.io, ca_bundle: {bundle}}}]\n")
+    code, out = _run("serve", "--config", str(config), "--cache-dir", str(tmp_path / "c"))
+    assert code == 2
+    assert out.startswith(f"Error: upstream a.io: ca_bundle {bundle} holds no usable PEM")
+
+
+def test_containerd_hosts_into_an_unwritable_place_is_one_line(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "certs.d"
+    code, out = _run(
+        "containerd-hosts", "--mirror-url", "http://10.0.0.1:5000", "--dir", str(target)
+    )
+    assert (code, out) == (1, f"Error: cannot write to {target}: Not a directory\n")
+
+
+def test_warm_wants_a_mirror_url(no_mirror_env: None) -> None:
+    code, out = _run("warm", "--mirror", "127.0.0.1:5000", "alpine")
+    assert code == 2
+    assert "Error: --mirror must be a URL such as http://127.0.0.1:5000" in out
