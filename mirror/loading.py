@@ -178,9 +178,11 @@ def check_usable(settings: Settings) -> None:
 def _cache_dir_problem(path: Path) -> str | None:
     if path.exists() and not path.is_dir():
         return f"cache_dir {path} is a file, not a directory"
-    if path.is_dir() and not (path / "index").is_dir() and any(path.iterdir()):
+    foreign = [p for p in path.iterdir() if p.name != "lost+found"] if path.is_dir() else []
+    if foreign and not (path / "index").is_dir():
         # Start-up recovery empties tmp/ and removes unknown files under blobs/: never
-        # in a directory that holds something else (a home directory, /).
+        # in a directory that holds something else (a home directory, /). A fresh file
+        # system's lost+found (a volume mounted as the cache) is no sign of that.
         return f"cache_dir {path} is not empty and not a mirror cache: give a new or empty one"
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -500,3 +500,14 @@ def test_warm_wants_a_mirror_url(no_mirror_env: None) -> None:
     code, out = _run("warm", "--mirror", "127.0.0.1:5000", "alpine")
     assert code == 2
     assert "Error: --mirror must be a URL such as http://127.0.0.1:5000" in out
+
+
+def test_a_fresh_volume_with_lost_and_found_is_a_fine_cache(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    from mirror.config import Settings
+    from mirror.loading import check_usable
+
+    volume = tmp_path / "volume"
+    (volume / "lost+found").mkdir(parents=True)
+    check_usable(Settings(upstream="http://127.0.0.1:9", cache_dir=volume))  # no error
