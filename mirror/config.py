@@ -223,7 +223,7 @@ class Settings(BaseSettings):
         default=7 * 86400.0, gt=0, description="Evict content unused this long"
     )
     max_size: int | None = Field(default=50 * 2**30, description="Cap on cached blob bytes")
-    eviction_interval: Duration = Field(default=60.0, ge=1, description="Seconds between rounds")
+    eviction_interval: Duration = Field(default=60.0, ge=0.1, description="Seconds between rounds")
     # Larger manifests are refused, as Distribution does.
     manifest_max_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
     resume_attempts: int = Field(default=3, ge=0, le=100)
