@@ -81,9 +81,10 @@ class DiskStore(DiskIndex):
         self.root = root
         self.blob_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
+        # The index first: if it cannot be opened, nothing else is created.
+        super().__init__(root / "index", clock)
         for d in (self.blob_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        super().__init__(root / "index", clock)
 
     def blob_path(self, digest: Digest) -> Path:
         # Digest.parse admitted only [0-9a-f] of a fixed length: no path tricks possible.

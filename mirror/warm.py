@@ -7,6 +7,7 @@ mirror fetches, verifies and caches as for any pull, and its coalescing applies.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,8 +48,13 @@ def parse_image(image: str) -> tuple[str | None, str, str]:
         name = f"{head}/{name}" if head else name
         ref = tag if sep else "latest"
     validate_name(name)
+    if ":" not in ref and not _TAG_RE.fullmatch(ref):
+        raise ValueError(f"{ref!r} is not a valid tag")
     Reference.parse(ref)
     return registry, name, ref
+
+
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 def ns_params(registry: str | None) -> dict[str, str]:
@@ -79,6 +85,23 @@ def _check(r: httpx.Response) -> None:
     except (ValueError, KeyError, IndexError, TypeError):
         told = f"{r.reason_phrase}, and not a registry's error: is {r.url.host} the mirror?"
     raise WarmError(f"the mirror answered {r.status_code} for {r.url.path}: {told}")
+
+
+def _config_platform(
+    client: httpx.Client, name: str, registry: str | None, image: dict[str, object]
+) -> str | None:
+    config = image.get("config")
+    if not isinstance(config, dict) or "digest" not in config:
+        return None
+    r = client.get(f"/v2/{name}/blobs/{config['digest']}", params=ns_params(registry))
+    _check(r)
+    try:
+        document = json.loads(r.content)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or "os" not in document:
+        return None
+    return _platform({"platform": {**document, "architecture": document.get("architecture")}})
 
 
 def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
@@ -124,6 +147,13 @@ def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
                 f"no platform matches {', '.join(sorted(platforms))} (the image has: {available})"
             )
     else:
+        if platforms is not None:
+            # A single-platform image names its platform in its config blob only.
+            own = _config_platform(client, name, registry, top)
+            if own is not None and own not in platforms and own.rsplit("/", 1)[0] not in platforms:
+                raise WarmError(
+                    f"the image is {own}, which matches none of {', '.join(sorted(platforms))}"
+                )
         images.append(top)
     for img in images:
         config = img.get("config")

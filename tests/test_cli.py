@@ -511,3 +511,49 @@ def test_a_fresh_volume_with_lost_and_found_is_a_fine_cache(
     volume = tmp_path / "volume"
     (volume / "lost+found").mkdir(parents=True)
     check_usable(Settings(upstream="http://127.0.0.1:9", cache_dir=volume))  # no error
+
+
+async def test_warm_checks_a_single_platform_image_and_a_tag_before_asking(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    import json
+
+    upstream, url = fake
+    config_body = json.dumps({"os": "linux", "architecture": "amd64"}).encode()
+    config = upstream.add_blob(config_body)
+    descriptor = {"digest": config, "size": len(config_body)}
+    upstream.add_manifest(
+        OCI_MANIFEST, {"mediaType": OCI_MANIFEST, "config": descriptor, "layers": []}, tag="single"
+    )
+    async with mirror(url) as m:
+        other = await asyncio.to_thread(
+            CliRunner().invoke,
+            main,
+            ["warm", "--mirror", m.url, "--platform", "linux/arm64", "app:single"],
+        )
+        same = await asyncio.to_thread(
+            CliRunner().invoke,
+            main,
+            ["warm", "--mirror", m.url, "--platform", "linux/amd64", "app:single"],
+        )
+        bad = await asyncio.to_thread(
+            CliRunner().invoke, main, ["warm", "--mirror", m.url, "app:bad tag"]
+        )
+    assert other.exit_code == 1
+    assert "app:single: failed: the image is linux/amd64, which matches none of linux/arm64" in (
+        other.output
+    )
+    assert same.exit_code == 0, same.output
+    assert bad.exit_code == 1
+    assert "app:bad tag: failed: 'bad tag' is not a valid tag" in bad.output
+
+
+def test_a_corrupt_index_is_refused_without_creating_anything(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "cache.db").write_bytes(b"not a database" * 100)
+    code, out = _run("cache", "stats", "--cache-dir", str(tmp_path))
+    assert code == 2
+    assert f"Error: cannot open the cache at {tmp_path}: " in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
