@@ -19,20 +19,16 @@ Anything else is refused with a clear 502 and never cached.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from mirror.errors import RegistryError, UpstreamError
-from mirror.mediatypes import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES
+from mirror.mediatypes import MANIFEST_TYPES, MEDIA_TYPE_RE, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES
 from mirror.reference import Digest
 
 # An index of a thousand platforms, or a manifest of a thousand layers, holds a few
 # thousand; brackets inside strings count too, which only errs on the safe side.
 MAX_CONTAINERS = 50_000
 
-# RFC 6838 restricted names, lower case (media types are matched lower-cased).
-_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"
-_MEDIA_TYPE_RE = re.compile(rf"{_NAME}/{_NAME}")
 SCHEMA1 = "upstream answered with a schema1 manifest, which this mirror does not serve"
 _GENERIC_JSON = frozenset(
     {"application/json", "application/octet-stream", "binary/octet-stream", "text/plain", ""}
@@ -123,7 +119,7 @@ def servable(media_type: str) -> bool:
 
 def _json_type(value: str) -> bool:
     return value in MANIFEST_TYPES or (
-        _MEDIA_TYPE_RE.fullmatch(value) is not None and value.endswith("+json")
+        MEDIA_TYPE_RE.fullmatch(value) is not None and value.endswith("+json")
     )
 
 

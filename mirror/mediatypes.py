@@ -28,9 +28,12 @@ MANIFEST_TYPES = (
 )
 
 
-# type/subtype (RFC 9110 tokens, ASCII), or a `*/*` / `type/*` range.
-_RESTRICTED = r"[!#$%&'*+.^_`|~0-9a-z-]+"
-_MEDIA_RANGE_RE = re.compile(rf"{_RESTRICTED}/{_RESTRICTED}")
+# type/subtype (RFC 6838 restricted names, lower-cased, ASCII): what is forwarded in an
+# Accept, and what a cached manifest's Content-Type may be.
+_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"
+MEDIA_TYPE_RE = re.compile(rf"{_NAME}/{_NAME}")
+# What an Accept may also hold: `*/*`, `type/*`.
+_MEDIA_RANGE_RE = re.compile(rf"\*/\*|{_NAME}/(?:\*|{_NAME})")
 
 
 def _strip_params(value: str) -> tuple[str, float]:

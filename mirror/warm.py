@@ -7,14 +7,14 @@ mirror fetches, verifies and caches as for any pull, and its coalescing applies.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 
+from mirror.errors import RegistryError
 from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES
-from mirror.reference import Reference, validate_name
+from mirror.reference import Reference, validate_name, validate_tag
 
 ACCEPT = ", ".join(sorted(MANIFEST_TYPES))
 
@@ -48,13 +48,13 @@ def parse_image(image: str) -> tuple[str | None, str, str]:
         name = f"{head}/{name}" if head else name
         ref = tag if sep else "latest"
     validate_name(name)
-    if ":" not in ref and not _TAG_RE.fullmatch(ref):
-        raise ValueError(f"{ref!r} is not a valid tag")
+    if ":" not in ref:
+        try:
+            validate_tag(ref)
+        except RegistryError:
+            raise ValueError(f"{ref!r} is not a valid tag") from None
     Reference.parse(ref)
     return registry, name, ref
-
-
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 def ns_params(registry: str | None) -> dict[str, str]:
