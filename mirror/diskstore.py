@@ -13,6 +13,7 @@ threads elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -76,6 +77,40 @@ class FileBody:
         await self._blob.aclose()
 
 
+class DiskWrite:
+    """A download's temp file in `tmp/`; a rename into `blobs/` commits it."""
+
+    def __init__(self, store: DiskStore, digest: Digest) -> None:
+        self._store = store
+        self._digest = digest
+        self.path = store.temp_path()
+
+    def wrote(self, size: int) -> None:
+        pass
+
+    def publish(self) -> None:
+        pass  # one process, one disk: nothing to share
+
+    async def commit(self, size: int) -> Path:
+        return await self._store.commit_blob(self._digest, self.path, size)
+
+    async def abort(self) -> None:
+        # Unlinking a multi-GB file can take a while: not in the event loop.
+        await asyncio.to_thread(unlink_temp, self.path)
+
+
+def unlink_temp(path: Path) -> None:
+    """Best effort: on a read-only or failing disk the file stays, and the store's
+    sweep of old temp files removes it once it can (an error here would only be a
+    second failure on top of the one being handled)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove temp file %s (%s); left for the sweep", path.name, exc)
+
+
 class DiskStore(DiskIndex):
     def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
@@ -102,6 +137,9 @@ class DiskStore(DiskIndex):
             self.drop_blobs([digest])
             return None
         return DiskBlob(fd, size)
+
+    def write_blob(self, digest: Digest) -> DiskWrite:
+        return DiskWrite(self, digest)
 
     def temp_path(self) -> Path:
         return self.tmp_dir / uuid.uuid4().hex

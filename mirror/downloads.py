@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Coroutine
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 from mirror.download import BlobDownload, DownloadReader
 from mirror.errors import RegistryError, UpstreamError
@@ -27,10 +26,27 @@ from mirror.hashing import HashingWriter
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.relay import Abandoned
-from mirror.store import Store
+from mirror.store import BlobWrite, Store
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+
+class BlobSource(Protocol):
+    """Where a download's bytes come from, once it has answered with headers: the
+    upstream (`RemoteBlob`), or, with replicas, the replica leading that download."""
+
+    @property
+    def size(self) -> int | None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+# (repo, digest, max_bytes, write) -> the source. It calls `write.publish()` when this
+# process is the one fetching from the upstream.
+OpenSource = Callable[[str, Digest, int, BlobWrite], Awaitable[BlobSource]]
 
 
 class DigestMismatch(Exception):
@@ -39,10 +55,17 @@ class DigestMismatch(Exception):
 
 class Downloads:
     def __init__(
-        self, store: Store, upstream: Upstream, metrics: Metrics, *, commit_grace: float = 25.0
+        self,
+        store: Store,
+        upstream: Upstream,
+        metrics: Metrics,
+        *,
+        commit_grace: float = 25.0,
+        source: OpenSource | None = None,
     ) -> None:
         self._store = store
         self._upstream = upstream
+        self._open = source or self._from_upstream
         self._metrics = metrics
         self._commit_grace = commit_grace
         self._active: dict[Digest, BlobDownload] = {}
@@ -79,7 +102,8 @@ class Downloads:
         if download is not None:
             self._metrics.coalesced.labels("blob").inc()
             return download
-        download = BlobDownload(digest, self._store.temp_path(), repo)
+        write = self._store.write_blob(digest)
+        download = BlobDownload(digest, write.path, repo)
         write_error = None
         try:
             # Created now, so a reader can open it before the first byte arrives.
@@ -91,7 +115,7 @@ class Downloads:
             write_error = exc
         else:
             self._active[digest] = download
-        run = self._background(self._run(download, max_bytes, write_error))
+        run = self._background(self._run(download, write, max_bytes, write_error))
         self._runs[run] = download
         run.add_done_callback(self._runs.pop)
         return download
@@ -110,28 +134,39 @@ class Downloads:
 
     # -- the download task ------------------------------------------------------------
 
-    async def _run(self, dl: BlobDownload, max_bytes: int, write_error: OSError | None) -> None:
+    async def _from_upstream(
+        self, repo: str, digest: Digest, max_bytes: int, write: BlobWrite
+    ) -> BlobSource:
+        write.publish()
+        return await self._upstream.open_blob(repo, digest, max_bytes)
+
+    async def _run(
+        self, dl: BlobDownload, write: BlobWrite, max_bytes: int, write_error: OSError | None
+    ) -> None:
         writer: HashingWriter | None = None
+        body: BlobSource | None = None
         self._metrics.downloads_in_flight.inc()
         try:
-            body = await self._upstream.open_blob(dl.repo, dl.digest, max_bytes)
-            try:
-                if write_error is not None:
-                    self._cache_write_failed(dl, write_error)
-                writer = HashingWriter(
-                    self._open_for_write(dl),
-                    dl.digest.algorithm,
-                    dl.progressed,
-                    lambda exc: self._spill(dl, exc),
-                    dl.relayed,
-                )
-                dl.streaming(body.size)
-                async for chunk in body:
-                    await writer.write(chunk)
-                    if dl.spilled:
-                        await dl.room()  # the relay moves at its readers' pace
-            finally:
-                await body.aclose()
+            body = await self._open(dl.repo, dl.digest, max_bytes, write)
+            if write_error is not None:
+                self._cache_write_failed(dl, write, write_error)
+
+            def progressed(size: int) -> None:
+                dl.progressed(size)
+                write.wrote(size)
+
+            writer = HashingWriter(
+                self._open_for_write(dl, write),
+                dl.digest.algorithm,
+                progressed,
+                lambda exc: self._spill(dl, write, exc),
+                dl.relayed,
+            )
+            dl.streaming(body.size)
+            async for chunk in body:
+                await writer.write(chunk)
+                if dl.spilled:
+                    await dl.room()  # the relay moves at its readers' pace
             hexdigest = await writer.finish()
             total = writer.submitted
             if hexdigest != dl.digest.hex or (dl.size is not None and total != dl.size):
@@ -150,16 +185,20 @@ class Downloads:
                 log.info("blob %s verified and served uncached", dl.digest)
                 return
             await writer.synced()
-            dl.committed(await self._store.commit_blob(dl.digest, dl.path, total))
+            dl.committed(await write.commit(total))
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
-            await self._failed(dl, exc)
+            await self._failed(dl, write, exc)
         finally:
             self._metrics.downloads_in_flight.dec()
             self._forget(dl)
+            if body is not None:
+                # After the commit: a shared download's lease is held until here, so
+                # no other replica starts the same download while this one commits.
+                await body.aclose()
 
-    async def _failed(self, dl: BlobDownload, exc: BaseException) -> None:
+    async def _failed(self, dl: BlobDownload, write: BlobWrite, exc: BaseException) -> None:
         cancelled = isinstance(exc, asyncio.CancelledError)
         # Forget it before anything else: the next request must start afresh, never
         # join a failed download whose file is being removed.
@@ -176,28 +215,26 @@ class Downloads:
                 log.info("uncached download of %s stopped: no client left", dl.digest)
             elif not isinstance(exc, RegistryError | DigestMismatch):
                 log.warning("download of %s from %s failed: %r", dl.digest, dl.repo, exc)
+        await write.abort()
         if cancelled:
-            _unlink(dl.path)
             raise exc
-        # Unlinking a multi-GB file can take a while: not in the event loop.
-        await asyncio.to_thread(_unlink, dl.path)
 
-    def _open_for_write(self, dl: BlobDownload) -> int | None:
+    def _open_for_write(self, dl: BlobDownload, write: BlobWrite) -> int | None:
         if dl.spilled:
             return None
         try:
             return os.open(dl.path, os.O_WRONLY | os.O_TRUNC)
         except OSError as exc:
-            self._spill(dl, exc)
+            self._spill(dl, write, exc)
             return None
 
-    def _spill(self, dl: BlobDownload, exc: OSError | None) -> None:
+    def _spill(self, dl: BlobDownload, write: BlobWrite, exc: OSError | None) -> None:
         if dl.state == "failed":
             return  # a chunk still queued when the download failed: nobody to relay to
         dl.spill()
-        self._cache_write_failed(dl, exc)
+        self._cache_write_failed(dl, write, exc)
 
-    def _cache_write_failed(self, dl: BlobDownload, exc: OSError | None) -> None:
+    def _cache_write_failed(self, dl: BlobDownload, write: BlobWrite, exc: OSError | None) -> None:
         """The cache refused a blob: stream it on, uncached, and free what it took."""
         self._metrics.cache_write_failures.labels("blob").inc()
         log.error(
@@ -206,7 +243,7 @@ class Downloads:
             exc,
         )
         self._forget(dl)  # later requests start their own download
-        self._background(asyncio.to_thread(_unlink, dl.path))
+        self._background(write.abort())
 
     def _forget(self, dl: BlobDownload) -> None:
         """Drop `dl` from the table, but never a newer download of the same digest."""
@@ -219,15 +256,3 @@ class Downloads:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-
-def _unlink(path: Path) -> None:
-    """Best effort: on a read-only or failing disk the file stays, and the store's
-    sweep of old temp files removes it once it can (an error here would only be a
-    second failure on top of the one being handled)."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove temp file %s (%s); left for the sweep", path.name, exc)

@@ -129,6 +129,40 @@ class OpenBlob(Protocol):
     async def aclose(self) -> None: ...
 
 
+class BlobWrite(Protocol):
+    """A blob being written while it downloads.
+
+    `path` is a local file that the download writes and its readers tail. A shared store
+    may also send the bytes on as they arrive (`publish`: a multipart upload), but makes
+    them visible under their digest only in `commit`, once the digest has verified.
+    """
+
+    @property
+    def path(self) -> Path: ...
+
+    def wrote(self, size: int) -> None:
+        """The file now holds `size` bytes (a shared store's upload may read them)."""
+        ...
+
+    def publish(self) -> None:
+        """This process is the one that puts these bytes in the shared store (it leads
+        the download); a no-op for a store that is not shared."""
+        ...
+
+    async def commit(self, size: int) -> Path:
+        """Adopt the verified, synced file under its digest; where it now is.
+
+        Readers may still join the download while this runs and open `path` by name:
+        the file stays readable there until it is in its final place.
+        """
+        ...
+
+    async def abort(self) -> None:
+        """Give up: nothing becomes visible, and what was sent on is discarded. Best
+        effort (a read-only disk may keep the file: the temp sweep removes it later)."""
+        ...
+
+
 class Store(Protocol):
     # -- manifests by digest (immutable) and tags (pointers with a birth time) --------
     async def get_manifest(self, digest: Digest) -> StoredManifest | None: ...
@@ -144,17 +178,8 @@ class Store(Protocol):
 
     async def blob_size(self, digest: Digest) -> int | None: ...
 
-    def temp_path(self) -> Path:
-        """A local file for a download in progress; readers tail it while it grows."""
-        ...
-
-    async def commit_blob(self, digest: Digest, temp: Path, size: int) -> Path:
-        """Adopt a verified, synced temp file under its digest; where it now is.
-
-        Readers may still join the download while this runs and open `temp` by name:
-        a store that awaits before the file is in its final place must keep `temp`
-        readable until then.
-        """
+    def write_blob(self, digest: Digest) -> BlobWrite:
+        """Begin writing a blob that is downloading: a local file readers tail."""
         ...
 
     # -- access tracking (no I/O on the request path) and lifecycle -------------------
