@@ -23,6 +23,7 @@ from mirror import components
 from mirror.config import Settings
 from mirror.diskstore import DiskStore
 from mirror.loading import SettingsError, check_usable, load_settings, unknown_environment
+from mirror.sharedstore import SharedStore
 from mirror.store import Stats
 
 
@@ -118,18 +119,20 @@ def cache() -> None:
 
 
 @contextmanager
-def _store(settings: Settings) -> Iterator[DiskStore]:
+def _store(settings: Settings) -> Iterator[DiskStore | SharedStore]:
     """The cache, named first, so nobody wonders which directory was meant. A
     directory that is not one is refused, never turned into an empty cache."""
     where = settings.cache_dir
     click.echo(f"cache:      {where}")
+    if settings.store == "s3":
+        click.echo(f"shared:     s3://{settings.s3_bucket}/{settings.s3_prefix} (index in redis)")
     if not where.is_dir():
         raise BadSettings(f"no cache at {where}")
     if not (where / "index").is_dir():
         raise BadSettings(f"{where} is not a mirror cache (it has no index/)")
     try:
         store = components.open_store(settings)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, ValueError) as exc:
         raise BadSettings(f"cannot open the cache at {where}: {exc}") from None
     try:
         yield store

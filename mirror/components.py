@@ -11,41 +11,99 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirror import dockerhub
+from mirror.cluster import Cluster
 from mirror.config import Settings, UpstreamSettings
 from mirror.diskstore import DiskStore
-from mirror.eviction import Evictor
+from mirror.eviction import Evictor, SharedRounds
 from mirror.metrics import Metrics
+from mirror.objects import Objects, ObjectStoreError
 from mirror.policy import RepoPolicy
 from mirror.proxy import Proxy
+from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.routing import Router
+from mirror.sharedstore import SharedStore
+from mirror.store import Store
 from mirror.upstream import Credentials, Upstream, make_client
 
 log = logging.getLogger(__name__)
 
 
-def open_store(settings: Settings, clock: Callable[[], float] = time.time) -> DiskStore:
-    return DiskStore(settings.cache_dir, clock)
+def open_store(
+    settings: Settings, clock: Callable[[], float] = time.time, metrics: Metrics | None = None
+) -> DiskStore | SharedStore:
+    """The local disk store, or (store: s3) the shared store with it as L1. Opening
+    makes no network request: a dependency that is down is found at first use."""
+    l1 = DiskStore(settings.cache_dir, clock)
+    if settings.store == "disk":
+        return l1
+    try:
+        secrets = settings.shared_secrets()
+        metrics = metrics or Metrics()
+        metrics.add_shared_store()
+        assert settings.s3_bucket is not None and settings.redis_url is not None
+        objects = Objects.connect(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint=settings.s3_endpoint,
+            region=settings.s3_region,
+            path_style=settings.s3_path_style,
+            ca_bundle=settings.s3_ca_bundle,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=secrets.s3_secret_access_key,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            metrics=metrics,
+        )
+        index = RedisIndex(
+            settings.redis_url.get_secret_value(),
+            metrics,
+            password=secrets.redis_password,
+            ca_bundle=settings.redis_ca_bundle,
+            prefix=settings.redis_prefix,
+            clock=clock,
+        )
+    except BaseException:
+        l1.close()
+        raise
+    return SharedStore(
+        l1, objects, index, metrics, l1_enabled=settings.l1_max_size > 0, clock=clock
+    )
 
 
 def evictor(
     settings: Settings,
-    store: DiskStore,
+    store: DiskStore | SharedStore,
     metrics: Metrics | None,
     clock: Callable[[], float] = time.time,
-) -> Evictor:
+) -> Evictor | SharedRounds:
     freshness = settings.freshness()
-    return Evictor(
+
+    def one(target: Store, max_size: int | None, counted: Metrics | None) -> Evictor:
+        return Evictor(
+            target,
+            counted,
+            content_ttl=settings.content_ttl,
+            max_size=max_size,
+            # A tag is kept as long as any upstream may still serve it stale.
+            max_stale=max(u.freshness(freshness).max_stale for u in settings.resolved_upstreams()),
+            clock=clock,
+        )
+
+    if isinstance(store, DiskStore):
+        return one(store, settings.max_size, metrics)
+    owner = f"{settings.peer_url} {uuid.uuid4().hex[:8]}"
+    return SharedRounds(
+        one(store, settings.max_size, metrics),
+        # L1 evictions are not counted: the metrics are the shared content's.
+        one(store.l1, settings.l1_max_size, None),
         store,
-        metrics,
-        content_ttl=settings.content_ttl,
-        max_size=settings.max_size,
-        # A tag is kept as long as any upstream may still serve it stale.
-        max_stale=max(u.freshness(freshness).max_stale for u in settings.resolved_upstreams()),
-        clock=clock,
+        lambda ttl: store.index.try_lock("evict", owner, ttl),
+        (IndexUnavailable, ObjectStoreError),
     )
 
 
@@ -55,22 +113,39 @@ class Components:
 
     settings: Settings
     metrics: Metrics
-    store: DiskStore
+    store: DiskStore | SharedStore
     router: Router
-    evictor: Evictor
+    evictor: Evictor | SharedRounds
     upstreams: list[Upstream]
+    cluster: Cluster | None = None
 
     async def aclose(self) -> None:
         await self.router.aclose()  # downloads and flights first: they use the upstreams
         for upstream in self.upstreams:
             await upstream.aclose()
+        if self.cluster is not None:
+            await self.cluster.aclose()
+        if isinstance(self.store, SharedStore):
+            await self.store.aclose()
         self.store.close()
 
 
 def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Components:
     """The store, one proxy per configured upstream (each with its own client,
     credentials and downloads; the store and eviction are shared), and the router."""
-    store = open_store(settings, clock)
+    store = open_store(settings, clock, metrics)
+    cluster = None
+    if isinstance(store, SharedStore):
+        assert settings.peer_url is not None
+        cluster = Cluster(
+            store.index,
+            store,
+            metrics,
+            make_client(settings.connect_timeout, settings.read_timeout),
+            peer_url=settings.peer_url,
+            secret=settings.shared_secrets().peer_secret,
+            lease_ttl=settings.lease_ttl,
+        )
     configured = settings.resolved_upstreams()
     urls = [c.base_url for c in configured]
     freshness = settings.freshness()
@@ -112,6 +187,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             commit_grace=max(1.0, settings.shutdown_timeout / 5),
             max_blob_size=settings.max_blob_size,
             clock=clock,
+            source=None if cluster is None else cluster.source(upstream),
         )
     router = Router(
         proxies,
@@ -120,7 +196,13 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
         {alias: c.name for c in configured for alias in c.aliases},
     )
     return Components(
-        settings, metrics, store, router, evictor(settings, store, metrics, clock), upstreams
+        settings,
+        metrics,
+        store,
+        router,
+        evictor(settings, store, metrics, clock),
+        upstreams,
+        cluster,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -245,6 +246,41 @@ class Settings(BaseSettings):
     # A blob larger than its manifest descriptor says is cut at that size; one that no
     # manifest fetched through this mirror describes, at this size.
     max_blob_size: int = Field(default=64 * 2**30, description="Largest blob fetched")
+    # -- the shared store for replicas (docs/deploy.md, "Replicas") ----------------------
+    # `disk`: the embedded default, one process. `s3`: content in an S3-compatible
+    # bucket, the index and coordination in Redis; cache_dir becomes a local L1.
+    store: Literal["disk", "s3"] = "disk"
+    s3_bucket: str | None = None
+    s3_prefix: str = ""  # key prefix inside the bucket, e.g. mirror/
+    s3_endpoint: str | None = None  # None: AWS; e.g. https://rgw.example:7480
+    s3_region: str = "us-east-1"
+    s3_path_style: bool = False  # bucket in the path (Ceph RGW, MinIO) instead of the host
+    s3_ca_bundle: Path | None = None  # PEM file of CAs to trust for the endpoint
+    # Static keys; without them the standard AWS chain applies (AWS_* environment, web
+    # identity / IRSA, ECS container credentials, EC2 instance profile).
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_secret_access_key_file: Path | None = None
+    # Blob GETs answered with a 307 to a presigned URL of the object, valid this long
+    # (Distribution's `redirect`), for clients that can reach the object store.
+    s3_redirect: bool = False
+    s3_redirect_ttl: Duration = Field(default=600.0, ge=10, le=7 * 86400)
+    # redis://[:password@]host:6379/0, or rediss:// for TLS.
+    redis_url: SecretStr | None = None
+    redis_password_file: Path | None = None
+    redis_ca_bundle: Path | None = None
+    redis_prefix: str = "mirror:"
+    # How peers reach this replica (http://POD_IP:5000) and the secret they share: the
+    # peer endpoint streams in-flight downloads to other replicas, nothing else.
+    peer_url: str | None = None
+    peer_secret: SecretStr | None = None
+    peer_secret_file: Path | None = None
+    # A download's lease in Redis: renewed every third of this; a dead leader's expires
+    # within it, and another replica takes over.
+    lease_ttl: Duration = Field(default=6.0, ge=1, le=300)
+    # With store s3: what the local disk (cache_dir) keeps, least recently used first.
+    # max_size caps the shared bucket. 0: nothing kept locally past the download.
+    l1_max_size: int = Field(default=10 * 2**30, description="Cap on the local L1 cache")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
     access_log: bool = True  # one line per request (method, route, status, bytes, ...)
@@ -256,6 +292,56 @@ class Settings(BaseSettings):
         if size is not None and size < 0:
             raise ValueError("max_size cannot be negative (none: no cap)")
         return size
+
+    @field_validator("l1_max_size", mode="before")
+    @classmethod
+    def _l1_size(cls, value: Any) -> int:
+        size = parse_size(value)
+        if size is None or size < 0:
+            raise ValueError("l1_max_size needs a size, e.g. 20GiB (0: no local copies)")
+        return size
+
+    @field_validator("s3_endpoint", "peer_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value)
+
+    @model_validator(mode="after")
+    def _shared_store(self) -> Settings:
+        if self.store != "s3":
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("s3_bucket", self.s3_bucket),
+                ("redis_url", self.redis_url),
+                ("peer_url", self.peer_url),
+            )
+            if not value
+        ]
+        if self.peer_secret is None and self.peer_secret_file is None:
+            missing.append("peer_secret (or peer_secret_file)")
+        if missing:
+            raise ValueError(f"store s3 needs {', '.join(missing)}")
+        if self.s3_secret_access_key is not None and self.s3_secret_access_key_file is not None:
+            raise ValueError("give one of s3_secret_access_key, s3_secret_access_key_file")
+        has_secret = self.s3_secret_access_key or self.s3_secret_access_key_file
+        if bool(self.s3_access_key_id) != bool(has_secret):
+            raise ValueError(
+                "s3_access_key_id and s3_secret_access_key(_file) go together "
+                "(neither: the standard AWS credential chain)"
+            )
+        if self.peer_secret is not None and self.peer_secret_file is not None:
+            raise ValueError("give one of peer_secret, peer_secret_file")
+        return self
+
+    def shared_secrets(self) -> SharedSecrets:
+        """The s3, Redis and peer secrets, read now from wherever they are configured."""
+        return SharedSecrets(
+            _secret(self.s3_secret_access_key, self.s3_secret_access_key_file, "s3 secret key"),
+            _secret(None, self.redis_password_file, "redis password"),
+            _secret(self.peer_secret, self.peer_secret_file, "peer secret") or "",
+        )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -343,6 +429,32 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Command line (init) beats environment beats the YAML file.
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+@dataclass(frozen=True)
+class SharedSecrets:
+    s3_secret_access_key: str | None
+    redis_password: str | None
+    peer_secret: str
+
+    def __repr__(self) -> str:
+        return "SharedSecrets(...)"
+
+
+def _secret(inline: SecretStr | None, file: Path | None, what: str) -> str | None:
+    if inline is not None:
+        return inline.get_secret_value()
+    if file is None:
+        return None
+    try:
+        value = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} file {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"the {what} file {file} is not UTF-8 text") from None
+    if not value:
+        raise ValueError(f"the {what} file {file} is empty")
+    return value
 
 
 def host_port(listen: str) -> tuple[str, int]:

@@ -147,3 +147,54 @@ class Evictor:
         if self._metrics is not None:
             self._metrics.evictions.labels(kind, reason).inc()
             self._metrics.evicted_bytes.labels(reason).inc(size)
+
+
+class SharedRounds:
+    """Lifecycle rounds with replicas (store: s3). Every replica, every round:
+
+    - flushes its access times to Redis (LRU is cluster-wide) and evicts its own L1;
+    - evicts the shared content if it holds the round's lock in Redis, so one replica
+      at a time does (the lock expires on its own: a dead replica never keeps it);
+    - else reads the shared totals for its metrics.
+
+    A dependency that is down skips the shared part with one log line.
+    """
+
+    def __init__(
+        self,
+        shared: Evictor,
+        l1: Evictor,
+        store: Store,
+        try_lock: Callable[[float], bool],
+        unavailable: tuple[type[Exception], ...],
+    ) -> None:
+        self._shared = shared
+        self._l1 = l1
+        self._store = store
+        self._try_lock = try_lock
+        self._unavailable = unavailable
+        self._interval = 60.0
+
+    async def run_forever(self, interval: float) -> None:
+        self._interval = interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("eviction round failed; retrying next interval")
+
+    async def run_once(self) -> Round:
+        return await asyncio.to_thread(self.evict)
+
+    def evict(self) -> Round:
+        """The shared round if this replica ran it, else the L1 round."""
+        local = self._l1.evict()
+        try:
+            if self._try_lock(max(self._interval * 0.9, 1.0)):
+                return self._shared.evict()
+            self._store.flush_access()
+            self._store.reconcile(self._store.scan())
+        except self._unavailable as exc:
+            log.warning("shared eviction skipped this round: %s", exc)
+        return local

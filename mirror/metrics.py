@@ -36,6 +36,7 @@ ROUTES = (
     "/metrics",
     "/healthz",
     "/readyz",
+    "/_mirror/peer/blobs/{digest}",
     "other",
 )
 # The closed label sets, as types: a typo is a type error, not a new time series.
@@ -46,6 +47,10 @@ Source = Literal["cache", "upstream"]  # where served bytes came from
 UpstreamKind = Literal["manifest", "blob", "tags", "token", "ping"]
 EvictionReason = Literal["ttl", "size"]
 RefusalReason = Literal["limit", "header_timeout", "headers_too_large", "tls_on_plain_port"]
+# The shared store (store: s3): where a blob hit was found, and what S3 was asked.
+Tier = Literal["l1", "shared"]
+S3Operation = Literal["get", "head", "put", "upload", "delete", "sign"]
+LeaseEvent = Literal["acquired", "followed", "taken_over", "lost"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
 SOURCES: tuple[Source, ...] = get_args(Source)
@@ -202,6 +207,54 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.tier_hits = Counter(
+            "mirror_shared_cache_hits",
+            "Blob hits with the shared store, by tier (l1: local disk; shared: the bucket).",
+            ["tier"],
+            registry=r,
+        )
+        self.s3_requests = Counter(
+            "mirror_s3_requests",
+            "Requests to the S3 store, by operation and result (ok, missing, error).",
+            ["operation", "result"],
+            registry=r,
+        )
+        self.s3_duration = Histogram(
+            "mirror_s3_request_duration_seconds",
+            "Time of S3 requests (until the first byte for get), by operation.",
+            ["operation"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "mirror_redis_errors",
+            "Redis commands that failed (the replica then works alone until it is back).",
+            registry=r,
+        )
+        self.shared_degraded = Gauge(
+            "mirror_shared_degraded",
+            "1 while a shared dependency is unreachable, by dependency (redis, s3).",
+            ["dependency"],
+            registry=r,
+        )
+        self.leases = Counter(
+            "mirror_download_leases",
+            "Cluster download leases: acquired (this replica leads), followed (another "
+            "leads), taken_over (from a leader that went away), lost (renewal failed).",
+            ["event"],
+            registry=r,
+        )
+        self.leases_held = Gauge(
+            "mirror_download_leases_held",
+            "Cluster download leases this replica holds now.",
+            registry=r,
+        )
+        self.peer_bytes = Counter(
+            "mirror_peer_bytes",
+            "Blob bytes streamed between replicas, by direction (sent, received).",
+            ["direction"],
+            registry=r,
+        )
         self.build_info = Info("mirror_build", "Version of mirror and Python.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Initialise label values so dashboards see zeros instead of gaps.
@@ -221,6 +274,20 @@ class Metrics:
                 self.evictions.labels(kind, reason)
         for source in SOURCES:
             self.served_bytes.labels(source)
+
+    def add_shared_store(self) -> None:
+        """Initialise the shared store's series (only a mirror with store s3 has them)."""
+        for tier in get_args(Tier):
+            self.tier_hits.labels(tier)
+        for op in get_args(S3Operation):
+            self.s3_duration.labels(op)
+            self.s3_requests.labels(op, "error")
+        for event in get_args(LeaseEvent):
+            self.leases.labels(event)
+        for direction in ("sent", "received"):
+            self.peer_bytes.labels(direction)
+        for dependency in ("redis", "s3"):
+            self.shared_degraded.labels(dependency).set(0)
 
     def add_upstream(self, upstream: str) -> None:
         """Initialise an upstream's label values, so its panels start at zero."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from mirror import dockerhub, manifests
-from mirror.downloads import Downloads
+from mirror.downloads import Downloads, OpenSource
 from mirror.errors import RegistryError, UpstreamError
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
@@ -74,6 +74,7 @@ class Proxy:
         commit_grace: float = 25.0,
         max_blob_size: int = 64 << 30,
         clock: Callable[[], float] = time.time,
+        source: OpenSource | None = None,
     ) -> None:
         self._store = store
         self._upstream = upstream
@@ -85,7 +86,9 @@ class Proxy:
         self._max_blob = max_blob_size
         self._sizes = SizeHints()
         # This upstream's downloads: isolation between upstreams is ownership.
-        self.downloads = Downloads(store, upstream, metrics, commit_grace=commit_grace)
+        self.downloads = Downloads(
+            store, upstream, metrics, commit_grace=commit_grace, source=source
+        )
         self._fetches: SingleFlight[StoredManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
 
@@ -237,7 +240,7 @@ class Proxy:
         if cached is not None:
             self._metrics.cache.labels("blob", "hit").inc()
             self._store.touch_blob(digest)
-            return await _answer(cached, spec, head, "cache")
+            return await answer(cached, spec, head, "cache")
         self._metrics.cache.labels("blob", "miss").inc()
         if head and self.downloads.active(digest) is None:
             # A HEAD must not start a multi-GB download: ask upstream for the size only.
@@ -248,7 +251,7 @@ class Proxy:
         # another repository's manifest cannot make a blob unpullable here.
         hint = self._sizes.get(repo, digest)
         limit = self._max_blob if hint is None else min(hint, self._max_blob)
-        return await _answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
+        return await answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
 
     # -- tags -------------------------------------------------------------------------
 
@@ -256,7 +259,7 @@ class Proxy:
         return await self._upstream.tags(self.repo(name), n, last, TAGS_LIST_MAX_BYTES)
 
 
-async def _answer(blob: OpenBlob, spec: RangeSpec | None, head: bool, source: Source) -> Blob:
+async def answer(blob: OpenBlob, spec: RangeSpec | None, head: bool, source: Source) -> Blob:
     """The response for an open blob: its range resolved, a body unless HEAD. The blob
     is released here unless its body goes out with the answer."""
     try:

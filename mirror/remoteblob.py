@@ -38,6 +38,7 @@ class RemoteBlob:
         max_bytes: int,
         resume_attempts: int,
         stall_timeout: float,
+        start: int = 0,
     ) -> None:
         self._path = path
         self._resp = resp
@@ -47,14 +48,16 @@ class RemoteBlob:
         self._max = max_bytes
         self._attempts = resume_attempts
         self._stall = stall_timeout
+        self._start = start  # where `resp` starts in the blob (a download taken over)
+        # The bytes this body will yield (from `start` on).
         self.size = parse_length(resp.headers.get("content-length"))
-        if self.size is not None and self.size > max_bytes:
+        if self.size is not None and start + self.size > max_bytes:
             raise _too_big(path, max_bytes)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         fetched = self._metrics.upstream_bytes.labels(self._upstream)
         loop = asyncio.get_running_loop()
-        offset = attempts = 0
+        offset, attempts = self._start, 0
         while True:
             try:
                 async with asyncio.timeout(self._stall) as watchdog:  # a delay, not a time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import re
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -12,14 +13,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from mirror import logs
+from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
 from mirror.errors import RegistryError
 from mirror.mediatypes import AcceptSet
 from mirror.metrics import Metrics
+from mirror.proxy import answer
 from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
 from mirror.responses import BlobResponse
 from mirror.routing import Route
+from mirror.sharedstore import SharedStore
 
 router = APIRouter()
 
@@ -84,6 +88,37 @@ def _metrics(request: Request) -> Metrics:
 async def metrics(request: Request) -> Response:
     request.state.route = "/metrics"
     return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(PEER_PATH + "{digest}")
+async def peer_blob(request: Request, digest: str) -> Response:
+    """Another replica following a download this one leads (mirror.cluster). Only
+    with the shared secret; only what is in flight or cached here, never a fetch."""
+    request.state.route = "/_mirror/peer/blobs/{digest}"
+    built = _components(request)
+    cluster = built.cluster
+    given = request.headers.get("authorization", "")
+    if cluster is None or not hmac.compare_digest(
+        given.encode(), f"Bearer {cluster.secret}".encode()
+    ):
+        raise RegistryError("DENIED", "peer requests need the cluster's peer secret")
+    wanted = Digest.parse(digest)
+    spec = parse_range(request.headers.get("range"))
+    store = built.store
+    assert isinstance(store, SharedStore)
+    opened = await open_for_peer(built.router.downloads(), store.l1, wanted)
+    if opened is None:
+        raise RegistryError("BLOB_UNKNOWN", "not in flight or cached on this replica")
+    blob = await answer(opened, spec, False, "cache")
+    headers = {"Docker-Content-Digest": str(wanted), "Content-Type": "application/octet-stream"}
+    status = 200
+    if blob.range is not None and blob.size is not None:
+        status = 206
+        headers["Content-Range"] = blob.range.content_range(blob.size)
+        headers["Content-Length"] = str(blob.range.length)
+    elif blob.size is not None:
+        headers["Content-Length"] = str(blob.size)
+    return BlobResponse(status, headers, blob.body, cluster.metrics.peer_bytes.labels("sent").inc)
 
 
 @router.api_route("/v2/{rest:path}", methods=[*READ_METHODS, *WRITE_METHODS])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mirror import dockerhub
+from mirror.downloads import Downloads
 from mirror.errors import RegistryError
 from mirror.proxy import Proxy
 
@@ -61,6 +62,10 @@ class Router:
         if sep and first in self._prefixes:
             return Route(self._prefixes[first], rest, first + "/")
         return Route(self._default, name, "")
+
+    def downloads(self) -> list[Downloads]:
+        """Every upstream's download table."""
+        return [proxy.downloads for proxy in self._proxies.values()]
 
     async def aclose(self) -> None:
         for proxy in self._proxies.values():

@@ -153,27 +153,35 @@ class Upstream:
         await resp.aclose()
         return parse_length(resp.headers.get("content-length"))
 
-    async def open_blob(self, repo: str, digest: Digest, max_bytes: int) -> RemoteBlob:
-        """The blob's body, streaming (RemoteBlob: resume, watchdog, size bound)."""
+    async def open_blob(
+        self, repo: str, digest: Digest, max_bytes: int, start: int = 0
+    ) -> RemoteBlob:
+        """The blob's body from byte `start`, streaming (RemoteBlob: resume, watchdog,
+        size bound). A `start` past 0 takes over a download another replica began."""
         path = f"/v2/{repo}/blobs/{digest}"
-        async with self._deadline():
-            resp = await self._request("GET", path, repo, "blob")
 
-        async def resume(offset: int) -> httpx.Response:
-            headers = {"Range": f"bytes={offset}-"}
+        async def get(offset: int) -> httpx.Response:
+            headers = {"Range": f"bytes={offset}-"} if offset else None
             async with self._deadline():
                 return await self._request("GET", path, repo, "blob", headers=headers)
 
+        resp = await get(start)
         try:
+            if start and (
+                resp.status_code != 206
+                or not resp.headers.get("content-range", "").startswith(f"bytes {start}-")
+            ):
+                raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)
             return RemoteBlob(
                 path,
                 resp,
-                resume,
+                get,
                 self._metrics,
                 self.name,
                 max_bytes=max_bytes,
                 resume_attempts=self._resume_attempts,
                 stall_timeout=self._stall_timeout,
+                start=start,
             )
         except UpstreamError:
             await resp.aclose()

@@ -112,6 +112,34 @@ class RadosGateway:
     ) -> None:
         self.stop()
 
+    def create_bucket(self, name: str) -> None:
+        """PUT a bucket, signed with SigV4 by curl (no S3 SDK in the test deps)."""
+        c = self.credentials
+        _quiet(
+            [
+                find_binary("curl", "curl"),
+                "-sSf",
+                "-X",
+                "PUT",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                f"{c.access_key}:{c.secret_key}",
+                "-H",
+                "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+                f"{self.endpoint}/{name}",
+            ]
+        )
+
+    def stop_gateway(self) -> None:
+        """Stop the RGW daemon only (the S3 endpoint goes away; the cluster stays)."""
+        gateway = next(d for d in self._daemons if d._binary == "radosgw")
+        gateway.stop()
+        self._daemons.remove(gateway)
+
+    def start_gateway(self) -> None:
+        self._start("radosgw", ["-n", "client.rgw"])
+
     # -- readiness ------------------------------------------------------------------------
 
     def check(self, daemon: str) -> None:

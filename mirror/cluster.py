@@ -1,0 +1,337 @@
+"""Single flight for the whole cluster: one upstream download per digest, whichever
+replica the clients reach.
+
+A replica that misses a blob claims its lease in Redis (`lease:<digest>`, expiring
+after `lease_ttl` unless renewed every third of it). The value names the holder's
+peer URL.
+
+- **Leader** (the claim succeeded): it downloads from the upstream as a lone mirror
+  would, and streams the same bytes into the bucket (`BlobWrite.publish`).
+- **Follower** (another replica holds the lease): its download's source is the
+  leader's peer endpoint (`GET /_mirror/peer/blobs/<digest>`, with the shared
+  secret), which streams the leader's in-flight download as it grows, holding back
+  the last byte until the leader has verified the digest. The follower verifies the
+  digest again itself, and fills its own L1.
+- **A leader that dies** (kill -9) stops renewing: its lease expires within
+  `lease_ttl`. The follower's stream breaks; it claims the lease and takes over,
+  resuming from the upstream with `Range` at the byte it had reached.
+- **Redis down**: no lease can be claimed, so each replica leads its own downloads
+  (local single flight), as a lone mirror would.
+
+The peer endpoint only ever serves a download already in flight or a blob already in
+the local cache: it never starts a fetch, so it cannot be used as an open proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import httpx
+
+from mirror.diskstore import DiskStore
+from mirror.downloads import BlobSource, Downloads, OpenSource
+from mirror.errors import AbortResponse, RegistryError, UpstreamError
+from mirror.metrics import Metrics
+from mirror.objects import ObjectStoreError
+from mirror.ranges import parse_length
+from mirror.redisindex import IndexUnavailable, RedisIndex
+from mirror.reference import Digest
+from mirror.sharedstore import ObjectBlob, SharedStore
+from mirror.store import BlobWrite, OpenBlob
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+PEER_PATH = "/_mirror/peer/blobs/"
+# A follower polls a lease held by a leader it cannot reach this often, until the
+# lease expires (at most lease_ttl) or the leader answers again.
+POLL = 0.2
+# A leader that answers "nothing here" this many times in a row (its download failed,
+# or spilled) is given up on: the follower fetches from the upstream itself.
+MAX_EMPTY_ANSWERS = 3
+
+
+class PeerBroke(Exception):
+    """The leader's stream ended early (the leader went away, or stalled)."""
+
+
+class Cluster:
+    def __init__(
+        self,
+        index: RedisIndex,
+        store: SharedStore,
+        metrics: Metrics,
+        client: httpx.AsyncClient,
+        *,
+        peer_url: str,
+        secret: str,
+        lease_ttl: float,
+    ) -> None:
+        self.index = index
+        self.store = store
+        self.metrics = metrics
+        self.client = client
+        self.peer_url = peer_url.rstrip("/")
+        self.secret = secret
+        self.lease_ttl = lease_ttl
+        # The lease's value: the URL peers use, and a token unique to this process
+        # (a restarted replica at the same URL is another owner).
+        self.owner = f"{self.peer_url} {secrets.token_hex(8)}"
+
+    def source(self, upstream: Upstream) -> OpenSource:
+        async def open_source(
+            repo: str, digest: Digest, max_bytes: int, write: BlobWrite
+        ) -> BlobSource:
+            source = SharedSource(self, upstream, repo, digest, max_bytes, write)
+            try:
+                await source.open()
+            except BaseException:
+                await source.aclose()
+                raise
+            return source
+
+        return open_source
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+Role = Literal["leader", "follower", "alone"]
+
+
+class SharedSource:
+    """The bytes of one blob download, from whichever replica leads it; from the
+    upstream (with the lease held and renewed) when this replica leads."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        upstream: Upstream,
+        repo: str,
+        digest: Digest,
+        max_bytes: int,
+        write: BlobWrite,
+    ) -> None:
+        self._c = cluster
+        self._upstream = upstream
+        self._repo = repo
+        self._digest = digest
+        self._max = max_bytes
+        self._write = write
+        self._lease = f"lease:{digest}"
+        self._held = False
+        self._renewal: asyncio.Task[None] | None = None
+        self._body: BlobSource | None = None
+        self._offset = 0
+        self.size: int | None = None
+        self.role: Role = "alone"
+
+    async def open(self) -> None:
+        self._body = await self._next()
+        self.size = self._body.size
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            assert self._body is not None
+            try:
+                async for chunk in self._body:
+                    self._offset += len(chunk)
+                    yield chunk
+                return
+            except PeerBroke as exc:
+                log.warning(
+                    "stream of %s from the leading replica broke at %d bytes (%s); "
+                    "taking over or following the next leader",
+                    self._digest,
+                    self._offset,
+                    exc,
+                )
+                await self._body.aclose()
+                self._body = await self._next()
+
+    async def aclose(self) -> None:
+        if self._body is not None:
+            await self._body.aclose()
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
+            self._renewal = None
+        if self._held:
+            self._held = False
+            self._c.metrics.leases_held.dec()
+            with contextlib.suppress(IndexUnavailable):
+                await self._c.index.release(self._lease, self._c.owner)
+
+    # -- choosing where the bytes come from --------------------------------------------
+
+    async def _next(self) -> BlobSource:
+        """The source from `self._offset` on: the upstream if this replica leads (or
+        Redis is down), else the leader, waiting out a dead leader's lease."""
+        c = self._c
+        loop = asyncio.get_running_loop()
+        # A dead leader's lease expires within lease_ttl; past this, go alone.
+        deadline = loop.time() + 2 * c.lease_ttl + 2
+        empty_answers = 0
+        while True:
+            try:
+                holder = await c.index.claim(self._lease, c.owner, c.lease_ttl)
+            except IndexUnavailable:
+                return await self._from_upstream("alone")
+            if holder is None:
+                taken_over = self._offset > 0 or self.role == "follower"
+                self._hold()
+                c.metrics.leases.labels("taken_over" if taken_over else "acquired").inc()
+                if self._offset == 0:
+                    # The previous leader may have committed it just now.
+                    shared = await self._from_bucket()
+                    if shared is not None:
+                        return shared
+                return await self._from_upstream("leader")
+            peer_url = holder.split(" ", 1)[0]
+            try:
+                body = await self._from_peer(peer_url)
+            except PeerBroke as exc:
+                log.debug("leader %s for %s unreachable: %s", peer_url, self._digest, exc)
+                body = None
+            else:
+                if body is not None:
+                    if self.role != "follower":
+                        c.metrics.leases.labels("followed").inc()
+                    self.role = "follower"
+                    return body
+                empty_answers += 1
+            if empty_answers >= MAX_EMPTY_ANSWERS or loop.time() > deadline:
+                log.warning(
+                    "no replica could stream %s (lease held by %s); fetching it alone",
+                    self._digest,
+                    peer_url,
+                )
+                return await self._from_upstream("alone")
+            await asyncio.sleep(POLL)
+
+    def _hold(self) -> None:
+        self._held = True
+        self._c.metrics.leases_held.inc()
+        self._renewal = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        c = self._c
+        while True:
+            await asyncio.sleep(c.lease_ttl / 3)
+            try:
+                if not await c.index.renew(self._lease, c.owner, c.lease_ttl):
+                    # Expired meanwhile (Redis restarted, or this process was paused):
+                    # another replica may start the same download. Ours goes on.
+                    c.metrics.leases.labels("lost").inc()
+                    log.warning("lost the download lease of %s; finishing anyway", self._digest)
+                    return
+            except IndexUnavailable:
+                continue  # Redis is down: nobody else can claim it either
+
+    async def _from_upstream(self, role: Role) -> BlobSource:
+        self.role = role
+        self._write.publish()
+        return await self._upstream.open_blob(self._repo, self._digest, self._max, self._offset)
+
+    async def _from_bucket(self) -> BlobSource | None:
+        size = await self._c.store.shared_size(self._digest)
+        if size is None or size > self._max:
+            return None
+        self.role = "follower"
+        return BucketSource(ObjectBlob(self._c.store.objects, self._digest, size))
+
+    async def _from_peer(self, peer_url: str) -> PeerBody | None:
+        """The leader's stream from `self._offset`; None if it has nothing for us."""
+        c = self._c
+        headers = {"Authorization": f"Bearer {c.secret}"}
+        if self._offset:
+            headers["Range"] = f"bytes={self._offset}-"
+        request = c.client.build_request(
+            "GET", f"{peer_url}{PEER_PATH}{self._digest}", headers=headers
+        )
+        try:
+            resp = await c.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise PeerBroke(str(exc) or type(exc).__name__) from None
+        if resp.status_code not in (200, 206) or (
+            self._offset
+            and not resp.headers.get("content-range", "").startswith(f"bytes {self._offset}-")
+        ):
+            await resp.aclose()
+            return None
+        length = parse_length(resp.headers.get("content-length"))
+        if length is not None and self._offset + length > self._max:
+            await resp.aclose()
+            raise UpstreamError("UNAVAILABLE", "upstream blob exceeds its size limit", status=502)
+        return PeerBody(resp, length, c.metrics)
+
+
+class PeerBody:
+    """The leader's stream of a download; any break is `PeerBroke`."""
+
+    def __init__(self, resp: httpx.Response, size: int | None, metrics: Metrics) -> None:
+        self._resp = resp
+        self.size = size
+        self._received = metrics.peer_bytes.labels("received")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        got = 0
+        try:
+            async for chunk in self._resp.aiter_raw():
+                got += len(chunk)
+                self._received.inc(len(chunk))
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise PeerBroke(str(exc) or type(exc).__name__) from None
+        finally:
+            await self._resp.aclose()
+        if self.size is not None and got < self.size:
+            raise PeerBroke(f"ended after {got} of {self.size} bytes")
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
+async def open_for_peer(
+    downloads: list[Downloads], l1: DiskStore, digest: Digest
+) -> OpenBlob | None:
+    """What a peer may read of `digest` here: a download in flight, or the blob in
+    the local cache. Never starts a fetch (the endpoint is no open proxy)."""
+    for table in downloads:
+        dl = table.active(digest)
+        if dl is None or dl.spilled:
+            continue
+        reader = dl.reader()
+        try:
+            await dl.ready()
+        except RegistryError:
+            await reader.aclose()
+            continue
+        except BaseException:
+            await reader.aclose()
+            raise
+        return reader
+    return await l1.open_blob(digest)
+
+
+class BucketSource:
+    """A blob another replica committed to the bucket while this one was starting."""
+
+    def __init__(self, blob: ObjectBlob) -> None:
+        self._body = blob.body(0, None)
+        self.size: int | None = blob.size
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._body:
+                yield chunk
+        except (ObjectStoreError, AbortResponse) as exc:
+            raise UpstreamError("UNAVAILABLE", f"bucket read failed: {exc}", status=502) from None
+
+    async def aclose(self) -> None:
+        await self._body.aclose()

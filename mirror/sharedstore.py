@@ -1,0 +1,370 @@
+"""The shared store for replicas: content in a bucket, the index in Redis, and the
+local disk as a size-capped L1 in front of both.
+
+    reads    L1 (local disk speed) -> the bucket (by the Redis index, or a HEAD
+             when Redis is down) -> a miss; a bucket hit also fills L1 in the
+             background, verified before it is kept
+    writes   a download writes the L1 temp file; the replica that leads it
+             (`publish`) streams the same bytes into a multipart upload, completed
+             only once the digest has verified; then Redis records the blob
+    tags     Redis (one entry, so one revalidation per TTL for the cluster); L1
+             keeps a copy for when Redis is down
+
+Failure semantics: the mirror is a cache and degrades instead of failing a pull it
+could serve. Redis down: tags and sizes come from L1 and the bucket; S3 down: L1
+serves, and misses are fetched upstream into L1 only (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from mirror.diskstore import DiskBlob, DiskStore, DiskWrite
+from mirror.errors import AbortResponse
+from mirror.hashing import HashingWriter
+from mirror.metrics import CacheUsage, Metrics
+from mirror.objects import Objects, ObjectStoreError, Upload
+from mirror.redisindex import IndexUnavailable, RedisIndex
+from mirror.reference import Digest
+from mirror.store import BlobEntry, Recovery, Scan, StoredManifest, TagEntry, TagKey
+
+log = logging.getLogger(__name__)
+
+# Bucket hits copied into L1 at once, per replica (each is one GET of the object).
+L1_FILLS = 2
+
+
+class SharedStore:
+    def __init__(
+        self,
+        l1: DiskStore,
+        objects: Objects,
+        index: RedisIndex,
+        metrics: Metrics,
+        *,
+        l1_enabled: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.l1 = l1
+        self.objects = objects
+        self.index = index
+        self._metrics = metrics
+        self._l1_enabled = l1_enabled
+        self._clock = clock
+        self._fills: dict[Digest, asyncio.Task[None]] = {}
+        self._fill_slots = asyncio.Semaphore(L1_FILLS)
+        self._touched_blobs: dict[Digest, float] = {}
+        self._touched_manifests: dict[Digest, float] = {}
+
+    # -- manifests and tags -----------------------------------------------------------
+
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        stored = await self.l1.get_manifest(digest)
+        if stored is not None:
+            return stored
+        try:
+            found = await self.objects.get_manifest(digest)
+        except ObjectStoreError:
+            return None
+        if found is None:
+            return None
+        stored = StoredManifest(digest, *found)
+        await self._local(self.l1.put_manifest(stored))
+        return stored
+
+    async def put_manifest(self, manifest: StoredManifest) -> None:
+        # The bucket and Redis first: the other replicas can use it; L1 last, and
+        # only its failure is the caller's (a full local disk is counted as usual).
+        try:
+            await self.objects.put_manifest(manifest.digest, manifest.media_type, manifest.body)
+        except ObjectStoreError:
+            pass  # logged once by Objects; this replica still has it in L1
+        else:
+            await self._shared(
+                self.index.add_manifest(manifest.digest, manifest.media_type, self._clock())
+            )
+        await self.l1.put_manifest(manifest)
+
+    async def get_tag(self, key: TagKey) -> TagEntry | None:
+        try:
+            return await self.index.get_tag(key)
+        except IndexUnavailable:
+            return await self.l1.get_tag(key)
+
+    async def put_tag(self, key: TagKey, entry: TagEntry) -> None:
+        await self._shared(self.index.put_tag(key, entry))
+        await self.l1.put_tag(key, entry)
+
+    # -- blobs ------------------------------------------------------------------------
+
+    async def open_blob(self, digest: Digest) -> DiskBlob | ObjectBlob | None:
+        local = await self.l1.open_blob(digest)
+        if local is not None:
+            self._metrics.tier_hits.labels("l1").inc()
+            return local
+        size = await self.shared_size(digest)
+        if size is None:
+            return None
+        self._metrics.tier_hits.labels("shared").inc()
+        self._fill(digest, size)
+        return ObjectBlob(self.objects, digest, size)
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        size = await self.l1.blob_size(digest)
+        return size if size is not None else await self.shared_size(digest)
+
+    async def shared_size(self, digest: Digest) -> int | None:
+        """The size of a blob committed to the bucket, or None. A bucket backing off is
+        no help now (its reads would fail): None, and the blob is fetched upstream."""
+        if not self.objects.reachable:
+            return None
+        try:
+            size = await self.index.blob_size(digest)
+            if size is not None:
+                return size
+            if self.index.reachable:
+                return None  # Redis is up and does not know it
+        except IndexUnavailable:
+            pass
+        try:
+            # Redis down: the bucket still answers by digest.
+            return await self.objects.blob_size(digest)
+        except ObjectStoreError:
+            return None
+
+    def write_blob(self, digest: Digest) -> SharedWrite:
+        return SharedWrite(self, self.l1.write_blob(digest), digest)
+
+    async def committed(self, digest: Digest, size: int) -> None:
+        await self._shared(self.index.add_blob(digest, size, self._clock()))
+
+    def _fill(self, digest: Digest, size: int) -> None:
+        """Copy a bucket hit into L1, once per digest at a time, in the background."""
+        if not self._l1_enabled or digest in self._fills:
+            return
+        task = asyncio.get_running_loop().create_task(self._fill_one(digest, size))
+        self._fills[digest] = task
+        task.add_done_callback(lambda _: self._fills.pop(digest, None))
+
+    async def _fill_one(self, digest: Digest, size: int) -> None:
+        async with self._fill_slots:
+            if await self.l1.blob_size(digest) is not None:
+                return
+            write = self.l1.write_blob(digest)
+            writer = None
+            try:
+                body = await self.objects.open_blob(digest, 0, size) if size else None
+                fd = os.open(write.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                failed: list[OSError | None] = []
+                writer = HashingWriter(
+                    fd, digest.algorithm, lambda _: None, failed.append, lambda _: None
+                )
+                if body is not None:
+                    try:
+                        async for chunk in body:
+                            await writer.write(chunk)
+                    finally:
+                        await body.aclose()
+                hexdigest = await writer.finish()
+                if failed or hexdigest != digest.hex or writer.submitted != size:
+                    if not failed:
+                        log.error("blob %s in the bucket does not match its digest", digest)
+                    await write.abort()
+                    return
+                await writer.synced()
+                await write.commit(size)
+            except asyncio.CancelledError:
+                if writer is not None:
+                    writer.abort()
+                await write.abort()
+                raise
+            except (OSError, sqlite3.Error, AbortResponse) as exc:
+                if writer is not None:
+                    writer.abort()
+                log.warning("could not copy %s from the bucket to the local cache: %s", digest, exc)
+                await write.abort()
+
+    # -- access tracking and lifecycle ------------------------------------------------
+
+    def touch_blob(self, digest: Digest) -> None:
+        self.l1.touch_blob(digest)
+        self._touched_blobs[digest] = self._clock()
+
+    def touch_manifest(self, digest: Digest) -> None:
+        self.l1.touch_manifest(digest)
+        self._touched_manifests[digest] = self._clock()
+
+    def flush_access(self) -> None:
+        """Every replica's accesses reach Redis (ZADD GT), whoever evicts."""
+        blobs, self._touched_blobs = self._touched_blobs, {}
+        manifests, self._touched_manifests = self._touched_manifests, {}
+        try:
+            self.index.touch(blobs, manifests)
+        except IndexUnavailable:
+            # Kept for the next round: Redis may be back by then.
+            for digest, when in blobs.items():
+                self._touched_blobs.setdefault(digest, when)
+            for digest, when in manifests.items():
+                self._touched_manifests.setdefault(digest, when)
+
+    def scan(self) -> Scan:
+        return self.index.scan()
+
+    def drop_blobs(self, digests: list[Digest]) -> None:
+        # Redis first: no replica finds them from here on; then the objects. Replicas
+        # streaming one now may be cut (the next request fetches it anew); L1 copies
+        # stay until L1 evicts them.
+        self.index.drop_blobs(digests)
+        self.objects.delete([self.objects.blob_key(d) for d in digests])
+
+    def drop_manifests(self, digests: list[Digest]) -> None:
+        self.index.drop_manifests(digests)
+        self.objects.delete([self.objects.manifest_key(d) for d in digests])
+
+    def drop_tags(self, keys: list[TagKey]) -> None:
+        self.index.drop_tags(keys)
+
+    def sweep_temp(self, older_than: float) -> int:
+        return self.l1.sweep_temp(older_than)
+
+    def verify_blob(self, entry: BlobEntry) -> bool:
+        return self.l1.verify_blob(entry)
+
+    def recover(self) -> Recovery:
+        return self.l1.recover()  # the bucket holds only verified objects: nothing to do
+
+    def usage(self) -> CacheUsage:
+        return self.index.usage()
+
+    def reconcile(self, scan: Scan) -> None:
+        self.index.reconcile(scan)
+
+    def probe(self) -> tuple[bool, str]:
+        """Ready while the local disk is usable: without Redis or the bucket the
+        replica still serves (alone, from L1, or uncached); /readyz says which."""
+        usable, detail = self.l1.probe()
+        parts = [f"local: {detail}"]
+        redis_ok = self.index.ping_sync()
+        parts.append("redis: " + ("ok" if redis_ok else "unreachable, working alone"))
+        parts.append("s3: " + ("ok" if self.objects.reachable else "unreachable, serving L1"))
+        return usable, "; ".join(parts)
+
+    def close(self) -> None:
+        for task in self._fills.values():
+            task.cancel()
+        self.l1.close()
+
+    async def aclose(self) -> None:
+        tasks = list(self._fills.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.index.aclose()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _shared(self, write: Awaitable[None]) -> None:
+        """A write to Redis that the replica can do without (logged once by the index)."""
+        with contextlib.suppress(IndexUnavailable):
+            await write
+
+    async def _local(self, write: Awaitable[None]) -> None:
+        try:
+            await write
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cannot copy a manifest to the local cache: %s", exc)
+
+
+class SharedWrite:
+    """A download's L1 temp file, and the bucket upload that follows it when this
+    replica leads the download."""
+
+    def __init__(self, store: SharedStore, local: DiskWrite, digest: Digest) -> None:
+        self._store = store
+        self._local = local
+        self._digest = digest
+        self._size = 0
+        self._upload: Upload | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._local.path
+
+    def wrote(self, size: int) -> None:
+        self._size = size
+        if self._upload is not None:
+            self._upload.wrote(size)
+
+    def publish(self) -> None:
+        if self._upload is None and self._store.objects.reachable:
+            self._upload = self._store.objects.upload(self._digest, self._local.path)
+            self._upload.wrote(self._size)
+            self._upload.start()
+
+    async def commit(self, size: int) -> Path:
+        if self._upload is not None and await self._upload.complete(size):
+            await self._store.committed(self._digest, size)
+        return await self._local.commit(size)
+
+    async def abort(self) -> None:
+        if self._upload is not None:
+            await self._upload.abort()
+        await self._local.abort()
+
+
+class ObjectBlob:
+    """A blob in the bucket, open for reading: one ranged GET per body."""
+
+    def __init__(self, objects: Objects, digest: Digest, size: int) -> None:
+        self._objects = objects
+        self._digest = digest
+        self.size = size
+
+    async def wait_size(self, first: int | None) -> int:
+        return self.size
+
+    def body(self, start: int, end: int | None) -> ObjectBlobBody:
+        return ObjectBlobBody(self._objects, self._digest, start, self.size if end is None else end)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ObjectBlobBody:
+    def __init__(self, objects: Objects, digest: Digest, start: int, end: int) -> None:
+        self._objects = objects
+        self._digest = digest
+        self._start = start
+        self._end = end
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._end <= self._start:
+            return
+        try:
+            body = await self._objects.open_blob(self._digest, self._start, self._end)
+        except ObjectStoreError as exc:
+            raise AbortResponse(f"bucket read of {self._digest} failed: {exc}") from None
+        if body is None:
+            raise AbortResponse(f"blob {self._digest} left the bucket (evicted)")
+        sent = self._start
+        try:
+            async for chunk in body:
+                sent += len(chunk)
+                yield chunk
+        except ObjectStoreError as exc:
+            raise AbortResponse(f"bucket read of {self._digest} broke: {exc}") from None
+        finally:
+            await body.aclose()
+        if sent != self._end:
+            raise AbortResponse(f"bucket object {self._digest} is shorter than its index entry")
+
+    async def aclose(self) -> None:
+        self._closed = True
