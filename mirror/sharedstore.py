@@ -30,7 +30,7 @@ from mirror.diskstore import DiskBlob, DiskStore, DiskWrite
 from mirror.errors import AbortResponse
 from mirror.hashing import HashingWriter
 from mirror.metrics import CacheUsage, Metrics
-from mirror.objects import Objects, ObjectStoreError, Upload
+from mirror.objects import ObjectBody, Objects, ObjectStoreError, Upload
 from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.reference import Digest
 from mirror.store import BlobEntry, Recovery, Scan, StoredManifest, TagEntry, TagKey
@@ -112,9 +112,16 @@ class SharedStore:
         size = await self.shared_size(digest)
         if size is None:
             return None
+        # The whole object's GET is opened now, while the answer can still be a miss:
+        # a bucket that fails here sends the request upstream instead of cutting a
+        # client mid-body. Most requests read it all; a range request reopens.
+        try:
+            whole = await self.objects.open_blob(digest, 0, size) if size else None
+        except ObjectStoreError:
+            return None
         self._metrics.tier_hits.labels("shared").inc()
         self._fill(digest, size)
-        return ObjectBlob(self.objects, digest, size)
+        return ObjectBlob(self.objects, digest, size, whole)
 
     async def blob_size(self, digest: Digest) -> int | None:
         size = await self.l1.blob_size(digest)
@@ -322,34 +329,48 @@ class SharedWrite:
 class ObjectBlob:
     """A blob in the bucket, open for reading: one ranged GET per body."""
 
-    def __init__(self, objects: Objects, digest: Digest, size: int) -> None:
+    def __init__(
+        self, objects: Objects, digest: Digest, size: int, whole: ObjectBody | None = None
+    ) -> None:
         self._objects = objects
         self._digest = digest
         self.size = size
+        self._whole = whole  # the whole object's GET, already answered
 
     async def wait_size(self, first: int | None) -> int:
         return self.size
 
     def body(self, start: int, end: int | None) -> ObjectBlobBody:
-        return ObjectBlobBody(self._objects, self._digest, start, self.size if end is None else end)
+        end = self.size if end is None else end
+        whole, self._whole = self._whole, None
+        if (start, end) != (0, self.size) and whole is not None:
+            asyncio.get_running_loop().create_task(whole.aclose())
+            whole = None
+        return ObjectBlobBody(self._objects, self._digest, start, end, whole)
 
     async def aclose(self) -> None:
-        pass
+        whole, self._whole = self._whole, None
+        if whole is not None:
+            await whole.aclose()
 
 
 class ObjectBlobBody:
-    def __init__(self, objects: Objects, digest: Digest, start: int, end: int) -> None:
+    def __init__(
+        self, objects: Objects, digest: Digest, start: int, end: int, opened: ObjectBody | None
+    ) -> None:
         self._objects = objects
         self._digest = digest
         self._start = start
         self._end = end
-        self._closed = False
+        self._opened = opened
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._end <= self._start:
             return
+        body, self._opened = self._opened, None
         try:
-            body = await self._objects.open_blob(self._digest, self._start, self._end)
+            if body is None:
+                body = await self._objects.open_blob(self._digest, self._start, self._end)
         except ObjectStoreError as exc:
             raise AbortResponse(f"bucket read of {self._digest} failed: {exc}") from None
         if body is None:
@@ -367,4 +388,6 @@ class ObjectBlobBody:
             raise AbortResponse(f"bucket object {self._digest} is shorter than its index entry")
 
     async def aclose(self) -> None:
-        self._closed = True
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await opened.aclose()

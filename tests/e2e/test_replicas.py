@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import secrets
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,17 +61,25 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         yield Shared(rgw, redis)
 
 
-@pytest.fixture(scope="module")
-def big(real_upstream: RealUpstream, tmp_path_factory: pytest.TempPathFactory) -> BigImage:
+def _push_big(real_upstream: RealUpstream, root: Path, repo: str) -> BigImage:
     """An image with one 48 MiB layer of random bytes (gzip cannot shrink it)."""
-    layout = Layout(tmp_path_factory.mktemp("big") / "layout")
+    layout = Layout(root)
     image = layout.image([[("big.bin", os.urandom(48 * MiB))]])
     layout.tag(image, "big")
-    push(layout.root, "big", real_upstream.registry, "big/one", "1")
-    manifest = layout.read(image["digest"])
-    layers = json.loads(manifest)["layers"]
+    push(layout.root, "big", real_upstream.registry, repo, "1")
+    layers = json.loads(layout.read(image["digest"]))["layers"]
     largest = max(layers, key=lambda d: d["size"])
-    return BigImage("big/one", "1", largest["digest"], largest["size"])
+    return BigImage(repo, "1", largest["digest"], largest["size"])
+
+
+@pytest.fixture(scope="module")
+def big(real_upstream: RealUpstream, tmp_path_factory: pytest.TempPathFactory) -> BigImage:
+    return _push_big(real_upstream, tmp_path_factory.mktemp("big") / "layout", "big/one")
+
+
+@pytest.fixture(scope="module")
+def big2(real_upstream: RealUpstream, tmp_path_factory: pytest.TempPathFactory) -> BigImage:
+    return _push_big(real_upstream, tmp_path_factory.mktemp("big2") / "layout", "big/two")
 
 
 class Replicas:
@@ -138,7 +148,10 @@ class Replicas:
                 proc.stop()
 
     def idle(self) -> bool:
-        return all(p is None or p.metric("mirror_downloads_in_flight") == 0 for p in self.procs)
+        return all(
+            p is None or not p.running or p.metric("mirror_downloads_in_flight") == 0
+            for p in self.procs
+        )
 
     def objects(self) -> dict[str, bytes]:
         """Every object in the bucket: key -> bytes."""
@@ -234,6 +247,170 @@ async def test_a_cold_burst_over_three_replicas_is_one_upstream_get_and_follower
         assert f"blobs/sha256/{big.layer.removeprefix('sha256:')}" in objects, replicas[
             leaders[0]
         ].log_tail()
+
+
+async def test_a_killed_leader_is_taken_over_and_the_bucket_holds_only_verified_bytes(
+    shared: Shared, big: BigImage, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    registry = real_upstream.registry
+    host, port = registry.host.split(":")
+    path = f"/v2/{big.repo}/blobs/{big.layer}"
+    # ~16 MB/s: the download lasts about 3 s.
+    with (
+        ThrottledRelay(host, int(port), 16e6) as relay,
+        Replicas(shared, tmp_path, relay.url) as replicas,
+        httpx.Client(timeout=60) as c,
+    ):
+        registry.clear_log()
+        started: dict[int, threading.Event] = {i: threading.Event() for i in range(3)}
+        outcome: dict[int, str] = {}
+
+        def client(i: int) -> None:
+            h = hashlib.sha256()
+            try:
+                with c.stream("GET", replicas[i].url + path) as r:
+                    for chunk in r.iter_raw():
+                        started[i].set()
+                        h.update(chunk)
+                outcome[i] = "sha256:" + h.hexdigest()
+            except httpx.HTTPError as exc:
+                outcome[i] = f"cut: {exc!r}"
+            finally:
+                started[i].set()
+
+        threads = [threading.Thread(target=client, args=(0,))]
+        threads[0].start()
+        assert started[0].wait(30)  # replica 0 leads: its client has bytes
+        for i in (1, 2):
+            threads.append(threading.Thread(target=client, args=(i,)))
+            threads[-1].start()
+            assert started[i].wait(30)  # following replica 0
+        leader_pid = replicas[0].pid
+        assert leader_pid is not None
+        replicas[0].stop(signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        assert outcome[0].startswith("cut"), outcome[0]
+        for i in (1, 2):
+            # Completed after a take-over, or cut (then a retry succeeds); never wrong.
+            assert outcome[i] in (big.layer,) or outcome[i].startswith("cut"), outcome[i]
+            if outcome[i] != big.layer:
+                r = c.get(replicas[i].url + path)
+                assert "sha256:" + hashlib.sha256(r.content).hexdigest() == big.layer
+        taken = sum(
+            replicas[i].metric("mirror_download_leases_total", event="taken_over") for i in (1, 2)
+        )
+        assert taken == 1
+        # One GET from the dead leader, then one resume with Range by the new one.
+        gets = [
+            r.status
+            for r in registry.requests()
+            if r.method == "GET" and r.path.endswith(f"/blobs/{big.layer}") and r.status != 401
+        ]
+        assert gets == [200, 206], gets
+        await until(lambda: replicas.idle(), "the new leader's commit")
+        objects = assert_bucket_verified(replicas)
+        assert f"blobs/sha256/{big.layer.removeprefix('sha256:')}" in objects
+
+
+async def test_pulls_go_on_while_redis_is_down_and_coordination_resumes_after(
+    shared: Shared, big: BigImage, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    image = real_upstream.images["oci"]
+    with Replicas(shared, tmp_path, real_upstream.registry.url) as replicas:
+        shared.redis.stop()
+        try:
+            result = skopeo_copy(
+                f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
+            )
+            assert result.returncode == 0, result.stderr
+            assert (tmp_path / "a" / "manifest.json").read_bytes() == image.manifest
+            assert replicas[0].metric("mirror_shared_degraded", dependency="redis") == 1
+            ready = httpx.get(replicas[0].url + "/readyz")
+            assert ready.status_code == 200
+            assert "redis: unreachable" in ready.json()["checks"]["cache"]
+            assert replicas[0].log().count("redis unavailable") == 1  # logged once
+        finally:
+            shared.redis.start()
+
+        def coordinating() -> bool:
+            return all(
+                "redis: ok" in httpx.get(replicas[i].url + "/readyz").json()["checks"]["cache"]
+                for i in range(3)
+            )
+
+        await until(coordinating, "every replica to see Redis again")
+        real_upstream.registry.clear_log()
+        path = f"/v2/{big.repo}/blobs/{big.layer}"
+        async with httpx.AsyncClient(timeout=60) as c:
+            pulls = await asyncio.gather(*(pull(c, replicas[i % 3], i % 3, path) for i in range(6)))
+        assert {p.digest for p in pulls} == {big.layer}
+        assert upstream_gets(real_upstream, big.layer) == 1
+
+
+async def test_with_the_bucket_down_l1_hits_serve_and_misses_stream_uncached(
+    shared: Shared, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    image = real_upstream.images["oci"]
+    with Replicas(shared, tmp_path, real_upstream.registry.url) as replicas:
+        first = skopeo_copy(
+            f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
+        )
+        assert first.returncode == 0, first.stderr
+        await until(lambda: replicas.idle(), "commits")
+        shared.rgw.stop_gateway()
+        try:
+            real_upstream.registry.clear_log()
+            hit = skopeo_copy(
+                f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'b'}"
+            )
+            assert hit.returncode == 0, hit.stderr
+            assert real_upstream.registry.requests() == []  # L1 served it all
+            miss = skopeo_copy(
+                f"docker://{replicas[1].host}/{image.reference}", f"dir:{tmp_path / 'c'}"
+            )
+            assert miss.returncode == 0, miss.stderr  # fetched upstream, bucket or not
+            for digest in image.layer_digests:
+                assert upstream_gets(real_upstream, digest) == 1
+            assert replicas[1].metric("mirror_shared_degraded", dependency="s3") == 1
+        finally:
+            shared.rgw.start_gateway()
+    for d in ("a", "b", "c"):
+        assert (tmp_path / d / "manifest.json").read_bytes() == image.manifest
+
+
+async def test_the_cluster_wide_size_cap_holds(
+    shared: Shared, big: BigImage, big2: BigImage, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    cap = big.size + big.size // 2  # room for one of the two big layers
+    with Replicas(
+        shared,
+        tmp_path,
+        real_upstream.registry.url,
+        MIRROR_MAX_SIZE=str(cap),
+        MIRROR_EVICTION_INTERVAL="0.3",
+    ) as replicas:
+        async with httpx.AsyncClient(timeout=60) as c:
+            await pull(c, replicas[0], 0, f"/v2/{big.repo}/blobs/{big.layer}")
+            await until(lambda: replicas.idle(), "the first commit")
+            await pull(c, replicas[1], 1, f"/v2/{big2.repo}/blobs/{big2.layer}")
+            await until(lambda: replicas.idle(), "the second commit")
+
+        def blob_bytes() -> int:
+            return sum(
+                len(data) for key, data in replicas.objects().items() if key.startswith("blobs/")
+            )
+
+        await until(lambda: blob_bytes() <= cap, "the bucket to shrink under the cap")
+        keys = replicas.objects().keys()
+        # Least recently used went: the first layer.
+        assert f"blobs/sha256/{big2.layer.removeprefix('sha256:')}" in keys
+        assert f"blobs/sha256/{big.layer.removeprefix('sha256:')}" not in keys
+        evicted = sum(
+            replicas[i].metric("mirror_evictions_total", kind="blob", reason="size")
+            for i in range(3)
+        )
+        assert evicted == 1
 
 
 async def test_what_one_replica_cached_another_serves_without_the_upstream(
