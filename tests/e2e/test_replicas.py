@@ -413,7 +413,7 @@ async def test_the_cluster_wide_size_cap_holds(
         assert evicted == 1
 
 
-async def test_what_one_replica_cached_another_serves_without_the_upstream(
+async def test_what_one_replica_cached_others_serve_without_the_upstream_even_after_restarts(
     shared: Shared, real_upstream: RealUpstream, tmp_path: Path
 ) -> None:
     image = real_upstream.images["oci"]
@@ -422,6 +422,7 @@ async def test_what_one_replica_cached_another_serves_without_the_upstream(
             f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
         )
         assert first.returncode == 0, first.stderr
+        await until(lambda: replicas.idle(), "commits")
         real_upstream.registry.clear_log()
         second = skopeo_copy(
             f"docker://{replicas[1].host}/{image.reference}", f"dir:{tmp_path / 'b'}"
@@ -432,11 +433,49 @@ async def test_what_one_replica_cached_another_serves_without_the_upstream(
             image.layer_digests
         )
         assert_bucket_verified(replicas)
-        # A new pod (empty L1) behind the same bucket and Redis: still no upstream.
-        replicas[2].stop()
-        fresh = replicas.start(2, fresh=True)
-        third = skopeo_copy(f"docker://{fresh.host}/{image.reference}", f"dir:{tmp_path / 'c'}")
-        assert third.returncode == 0, third.stderr
+        # A rolling restart of every replica, each a new pod with an empty L1.
+        for i in range(3):
+            replicas[i].stop()
+            replicas.start(i, fresh=True)
+        for i in range(3):
+            warm = skopeo_copy(
+                f"docker://{replicas[i].host}/{image.reference}", f"dir:{tmp_path / f'w{i}'}"
+            )
+            assert warm.returncode == 0, warm.stderr
+            assert (tmp_path / f"w{i}" / "manifest.json").read_bytes() == image.manifest
         assert real_upstream.registry.requests() == []
-    for d in ("a", "b", "c"):
+        # No credential ever reaches a log.
+        creds = shared.rgw.credentials
+        logs = "".join(p.log() for p in replicas.procs if p is not None)
+        for secret in (creds.secret_key, replicas.secret):
+            assert secret not in logs
+    for d in ("a", "b"):
         assert (tmp_path / d / "manifest.json").read_bytes() == image.manifest
+
+
+async def test_the_peer_endpoint_needs_the_secret_and_never_fetches(
+    shared: Shared, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    image = real_upstream.images["oci"]
+    layer = image.layer_digests[0]
+    with Replicas(shared, tmp_path, real_upstream.registry.url, n=1) as replicas:
+        url = f"{replicas[0].url}/_mirror/peer/blobs/{layer}"
+        real_upstream.registry.clear_log()
+        async with httpx.AsyncClient(timeout=30) as c:
+            for auth in (None, "Bearer wrong", f"Basic {replicas.secret}"):
+                r = await c.get(url, headers={"Authorization": auth} if auth else {})
+                assert r.status_code == 403
+                assert r.json()["errors"][0]["code"] == "DENIED"
+            right = {"Authorization": f"Bearer {replicas.secret}"}
+            r = await c.get(url, headers=right)
+            assert r.status_code == 404  # not here: never fetched on a peer's behalf
+            assert r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+            assert real_upstream.registry.requests() == []
+            # Once cached here, a peer may read it, also by range.
+            pulled = await c.get(f"{replicas[0].url}/v2/{image.repo}/blobs/{layer}")
+            assert pulled.status_code == 200
+            await until(lambda: replicas.idle(), "the commit")
+            r = await c.get(url, headers=right)
+            assert (r.status_code, r.content) == (200, pulled.content)
+            r = await c.get(url, headers={**right, "Range": "bytes=10-"})
+            assert (r.status_code, r.content) == (206, pulled.content[10:])
