@@ -28,8 +28,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal, TypeVar
 
 import httpx
 
@@ -46,6 +46,8 @@ from mirror.store import BlobWrite, OpenBlob
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PEER_PATH = "/_mirror/peer/blobs/"
 # A follower polls a lease held by a leader it cannot reach this often, until the
@@ -96,6 +98,35 @@ class Cluster:
             return source
 
         return open_source
+
+    async def once(
+        self,
+        name: str,
+        work: Callable[[], Awaitable[T]],
+        done_elsewhere: Callable[[], Awaitable[T | None]],
+        wait: float,
+    ) -> T:
+        """Run `work` on one replica at a time: the one holding the lease `name`. The
+        others poll `done_elsewhere` for its result for up to `wait` seconds, then do
+        the work themselves (the holder may have died). Redis down: just work."""
+        try:
+            holder = await self.index.claim(name, self.owner, wait)
+        except IndexUnavailable:
+            return await work()
+        if holder is None:
+            try:
+                return await work()
+            finally:
+                with contextlib.suppress(IndexUnavailable):
+                    await self.index.release(name, self.owner)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while loop.time() < deadline:
+            await asyncio.sleep(POLL / 2)
+            result = await done_elsewhere()
+            if result is not None:
+                return result
+        return await work()
 
     async def aclose(self) -> None:
         await self.client.aclose()

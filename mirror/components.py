@@ -188,6 +188,8 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             max_blob_size=settings.max_blob_size,
             clock=clock,
             source=None if cluster is None else cluster.source(upstream),
+            cluster=cluster,
+            revalidate_wait=settings.fetch_timeout + 1,
         )
     router = Router(
         proxies,

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from mirror import dockerhub, manifests
 from mirror.downloads import Downloads, OpenSource
@@ -61,6 +61,18 @@ class Blob:
     source: Source
 
 
+class Coordinator(Protocol):
+    """One replica at a time does a piece of work (mirror.cluster.Cluster.once)."""
+
+    async def once(
+        self,
+        name: str,
+        work: Callable[[], Awaitable[T]],
+        done_elsewhere: Callable[[], Awaitable[T | None]],
+        wait: float,
+    ) -> T: ...
+
+
 class Proxy:
     def __init__(
         self,
@@ -75,7 +87,12 @@ class Proxy:
         max_blob_size: int = 64 << 30,
         clock: Callable[[], float] = time.time,
         source: OpenSource | None = None,
+        cluster: Coordinator | None = None,
+        revalidate_wait: float = 20.0,
     ) -> None:
+        self._cluster = cluster
+        # How long replicas wait for another's revalidation (a HEAD's deadline).
+        self._revalidate_wait = revalidate_wait
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
@@ -139,10 +156,39 @@ class Proxy:
         age = self._clock() - entry.stored_at
         if age < self._freshness.ttl(repo, ref.tag):
             return Manifest(stored, "hit")
-        # N concurrent requests for an expired tag cause one revalidation.
+        # N concurrent requests for an expired tag cause one revalidation; with
+        # replicas, one for the whole cluster.
         return await self._coalesced(
-            self._revalidations, key, lambda: self._revalidate(key, ref, accept, stored, age)
+            self._revalidations,
+            key,
+            lambda: self._revalidate_once(key, ref, accept, stored, entry, age),
         )
+
+    async def _revalidate_once(
+        self,
+        key: TagKey,
+        ref: Reference,
+        accept: AcceptSet,
+        stored: StoredManifest,
+        entry: TagEntry,
+        age: float,
+    ) -> Manifest:
+        def work() -> Awaitable[Manifest]:
+            return self._revalidate(key, ref, accept, stored, age)
+
+        if self._cluster is None:
+            return await work()
+
+        async def done_elsewhere() -> Manifest | None:
+            # Another replica revalidated: the shared entry is newer than ours.
+            current = await self._store.get_tag(key)
+            if current is None or current.stored_at <= entry.stored_at:
+                return None
+            found = await self._cached(current.digest)
+            return None if found is None else Manifest(found, "revalidated")
+
+        name = f"reval:{key.upstream}/{key.repo}:{key.tag}#{key.accept}"
+        return await self._cluster.once(name, work, done_elsewhere, self._revalidate_wait)
 
     async def _revalidate(
         self, key: TagKey, ref: Reference, accept: AcceptSet, stored: StoredManifest, age: float
@@ -163,13 +209,35 @@ class Proxy:
             return Manifest(stored, "stale")
 
     async def _shared_fetch(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
-        # N concurrent misses for one manifest (a rollout) cause one upstream request.
+        # N concurrent misses for one manifest (a rollout) cause one upstream request;
+        # with replicas, one for the whole cluster (manifest GETs are what Docker Hub's
+        # rate limit counts).
         stored = await self._coalesced(
             self._fetches,
             (repo, str(ref), accept.cache_key),
-            lambda: self._fetch_manifest(repo, ref, accept),
+            lambda: self._fetch_once(repo, ref, accept),
         )
         return Manifest(stored, "miss")
+
+    async def _fetch_once(self, repo: str, ref: Reference, accept: AcceptSet) -> StoredManifest:
+        def work() -> Awaitable[StoredManifest]:
+            return self._fetch_manifest(repo, ref, accept)
+
+        if self._cluster is None:
+            return await work()
+
+        async def done_elsewhere() -> StoredManifest | None:
+            digest = ref.digest
+            if digest is None:
+                assert ref.tag is not None
+                entry = await self._store.get_tag(
+                    TagKey(self.name, repo, ref.tag, accept.cache_key)
+                )
+                digest = None if entry is None else entry.digest
+            return None if digest is None else await self._cached(digest)
+
+        name = f"fetch:{self.name}/{repo}@{ref}#{accept.cache_key}"
+        return await self._cluster.once(name, work, done_elsewhere, self._revalidate_wait)
 
     async def _cached(self, digest: Digest) -> StoredManifest | None:
         stored = await self._store.get_manifest(digest)

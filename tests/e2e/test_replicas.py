@@ -479,3 +479,37 @@ async def test_the_peer_endpoint_needs_the_secret_and_never_fetches(
             assert (r.status_code, r.content) == (200, pulled.content)
             r = await c.get(url, headers={**right, "Range": "bytes=10-"})
             assert (r.status_code, r.content) == (206, pulled.content[10:])
+
+
+async def test_a_tag_is_fetched_and_revalidated_once_for_the_whole_cluster(
+    shared: Shared, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    image = real_upstream.images["oci"]
+    path = f"/v2/{image.repo}/manifests/{image.tag}"
+    accept = {"Accept": image.media_type}
+    registry = real_upstream.registry
+
+    def manifest_requests(method: str) -> int:
+        return sum(
+            1
+            for r in registry.requests()
+            if r.method == method and r.path.endswith(f"/manifests/{image.tag}") and r.status == 200
+        )
+
+    with Replicas(shared, tmp_path, registry.url, MIRROR_TAG_TTL="2") as replicas:
+        registry.clear_log()
+        async with httpx.AsyncClient(timeout=30) as c:
+
+            async def burst() -> None:
+                rs = await asyncio.gather(
+                    *(c.get(replicas[i % 3].url + path, headers=accept) for i in range(9))
+                )
+                assert {r.status_code for r in rs} == {200}
+                assert {r.content for r in rs} == {image.manifest}
+
+            await burst()  # cold on every replica
+            assert (manifest_requests("GET"), manifest_requests("HEAD")) == (1, 0)
+            fetched = time.monotonic()
+            await asyncio.sleep(max(0.0, fetched + 2.2 - time.monotonic()))  # the TTL passes
+            await burst()  # expired on every replica
+            assert (manifest_requests("GET"), manifest_requests("HEAD")) == (1, 1)
