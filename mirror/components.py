@@ -71,7 +71,13 @@ def open_store(
         l1.close()
         raise
     return SharedStore(
-        l1, objects, index, metrics, l1_enabled=settings.l1_max_size > 0, clock=clock
+        l1,
+        objects,
+        index,
+        metrics,
+        l1_enabled=settings.l1_max_size > 0,
+        redirect_ttl=settings.s3_redirect_ttl if settings.s3_redirect else None,
+        clock=clock,
     )
 
 

@@ -138,6 +138,9 @@ class DiskStore(DiskIndex):
             return None
         return DiskBlob(fd, size)
 
+    async def blob_url(self, digest: Digest) -> str | None:
+        return None  # clients reach blobs only through the mirror
+
     def write_blob(self, digest: Digest) -> DiskWrite:
         return DiskWrite(self, digest)
 

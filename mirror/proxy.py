@@ -59,6 +59,7 @@ class Blob:
     range: ByteRange | None
     body: Body | None
     source: Source
+    location: str | None = None  # a redirect to the blob elsewhere (a presigned URL)
 
 
 class Coordinator(Protocol):
@@ -304,6 +305,10 @@ class Proxy:
 
     async def blob(self, name: str, digest: Digest, spec: RangeSpec | None, *, head: bool) -> Blob:
         repo = self.repo(name)
+        if not head and (url := await self._store.blob_url(digest)) is not None:
+            self._metrics.cache.labels("blob", "hit").inc()
+            self._store.touch_blob(digest)
+            return Blob(None, None, None, "cache", url)
         cached = await self._store.open_blob(digest)
         if cached is not None:
             self._metrics.cache.labels("blob", "hit").inc()

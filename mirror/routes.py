@@ -162,6 +162,16 @@ async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Resp
     spec = parse_range(request.headers.get("range"))
     route = _route(request, name)
     blob = await route.proxy.blob(route.name, digest, spec, head=head)
+    if blob.location is not None:
+        # The client fetches it from the object store (with its Range, if any).
+        return Response(
+            status_code=307,
+            headers={
+                "Location": blob.location,
+                "Docker-Content-Digest": str(digest),
+                "X-Cache": "HIT",
+            },
+        )
     headers = {
         "Docker-Content-Digest": str(digest),
         "Accept-Ranges": "bytes",

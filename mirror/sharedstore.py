@@ -50,8 +50,10 @@ class SharedStore:
         metrics: Metrics,
         *,
         l1_enabled: bool = True,
+        redirect_ttl: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._redirect_ttl = redirect_ttl  # None: no redirects
         self.l1 = l1
         self.objects = objects
         self.index = index
@@ -143,6 +145,16 @@ class SharedStore:
         try:
             # Redis down: the bucket still answers by digest.
             return await self.objects.blob_size(digest)
+        except ObjectStoreError:
+            return None
+
+    async def blob_url(self, digest: Digest) -> str | None:
+        """A presigned GET of the committed object (Distribution's `redirect`). Only
+        for what the bucket holds under its final key: never an upload in progress."""
+        if self._redirect_ttl is None or await self.shared_size(digest) is None:
+            return None
+        try:
+            return await self.objects.sign(digest, self._redirect_ttl)
         except ObjectStoreError:
             return None
 

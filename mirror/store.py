@@ -178,6 +178,11 @@ class Store(Protocol):
 
     async def blob_size(self, digest: Digest) -> int | None: ...
 
+    async def blob_url(self, digest: Digest) -> str | None:
+        """A URL clients may fetch the committed blob from directly (a presigned object
+        URL), when the store is configured to redirect; else None."""
+        ...
+
     def write_blob(self, digest: Digest) -> BlobWrite:
         """Begin writing a blob that is downloading: a local file readers tail."""
         ...

@@ -513,3 +513,37 @@ async def test_a_tag_is_fetched_and_revalidated_once_for_the_whole_cluster(
             await asyncio.sleep(max(0.0, fetched + 2.2 - time.monotonic()))  # the TTL passes
             await burst()  # expired on every replica
             assert (manifest_requests("GET"), manifest_requests("HEAD")) == (1, 1)
+
+
+async def test_redirect_sends_committed_blobs_to_a_presigned_url_and_nothing_else(
+    shared: Shared, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    image = real_upstream.images["oci"]
+    layer = image.layer_digests[0]
+    path = f"/v2/{image.repo}/blobs/{layer}"
+    with Replicas(
+        shared, tmp_path, real_upstream.registry.url, n=2, MIRROR_S3_REDIRECT="true"
+    ) as replicas:
+        async with httpx.AsyncClient(timeout=30) as c:
+            cold = await c.get(replicas[0].url + path)
+            assert cold.status_code == 200  # not in the bucket yet: streamed
+            await until(lambda: replicas.idle(), "the commit")
+            for i in range(2):
+                r = await c.get(replicas[i].url + path)
+                assert r.status_code == 307
+                location = r.headers["location"]
+                assert location.startswith(f"{shared.rgw.endpoint}/{replicas.bucket}/blobs/")
+                assert "X-Amz-Signature=" in location
+                fetched = await c.get(location)
+                assert fetched.status_code == 200
+                assert "sha256:" + hashlib.sha256(fetched.content).hexdigest() == layer
+            head = await c.head(replicas[1].url + path)  # a HEAD is answered here
+            assert (head.status_code, head.headers["content-length"]) == (
+                200,
+                str(len(cold.content)),
+            )
+        pulled = skopeo_copy(
+            f"docker://{replicas[1].host}/{image.reference}", f"dir:{tmp_path / 'p'}"
+        )
+        assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "p" / "manifest.json").read_bytes() == image.manifest
