@@ -22,6 +22,7 @@ import obstore
 import pytest
 from conftest import RealUpstream, until
 from harness import require_root, require_tool
+from harness.containerd import Containerd, write_hosts_toml
 from harness.daemon import free_port
 from harness.images import Layout, push
 from harness.mirror import MirrorProcess, skopeo_copy
@@ -87,7 +88,7 @@ class Replicas:
     URL) across restarts."""
 
     def __init__(
-        self, shared: Shared, workdir: Path, upstream: str, n: int = 3, **env: str
+        self, shared: Shared, workdir: Path, upstream: str | None, n: int = 3, **env: str
     ) -> None:
         self.shared = shared
         self.workdir = workdir
@@ -153,11 +154,20 @@ class Replicas:
             for p in self.procs
         )
 
+    def sizes(self) -> dict[str, int]:
+        """Every object in the bucket: key -> size."""
+        return {meta["path"]: meta["size"] for batch in obstore.list(self.s3()) for meta in batch}
+
     def objects(self) -> dict[str, bytes]:
-        """Every object in the bucket: key -> bytes."""
+        """Every object in the bucket: key -> bytes (those still there once listed)."""
         store = self.s3()
-        keys = [meta["path"] for batch in obstore.list(store) for meta in batch]
-        return {key: bytes(obstore.get(store, key).bytes()) for key in keys}
+        found = {}
+        for key in self.sizes():
+            try:
+                found[key] = bytes(obstore.get(store, key).bytes())
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+        return found
 
     def s3(self) -> S3Store:
         creds = self.shared.rgw.credentials
@@ -397,12 +407,10 @@ async def test_the_cluster_wide_size_cap_holds(
             await until(lambda: replicas.idle(), "the second commit")
 
         def blob_bytes() -> int:
-            return sum(
-                len(data) for key, data in replicas.objects().items() if key.startswith("blobs/")
-            )
+            return sum(size for key, size in replicas.sizes().items() if key.startswith("blobs/"))
 
         await until(lambda: blob_bytes() <= cap, "the bucket to shrink under the cap")
-        keys = replicas.objects().keys()
+        keys = replicas.sizes().keys()
         # Least recently used went: the first layer.
         assert f"blobs/sha256/{big2.layer.removeprefix('sha256:')}" in keys
         assert f"blobs/sha256/{big.layer.removeprefix('sha256:')}" not in keys
@@ -547,3 +555,35 @@ async def test_redirect_sends_committed_blobs_to_a_presigned_url_and_nothing_els
         )
         assert pulled.returncode == 0, pulled.stderr
     assert (tmp_path / "p" / "manifest.json").read_bytes() == image.manifest
+
+
+async def test_skopeo_and_containerd_pull_through_different_replicas(
+    shared: Shared, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    require_tool("containerd")
+    image = real_upstream.images["schema2"]
+    registry = real_upstream.registry
+    # The replicas stand in for docker.io, which here is the real registry on loopback.
+    upstreams = json.dumps([{"name": "docker.io", "url": registry.url}])
+    with Replicas(shared, tmp_path, None, n=2, MIRROR_UPSTREAMS=upstreams) as replicas:
+        copied = skopeo_copy(
+            f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
+        )
+        assert copied.returncode == 0, copied.stderr
+        await until(lambda: replicas.idle(), "commits")
+        registry.clear_log()
+        hosts = tmp_path / "hosts"
+        write_hosts_toml(hosts, "docker.io", replicas[1].url, server="http://127.0.0.1:9")
+        ref = f"docker.io/{image.repo}:{image.tag}"
+        with Containerd(tmp_path / "containerd") as containerd:
+            pulled = containerd.pull(ref, hosts)
+            assert pulled.returncode == 0, f"{pulled.stderr}\n{replicas[1].log_tail()}"
+            assert containerd.image_digest(ref) == image.digest
+            assert containerd.check(ref).status == "complete"
+        # Replica 1 had nothing locally: every blob came from the bucket. (The tag is
+        # asked for once more: containerd negotiates another Accept set than skopeo.)
+        asked = {(r.method, r.path.rsplit("/", 2)[-2]) for r in registry.requests()}
+        assert asked <= {("GET", "manifests")}, asked
+        assert replicas[1].metric("mirror_shared_cache_hits_total", tier="shared") >= len(
+            image.layer_digests
+        )
