@@ -144,7 +144,9 @@ class Objects:
         started = time.perf_counter()
         try:
             result = await request()
-        except NotFoundError:
+        # A missing object is the builtin FileNotFoundError (measured with S3 on RGW);
+        # NotFoundError is what obstore documents. Either is an answer, not a failure.
+        except (NotFoundError, FileNotFoundError):
             self._observe(op, "missing", started)
             self._up()
             return None
@@ -212,7 +214,7 @@ class Objects:
             started = time.perf_counter()
             try:
                 obstore.delete(self._store, keys)
-            except NotFoundError:
+            except (NotFoundError, FileNotFoundError):
                 pass
             except (BaseError, OSError, RuntimeError) as exc:
                 self._observe("delete", "error", started)

@@ -193,9 +193,14 @@ class SharedStore:
                         await body.aclose()
                 hexdigest = await writer.finish()
                 if failed or hexdigest != digest.hex or writer.submitted != size:
-                    if not failed:
-                        log.error("blob %s in the bucket does not match its digest", digest)
                     await write.abort()
+                    if not failed:
+                        # Only verified bytes are ever put: this is damage. Forgotten,
+                        # so the next request fetches the blob anew.
+                        log.error(
+                            "blob %s in the bucket does not match its digest; removed", digest
+                        )
+                        await asyncio.to_thread(self.drop_blobs, [digest])
                     return
                 await writer.synced()
                 await write.commit(size)
@@ -204,7 +209,7 @@ class SharedStore:
                     writer.abort()
                 await write.abort()
                 raise
-            except (OSError, sqlite3.Error, AbortResponse) as exc:
+            except (OSError, sqlite3.Error, AbortResponse, IndexUnavailable) as exc:
                 if writer is not None:
                     writer.abort()
                 log.warning("could not copy %s from the bucket to the local cache: %s", digest, exc)

@@ -20,9 +20,12 @@ from harness import (
     TokenServer,
     build_and_push_test_images,
     push,
+    require_root,
     require_tool,
 )
 from harness.images import read_back
+from harness.redisserver import RedisServer
+from harness.rgw import RadosGateway
 from prometheus_client import CollectorRegistry
 
 from mirror.app import create_app
@@ -169,3 +172,20 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0)
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def rgw() -> Iterator[RadosGateway]:
+    """A real S3 store: Ceph's RADOS Gateway on loopback (one per session: ~3 s)."""
+    require_root("run the Ceph daemons")
+    require_tool("radosgw")
+    with RadosGateway() as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real Redis on loopback. Tests that stop it start it again."""
+    require_tool("redis-server")
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
@@ -184,3 +185,48 @@ def test_missing_password_sources_are_clear_errors(tmp_path: Path) -> None:
     unset = UpstreamSettings(name="a.io", username="u", password_env="MIRROR_TEST_UNSET_VAR")
     with pytest.raises(ValueError, match="MIRROR_TEST_UNSET_VAR is not set"):
         unset.secret()
+
+
+def test_the_shared_store_names_what_it_lacks() -> None:
+    with pytest.raises(pydantic.ValidationError) as err:
+        Settings(store="s3")
+    assert "store s3 needs s3_bucket, redis_url, peer_url, peer_secret (or peer_secret_file)" in (
+        str(err.value)
+    )
+    base: dict[str, Any] = {
+        "store": "s3",
+        "s3_bucket": "b",
+        "redis_url": "redis://:hunter2@redis:6379/0",
+        "peer_url": "http://10.0.0.5:5000",
+        "peer_secret": "p",
+    }
+    with pytest.raises(pydantic.ValidationError, match="go together"):
+        Settings(**base, s3_access_key_id="AK")
+    with pytest.raises(pydantic.ValidationError, match="http"):
+        Settings(**{**base, "peer_url": "10.0.0.5:5000"})
+    settings = Settings(**base, s3_access_key_id="AK", s3_secret_access_key="SK")
+    assert settings.shared_secrets().s3_secret_access_key == "SK"
+    # Secrets never print.
+    for text in (repr(settings), str(settings), repr(settings.shared_secrets())):
+        assert "hunter2" not in text and "SK'" not in text
+
+
+def test_shared_secrets_come_from_files(tmp_path: Path) -> None:
+    (tmp_path / "s3").write_text("from-file\n")
+    (tmp_path / "peer").write_text("peer-file\n")
+    (tmp_path / "empty").write_text("\n")
+    settings = Settings(
+        store="s3",
+        s3_bucket="b",
+        redis_url="redis://redis:6379/0",
+        redis_password_file=tmp_path / "empty",
+        peer_url="http://10.0.0.5:5000",
+        peer_secret_file=tmp_path / "peer",
+        s3_access_key_id="AK",
+        s3_secret_access_key_file=tmp_path / "s3",
+    )
+    with pytest.raises(ValueError, match=r"redis password file .* is empty"):
+        settings.shared_secrets()
+    settings.redis_password_file = None
+    secrets = settings.shared_secrets()
+    assert (secrets.s3_secret_access_key, secrets.peer_secret) == ("from-file", "peer-file")

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import httpx
 import obstore
 import pytest
 from conftest import RealUpstream, until
-from harness import require_root, require_tool
+from harness import require_tool
 from harness.containerd import Containerd, write_hosts_toml
 from harness.daemon import free_port
 from harness.images import Layout, push
@@ -50,16 +49,9 @@ class BigImage:
     size: int
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
-    require_root("run the Ceph daemons")
-    require_tool("radosgw")
-    require_tool("redis-server")
-    with (
-        RadosGateway() as rgw,
-        RedisServer(tmp_path_factory.mktemp("redis")) as redis,
-    ):
-        yield Shared(rgw, redis)
+@pytest.fixture
+def shared(rgw: RadosGateway, redis_server: RedisServer) -> Shared:
+    return Shared(rgw, redis_server)
 
 
 def _push_big(real_upstream: RealUpstream, root: Path, repo: str) -> BigImage:

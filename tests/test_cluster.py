@@ -1,0 +1,88 @@
+"""Cluster coordination (mirror.cluster) on a real Redis: work done once by the
+lease holder, the others wait for its result; Redis down: everyone works."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import httpx
+from harness.redisserver import RedisServer
+
+from mirror.cluster import Cluster
+from mirror.metrics import Metrics
+from mirror.redisindex import RedisIndex
+
+
+def _replica(redis_server: RedisServer, prefix: str, n: int) -> Cluster:
+    metrics = Metrics()
+    metrics.add_shared_store()
+    index = RedisIndex(redis_server.url, metrics, prefix=prefix)
+    return Cluster(
+        index,
+        None,  # type: ignore[arg-type]  # `once` needs no store
+        metrics,
+        httpx.AsyncClient(),
+        peer_url=f"http://127.0.0.1:{n}",
+        secret="s",
+        lease_ttl=3,
+    )
+
+
+async def test_once_runs_the_work_on_one_replica_and_the_others_share_its_result(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    replicas = [_replica(redis_server, prefix, n) for n in range(4)]
+    ran: list[int] = []
+    result: dict[str, str] = {}
+    release = asyncio.Event()
+
+    def work(n: int) -> Callable[[], Awaitable[str]]:
+        async def run() -> str:
+            ran.append(n)
+            await release.wait()
+            result["value"] = f"from {n}"
+            return result["value"]
+
+        return run
+
+    async def done_elsewhere() -> str | None:
+        return result.get("value")
+
+    tasks = [
+        asyncio.create_task(r.once("fetch:x", work(n), done_elsewhere, 5))
+        for n, r in enumerate(replicas)
+    ]
+    while not ran:
+        await asyncio.sleep(0.01)
+    release.set()
+    answers = await asyncio.gather(*tasks)
+    assert len(ran) == 1
+    assert answers == [f"from {ran[0]}"] * 4
+    for r in replicas:
+        await r.index.aclose()
+        await r.aclose()
+
+
+async def test_once_without_redis_does_the_work_everywhere(redis_server: RedisServer) -> None:
+    replicas = [_replica(redis_server, f"{uuid.uuid4().hex}:", n) for n in range(2)]
+    redis_server.stop()
+    try:
+
+        async def work() -> str:
+            return "done"
+
+        async def never() -> str | None:
+            return None
+
+        assert await asyncio.gather(*(r.once("x", work, never, 5) for r in replicas)) == [
+            "done",
+            "done",
+        ]
+    finally:
+        redis_server.start()
+    for r in replicas:
+        await r.index.aclose()
+        await r.aclose()
