@@ -48,7 +48,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 settings.listen,
                 ", ".join(f"{c.name}={c.base_url}" for c in settings.resolved_upstreams()),
                 settings.default_upstream_name(),
-                settings.cache_dir,
+                settings.cache_dir
+                if settings.store == "disk"
+                else f"{settings.cache_dir} (L1) over s3 bucket {settings.s3_bucket} and redis",
             )
             # Eviction runs in the background, in a worker thread: never in a request's path.
             eviction = asyncio.create_task(built.evictor.run_forever(settings.eviction_interval))

@@ -23,6 +23,8 @@ from mirror import components
 from mirror.config import Settings
 from mirror.diskstore import DiskStore
 from mirror.loading import SettingsError, check_usable, load_settings, unknown_environment
+from mirror.objects import ObjectStoreError
+from mirror.redisindex import IndexUnavailable
 from mirror.sharedstore import SharedStore
 from mirror.store import Stats
 
@@ -136,6 +138,8 @@ def _store(settings: Settings) -> Iterator[DiskStore | SharedStore]:
         raise BadSettings(f"cannot open the cache at {where}: {exc}") from None
     try:
         yield store
+    except (IndexUnavailable, ObjectStoreError) as exc:
+        raise BadSettings(f"the shared store is unavailable: {exc}") from None
     finally:
         store.close()
 

@@ -208,6 +208,26 @@ class Objects:
         )
         return None if url is None else str(url)
 
+    def hash_blob(self, digest: Digest) -> tuple[str, int] | None:
+        """Re-read a blob object and hash it (`mirror cache verify`, a worker thread):
+        (hex digest, size), or None if it is not there."""
+        started = time.perf_counter()
+        h = hashlib.new(digest.algorithm)
+        size = 0
+        try:
+            result = obstore.get(self._store, self.blob_key(digest))
+            for chunk in result.stream(UPLOAD_READ):
+                h.update(chunk)
+                size += len(chunk)
+        except (NotFoundError, FileNotFoundError):
+            self._observe("get", "missing", started)
+            return None
+        except (BaseError, OSError, RuntimeError) as exc:
+            self._observe("get", "error", started)
+            raise ObjectStoreError(f"object store get failed: {_one_line(exc)}") from None
+        self._observe("get", "ok", started)
+        return h.hexdigest(), size
+
     def delete(self, keys: list[str]) -> None:
         """Remove objects (from a worker thread: the lifecycle round's)."""
         if keys:

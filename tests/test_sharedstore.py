@@ -146,3 +146,17 @@ async def test_readiness_names_each_dependency(
         redis_server.start()
     assert usable  # a replica without Redis still serves
     assert detail == "local: ok; redis: unreachable, working alone; s3: ok"
+
+
+async def test_verify_rehashes_the_bucket_and_drops_what_fails(
+    stores: tuple[SharedStore, SharedStore],
+) -> None:
+    a, b = stores
+    good = await _put_blob(a, os.urandom(MiB))
+    bad = await _put_blob(a, os.urandom(MiB))
+    await obstore.put_async(a.objects._store, a.objects.blob_key(bad), b"y" * MiB)
+    entries = {e.digest: e for e in b.scan().blobs}
+    assert await asyncio.to_thread(b.verify_blob, entries[good])
+    assert not await asyncio.to_thread(b.verify_blob, entries[bad])
+    assert [e.digest for e in b.scan().blobs] == [good]
+    assert await b.objects.blob_size(bad) is None

@@ -10,6 +10,8 @@ import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -444,6 +446,27 @@ async def test_what_one_replica_cached_others_serve_without_the_upstream_even_af
             assert warm.returncode == 0, warm.stderr
             assert (tmp_path / f"w{i}" / "manifest.json").read_bytes() == image.manifest
         assert real_upstream.registry.requests() == []
+        # The CLI sees the cluster's cache, from any replica's settings.
+        stats = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mirror",
+                "cache",
+                "stats",
+                "--cache-dir",
+                str(replicas[0].cache_dir),
+            ],
+            env={**os.environ, **replicas.environment(0)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert stats.returncode == 0, stats.stderr
+        in_bucket = [k for k in replicas.sizes() if k.startswith("blobs/")]
+        assert len(in_bucket) >= len(image.layer_digests)
+        assert f"blobs:      {len(in_bucket)}\n" in stats.stdout
+        assert f"shared:     s3://{replicas.bucket}/" in stats.stdout
         # No credential ever reaches a log.
         creds = shared.rgw.credentials
         logs = "".join(p.log() for p in replicas.procs if p is not None)
