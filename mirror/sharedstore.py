@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # Bucket hits copied into L1 at once, per replica (each is one GET of the object).
 L1_FILLS = 2
+MAX_FILLS_QUEUED = 1024
+# Accesses remembered between flushes (about 100 bytes each).
+MAX_TOUCHED = 1 << 18
 
 
 class SharedStore:
@@ -62,6 +66,10 @@ class SharedStore:
         self._clock = clock
         self._fills: dict[Digest, asyncio.Task[None]] = {}
         self._fill_slots = asyncio.Semaphore(L1_FILLS)
+        # Accesses since the last flush to Redis: touched in the event loop, flushed
+        # from the lifecycle thread (hence the lock), kept while Redis is down (up to
+        # MAX_TOUCHED each: an outage of days must not grow them without bound).
+        self._touch_lock = threading.Lock()
         self._touched_blobs: dict[Digest, float] = {}
         self._touched_manifests: dict[Digest, float] = {}
 
@@ -166,8 +174,8 @@ class SharedStore:
 
     def _fill(self, digest: Digest, size: int) -> None:
         """Copy a bucket hit into L1, once per digest at a time, in the background."""
-        if not self._l1_enabled or digest in self._fills:
-            return
+        if not self._l1_enabled or digest in self._fills or len(self._fills) >= MAX_FILLS_QUEUED:
+            return  # a later hit fills it
         task = asyncio.get_running_loop().create_task(self._fill_one(digest, size))
         self._fills[digest] = task
         task.add_done_callback(lambda _: self._fills.pop(digest, None))
@@ -219,24 +227,30 @@ class SharedStore:
 
     def touch_blob(self, digest: Digest) -> None:
         self.l1.touch_blob(digest)
-        self._touched_blobs[digest] = self._clock()
+        with self._touch_lock:
+            if len(self._touched_blobs) < MAX_TOUCHED or digest in self._touched_blobs:
+                self._touched_blobs[digest] = self._clock()
 
     def touch_manifest(self, digest: Digest) -> None:
         self.l1.touch_manifest(digest)
-        self._touched_manifests[digest] = self._clock()
+        with self._touch_lock:
+            if len(self._touched_manifests) < MAX_TOUCHED or digest in self._touched_manifests:
+                self._touched_manifests[digest] = self._clock()
 
     def flush_access(self) -> None:
         """Every replica's accesses reach Redis (ZADD GT), whoever evicts."""
-        blobs, self._touched_blobs = self._touched_blobs, {}
-        manifests, self._touched_manifests = self._touched_manifests, {}
+        with self._touch_lock:
+            blobs, self._touched_blobs = self._touched_blobs, {}
+            manifests, self._touched_manifests = self._touched_manifests, {}
         try:
             self.index.touch(blobs, manifests)
         except IndexUnavailable:
             # Kept for the next round: Redis may be back by then.
-            for digest, when in blobs.items():
-                self._touched_blobs.setdefault(digest, when)
-            for digest, when in manifests.items():
-                self._touched_manifests.setdefault(digest, when)
+            with self._touch_lock:
+                for digest, when in blobs.items():
+                    self._touched_blobs.setdefault(digest, when)
+                for digest, when in manifests.items():
+                    self._touched_manifests.setdefault(digest, when)
 
     def scan(self) -> Scan:
         return self.index.scan()
