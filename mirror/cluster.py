@@ -107,26 +107,32 @@ class Cluster:
         wait: float,
     ) -> T:
         """Run `work` on one replica at a time: the one holding the lease `name`. The
-        others poll `done_elsewhere` for its result for up to `wait` seconds, then do
-        the work themselves (the holder may have died). Redis down: just work."""
-        try:
-            holder = await self.index.claim(name, self.owner, wait)
-        except IndexUnavailable:
-            return await work()
-        if holder is None:
-            try:
-                return await work()
-            finally:
-                with contextlib.suppress(IndexUnavailable):
-                    await self.index.release(name, self.owner)
+        others poll `done_elsewhere` for its result; when the lease is free again
+        without one (the holder failed, or died and its lease expired after `wait`),
+        the next to claim it does the work. Redis down: just work."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while loop.time() < deadline:
+        deadline = loop.time() + wait + self.lease_ttl
+        waited = False
+        while True:
+            try:
+                holder = await self.index.claim(name, self.owner, wait)
+            except IndexUnavailable:
+                return await work()
+            if holder is None:
+                try:
+                    if waited and (result := await done_elsewhere()) is not None:
+                        return result  # finished just before we claimed
+                    return await work()
+                finally:
+                    with contextlib.suppress(IndexUnavailable):
+                        await self.index.release(name, self.owner)
+            if loop.time() > deadline:
+                return await work()
             await asyncio.sleep(POLL / 2)
+            waited = True
             result = await done_elsewhere()
             if result is not None:
                 return result
-        return await work()
 
     async def aclose(self) -> None:
         await self.client.aclose()

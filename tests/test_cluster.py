@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 from harness.redisserver import RedisServer
 
 from mirror.cluster import Cluster
@@ -84,5 +85,39 @@ async def test_once_without_redis_does_the_work_everywhere(redis_server: RedisSe
     finally:
         redis_server.start()
     for r in replicas:
+        await r.index.aclose()
+        await r.aclose()
+
+
+async def test_once_after_a_failed_holder_the_next_replica_works_at_once(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    first, second = (_replica(redis_server, prefix, n) for n in range(2))
+    holding = asyncio.Event()
+    fail = asyncio.Event()
+
+    async def failing() -> str:
+        holding.set()
+        await fail.wait()
+        raise LookupError("upstream said 404")
+
+    async def never() -> str | None:
+        return None
+
+    async def works() -> str:
+        return "second"
+
+    task = asyncio.create_task(first.once("fetch:y", failing, never, 30))
+    await holding.wait()
+    waiting = asyncio.create_task(second.once("fetch:y", works, never, 30))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # the holder is at work
+    fail.set()
+    with pytest.raises(LookupError):
+        await task
+    # Not the 30 s wait: the lease was released, so the second claims it and works.
+    assert await asyncio.wait_for(waiting, 2) == "second"
+    for r in (first, second):
         await r.index.aclose()
         await r.aclose()
