@@ -53,9 +53,10 @@ PEER_PATH = "/_mirror/peer/blobs/"
 # A follower polls a lease held by a leader it cannot reach this often, until the
 # lease expires (at most lease_ttl) or the leader answers again.
 POLL = 0.2
-# A leader that answers "nothing here" this many times in a row (its download failed,
-# or spilled) is given up on: the follower fetches from the upstream itself.
-MAX_EMPTY_ANSWERS = 3
+# A leader that answers "nothing here", or streams nothing before breaking, this many
+# times (its download failed or spilled, or it stalls) is given up on: the follower
+# fetches from the upstream itself, from where it had got to.
+MAX_FRUITLESS_PEERS = 3
 
 
 class PeerBroke(Exception):
@@ -165,6 +166,12 @@ class SharedSource:
         self._renewal: asyncio.Task[None] | None = None
         self._body: BlobSource | None = None
         self._offset = 0
+        # Peers given up on: after MAX_FRUITLESS_PEERS answers or breaks that moved
+        # nothing, or past the deadline, the bytes come from the upstream, alone.
+        self._fruitless = 0
+        self._deadline: float | None = None
+        self._deadline_offset = 0
+        self._peers_given_up = False
         self.size: int | None = None
         self.role: Role = "alone"
 
@@ -175,9 +182,15 @@ class SharedSource:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
             assert self._body is not None
+            before = self._offset
             try:
                 async for chunk in self._body:
                     self._offset += len(chunk)
+                    if self._offset > self._max:
+                        # A peer (buggy or hostile) may not grow a blob past its bound.
+                        raise UpstreamError(
+                            "UNAVAILABLE", "upstream blob exceeds its size limit", status=502
+                        )
                     yield chunk
                 return
             except PeerBroke as exc:
@@ -188,6 +201,8 @@ class SharedSource:
                     self._offset,
                     exc,
                 )
+                if self._offset == before:
+                    self._fruitless += 1
                 await self._body.aclose()
                 self._body = await self._next()
 
@@ -211,10 +226,15 @@ class SharedSource:
         Redis is down), else the leader, waiting out a dead leader's lease."""
         c = self._c
         loop = asyncio.get_running_loop()
-        # A dead leader's lease expires within lease_ttl; past this, go alone.
-        deadline = loop.time() + 2 * c.lease_ttl + 2
-        empty_answers = 0
+        if self._deadline is None or self._offset > self._deadline_offset:
+            # A dead leader's lease expires within lease_ttl; past this, go alone. Each
+            # byte of progress earns a new deadline; a leader that keeps answering
+            # without moving does not.
+            self._deadline = loop.time() + 2 * c.lease_ttl + 2
+            self._deadline_offset = self._offset
         while True:
+            if self._peers_given_up:
+                return await self._from_upstream("alone")
             try:
                 holder = await c.index.claim(self._lease, c.owner, c.lease_ttl)
             except IndexUnavailable:
@@ -236,18 +256,21 @@ class SharedSource:
                 log.debug("leader %s for %s unreachable: %s", peer_url, self._digest, exc)
                 body = None
             else:
-                if body is not None:
+                if body is not None and self._fruitless < MAX_FRUITLESS_PEERS:
                     if self.role != "follower":
                         c.metrics.leases.labels("followed").inc()
                     self.role = "follower"
                     return body
-                empty_answers += 1
-            if empty_answers >= MAX_EMPTY_ANSWERS or loop.time() > deadline:
+                if body is not None:
+                    await body.aclose()
+                self._fruitless += 1
+            if self._fruitless >= MAX_FRUITLESS_PEERS or loop.time() > self._deadline:
                 log.warning(
                     "no replica could stream %s (lease held by %s); fetching it alone",
                     self._digest,
                     peer_url,
                 )
+                self._peers_given_up = True
                 return await self._from_upstream("alone")
             await asyncio.sleep(POLL)
 
@@ -295,7 +318,18 @@ class SharedSource:
             resp = await c.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise PeerBroke(str(exc) or type(exc).__name__) from None
-        if resp.status_code not in (200, 206) or (
+        if resp.status_code in (401, 403):
+            await resp.aclose()
+            log.error(
+                "replica %s refused this one's peer secret: the replicas' peer_secret "
+                "settings differ; fetching %s alone",
+                peer_url,
+                self._digest,
+            )
+            self._peers_given_up = True
+            return None
+        expected = 206 if self._offset else 200
+        if resp.status_code != expected or (
             self._offset
             and not resp.headers.get("content-range", "").startswith(f"bytes {self._offset}-")
         ):
@@ -321,6 +355,8 @@ class PeerBody:
         try:
             async for chunk in self._resp.aiter_raw():
                 got += len(chunk)
+                if self.size is not None and got > self.size:
+                    raise PeerBroke(f"sent more than its {self.size} bytes")
                 self._received.inc(len(chunk))
                 yield chunk
         except httpx.HTTPError as exc:

@@ -110,6 +110,7 @@ def evictor(
         store,
         lambda ttl: store.index.try_lock("evict", owner, ttl),
         (IndexUnavailable, ObjectStoreError),
+        store.reconcile_bucket,
     )
 
 

@@ -333,14 +333,19 @@ class Settings(BaseSettings):
             )
         if self.peer_secret is not None and self.peer_secret_file is not None:
             raise ValueError("give one of peer_secret, peer_secret_file")
+        if self.peer_secret is not None:
+            _check_peer_secret(self.peer_secret.get_secret_value())
         return self
 
     def shared_secrets(self) -> SharedSecrets:
         """The s3, Redis and peer secrets, read now from wherever they are configured."""
+        peer = _secret(self.peer_secret, self.peer_secret_file, "peer secret") or ""
+        if self.store == "s3":
+            _check_peer_secret(peer)
         return SharedSecrets(
             _secret(self.s3_secret_access_key, self.s3_secret_access_key_file, "s3 secret key"),
             _secret(None, self.redis_password_file, "redis password"),
-            _secret(self.peer_secret, self.peer_secret_file, "peer secret") or "",
+            peer,
         )
 
     @field_validator("log_level", mode="before")
@@ -439,6 +444,13 @@ class SharedSecrets:
 
     def __repr__(self) -> str:
         return "SharedSecrets(...)"
+
+
+def _check_peer_secret(value: str) -> None:
+    # It authenticates replicas to each other: an empty one would stop the cluster's
+    # single flight (every peer refuses it), a short one is guessable.
+    if len(value.strip()) < 16:
+        raise ValueError("peer_secret must be at least 16 characters (e.g. openssl rand -hex 16)")
 
 
 def _secret(inline: SecretStr | None, file: Path | None, what: str) -> str | None:

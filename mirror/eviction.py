@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # A download in progress writes its temp file all the time, and a stalled one is cut
 # by its watchdog long before this: an hour-old temp file has no owner.
 TEMP_MAX_AGE = 3600.0
+# With replicas, the evicting replica lists the bucket this often for objects that
+# the index lost (committed while Redis was down, or Redis restarted empty).
+RECONCILE_EVERY = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +170,10 @@ class SharedRounds:
         store: Store,
         try_lock: Callable[[float], bool],
         unavailable: tuple[type[Exception], ...],
+        reconcile_bucket: Callable[[], int] | None = None,
     ) -> None:
+        self._reconcile_bucket = reconcile_bucket
+        self._reconciled = 0.0  # monotonic time of the last bucket listing
         self._shared = shared
         self._l1 = l1
         self._store = store
@@ -192,6 +198,11 @@ class SharedRounds:
         local = self._l1.evict()
         try:
             if self._try_lock(max(self._interval * 0.9, 1.0)):
+                now = time.monotonic()
+                if self._reconcile_bucket is not None and now - self._reconciled > RECONCILE_EVERY:
+                    # Listing the bucket is costly: every RECONCILE_EVERY seconds at most.
+                    self._reconcile_bucket()
+                    self._reconciled = now
                 return self._shared.evict()
             self._store.flush_access()
             self._store.reconcile(self._store.scan())

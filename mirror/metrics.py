@@ -49,7 +49,7 @@ EvictionReason = Literal["ttl", "size"]
 RefusalReason = Literal["limit", "header_timeout", "headers_too_large", "tls_on_plain_port"]
 # The shared store (store: s3): where a blob hit was found, and what S3 was asked.
 Tier = Literal["l1", "shared"]
-S3Operation = Literal["get", "head", "put", "upload", "delete", "sign"]
+S3Operation = Literal["get", "head", "put", "upload", "delete", "sign", "list"]
 LeaseEvent = Literal["acquired", "followed", "taken_over", "lost"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)

@@ -32,6 +32,7 @@ import obstore
 from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import S3Store
 
+from mirror.errors import RegistryError
 from mirror.metrics import Metrics, S3Operation
 from mirror.reference import Digest
 from mirror.store import READ_CHUNK
@@ -208,6 +209,26 @@ class Objects:
         )
         return None if url is None else str(url)
 
+    def list_blobs(self) -> list[tuple[Digest, int, float]]:
+        """Every blob object: (digest, size, last modified), from a worker thread."""
+        started = time.perf_counter()
+        found = []
+        try:
+            for batch in obstore.list(self._store, prefix="blobs/", chunk_size=1000):
+                for meta in batch:
+                    # blobs/<alg>/<hex>; anything else is not ours.
+                    parts = str(meta["path"]).split("/")
+                    try:
+                        digest = Digest.parse(":".join(parts[1:]))
+                    except RegistryError:
+                        continue
+                    found.append((digest, int(meta["size"]), meta["last_modified"].timestamp()))
+        except (BaseError, OSError, RuntimeError) as exc:
+            self._observe("list", "error", started)
+            raise ObjectStoreError(f"object store list failed: {_one_line(exc)}") from None
+        self._observe("list", "ok", started)
+        return found
+
     def hash_blob(self, digest: Digest) -> tuple[str, int] | None:
         """Re-read a blob object and hash it (`mirror cache verify`, a worker thread):
         (hex digest, size), or None if it is not there."""
@@ -283,8 +304,12 @@ class ObjectBody:
         except BaseError as exc:
             raise self._objects._failed("get", exc) from None
 
-    async def aclose(self) -> None:
+    def discard(self) -> None:
+        """Drop the response unread (its connection is closed, not reused)."""
         self._stream = _empty()
+
+    async def aclose(self) -> None:
+        self.discard()
 
 
 async def _empty() -> AsyncIterator[bytes]:
@@ -338,7 +363,9 @@ class Upload:
 
     async def abort(self) -> None:
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        if task is not None:
+            # Cancelled if running; if it had failed already, its error is taken here
+            # (logged once by Objects), never left for asyncio to report.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -346,7 +373,10 @@ class Upload:
         objects = self._objects
         started = time.perf_counter()
         # Opened now, by the temp name: the descriptor survives the rename into L1.
-        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except OSError as exc:  # no local file (a full or read-only L1): not shared
+            raise ObjectStoreError(f"cannot read the local file of {self._digest}: {exc}") from None
         try:
             writer = obstore.open_writer_async(
                 objects._store,
@@ -373,6 +403,8 @@ class Upload:
         except (BaseError, RuntimeError, ValueError) as exc:
             objects._observe("upload", "error", started)
             raise objects._failed("upload", exc) from None
+        except OSError as exc:  # reading the local file
+            raise ObjectStoreError(f"cannot read the local file of {self._digest}: {exc}") from None
         finally:
             os.close(fd)
         objects._observe("upload", "ok", started)

@@ -309,6 +309,11 @@ class Proxy:
             self._metrics.cache.labels("blob", "hit").inc()
             self._store.touch_blob(digest)
             return Blob(None, None, None, "cache", url)
+        if head and (size := await self._store.blob_size(digest)) is not None:
+            # A HEAD needs the size only: a shared store's object is not opened for it.
+            self._metrics.cache.labels("blob", "hit").inc()
+            self._store.touch_blob(digest)
+            return Blob(size, spec.resolve(size) if spec is not None else None, None, "cache")
         cached = await self._store.open_blob(digest)
         if cached is not None:
             self._metrics.cache.labels("blob", "hit").inc()

@@ -218,6 +218,18 @@ class RedisIndex:
         u = self._usage
         self._usage = CacheUsage(u.blobs + 1, u.blob_bytes + size, u.manifests, u.tags)
 
+    def add_blobs(self, entries: list[tuple[Digest, int, float]]) -> None:
+        """Index blobs found in the bucket: (digest, size, stored_at), worker thread."""
+
+        def add() -> None:
+            pipe = self._sync.pipeline(transaction=False)
+            for digest, size, stored_at in entries:
+                pipe.hsetnx(self._p + "blobs", str(digest), f"{size} {stored_at!r}")
+                pipe.zadd(self._p + "atime", {str(digest): stored_at}, nx=True)
+            pipe.execute()
+
+        self._run_sync(add)
+
     def touch(self, blobs: dict[Digest, float], manifests: dict[Digest, float]) -> None:
         """Record access times (a lifecycle round, from a worker thread). GT: a replica
         flushing late never moves another replica's newer access back."""

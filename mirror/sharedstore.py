@@ -142,19 +142,23 @@ class SharedStore:
         no help now (its reads would fail): None, and the blob is fetched upstream."""
         if not self.objects.reachable:
             return None
+        indexed = True
         try:
             size = await self.index.blob_size(digest)
             if size is not None:
                 return size
-            if self.index.reachable:
-                return None  # Redis is up and does not know it
         except IndexUnavailable:
-            pass
+            indexed = False
         try:
-            # Redis down: the bucket still answers by digest.
-            return await self.objects.blob_size(digest)
+            # The bucket answers by digest: Redis is down, or does not know an object
+            # committed while it was down (or before it lost its data). A HEAD costs
+            # little next to the upstream fetch a miss means.
+            size = await self.objects.blob_size(digest)
         except ObjectStoreError:
             return None
+        if size is not None and indexed:
+            await self._shared(self.index.add_blob(digest, size, self._clock()))
+        return size
 
     async def blob_url(self, digest: Digest) -> str | None:
         """A presigned GET of the committed object (Distribution's `redirect`). Only
@@ -272,6 +276,17 @@ class SharedStore:
     def sweep_temp(self, older_than: float) -> int:
         return self.l1.sweep_temp(older_than)
 
+    def reconcile_bucket(self) -> int:
+        """Index the blobs the bucket holds but Redis does not (committed while Redis
+        was down, or before it lost its data), so that they count against max_size
+        and are evicted like the rest. How many were found (a lifecycle round's)."""
+        known = {b.digest for b in self.index.scan().blobs}
+        found = [entry for entry in self.objects.list_blobs() if entry[0] not in known]
+        if found:
+            self.index.add_blobs(found)
+            log.info("indexed %d blobs found in the bucket without an index entry", len(found))
+        return len(found)
+
     def verify_blob(self, entry: BlobEntry) -> bool:
         """Re-hash the bucket's object (what every replica serves); drop it unless it
         matches. L1 copies were verified when they were made."""
@@ -386,7 +401,7 @@ class ObjectBlob:
         end = self.size if end is None else end
         whole, self._whole = self._whole, None
         if (start, end) != (0, self.size) and whole is not None:
-            asyncio.get_running_loop().create_task(whole.aclose())
+            whole.discard()  # a range: its own GET
             whole = None
         return ObjectBlobBody(self._objects, self._digest, start, end, whole)
 

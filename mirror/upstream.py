@@ -161,11 +161,17 @@ class Upstream:
         path = f"/v2/{repo}/blobs/{digest}"
 
         async def get(offset: int) -> httpx.Response:
-            headers = {"Range": f"bytes={offset}-"} if offset else None
+            # Always with Range: RemoteBlob accepts only a 206 for a resume, and a body
+            # that broke before its first byte resumes from 0.
+            headers = {"Range": f"bytes={offset}-"}
             async with self._deadline():
                 return await self._request("GET", path, repo, "blob", headers=headers)
 
-        resp = await get(start)
+        if start:
+            resp = await get(start)
+        else:
+            async with self._deadline():
+                resp = await self._request("GET", path, repo, "blob")
         try:
             if start and (
                 resp.status_code != 206

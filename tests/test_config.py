@@ -198,8 +198,10 @@ def test_the_shared_store_names_what_it_lacks() -> None:
         "s3_bucket": "b",
         "redis_url": "redis://:hunter2@redis:6379/0",
         "peer_url": "http://10.0.0.5:5000",
-        "peer_secret": "p",
+        "peer_secret": "p" * 16,
     }
+    with pytest.raises(pydantic.ValidationError, match="at least 16 characters"):
+        Settings(**{**base, "peer_secret": ""})
     with pytest.raises(pydantic.ValidationError, match="go together"):
         Settings(**base, s3_access_key_id="AK")
     with pytest.raises(pydantic.ValidationError, match="http"):
@@ -213,7 +215,7 @@ def test_the_shared_store_names_what_it_lacks() -> None:
 
 def test_shared_secrets_come_from_files(tmp_path: Path) -> None:
     (tmp_path / "s3").write_text("from-file\n")
-    (tmp_path / "peer").write_text("peer-file\n")
+    (tmp_path / "peer").write_text("peer-file-0123456789\n")
     (tmp_path / "empty").write_text("\n")
     settings = Settings(
         store="s3",
@@ -229,4 +231,7 @@ def test_shared_secrets_come_from_files(tmp_path: Path) -> None:
         settings.shared_secrets()
     settings.redis_password_file = None
     secrets = settings.shared_secrets()
-    assert (secrets.s3_secret_access_key, secrets.peer_secret) == ("from-file", "peer-file")
+    assert (secrets.s3_secret_access_key, secrets.peer_secret) == (
+        "from-file",
+        "peer-file-0123456789",
+    )

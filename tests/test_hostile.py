@@ -575,3 +575,46 @@ async def test_a_manifest_cached_before_checks_existed_is_fetched_anew(
         r = await c.get(f"/v2/app/manifests/{DIGEST}")
     assert (r.status_code, r.headers["content-type"]) == (200, OCI)
     assert upstream.count("GET", f"/manifests/{DIGEST}") == 1
+
+
+async def test_a_body_broken_before_its_first_byte_is_still_resumed(
+    mirror: MirrorFactory,
+) -> None:
+    """A resume at offset 0 still asks with `Range: bytes=0-` (RemoteBlob accepts only
+    a 206 for a resume)."""
+    blob = bytes(range(256)) * 20
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    first = True
+
+    def answer(req: Request) -> Script:
+        nonlocal first
+        if "/blobs/" not in req.path:
+            return Script([response(404, b"")])
+        if first:
+            first = False
+            return Script(
+                [response(200, b"", {"content-length": str(len(blob))}, length=False), None]
+            )
+        rng = req.headers.get("range")
+        if rng:
+            start = int(rng.split("=")[1].rstrip("-"))
+            return Script(
+                [
+                    response(
+                        206,
+                        blob[start:],
+                        {"content-range": f"bytes {start}-{len(blob) - 1}/{len(blob)}"},
+                    )
+                ]
+            )
+        return Script([response(200, blob)])
+
+    upstream = RawUpstream(answer)
+    async with (
+        upstream.serve() as url,
+        mirror(url) as m,
+        httpx.AsyncClient(base_url=m.url, timeout=30) as c,
+    ):
+        r = await c.get(f"/v2/app/blobs/{digest}")
+    assert r.status_code == 200, (r.status_code, r.text, [x.headers for x in upstream.requests])
+    assert r.content == blob

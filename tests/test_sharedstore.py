@@ -160,3 +160,27 @@ async def test_verify_rehashes_the_bucket_and_drops_what_fails(
     assert not await asyncio.to_thread(b.verify_blob, entries[bad])
     assert [e.digest for e in b.scan().blobs] == [good]
     assert await b.objects.blob_size(bad) is None
+
+
+async def test_a_blob_committed_while_redis_was_down_is_found_and_indexed(
+    stores: tuple[SharedStore, SharedStore], redis_server: RedisServer
+) -> None:
+    a, b = stores
+    redis_server.stop()
+    try:
+        orphan = await _put_blob(a, os.urandom(MiB))  # in the bucket, not in the index
+        unasked = await _put_blob(a, os.urandom(MiB))
+    finally:
+        redis_server.start()
+    for store in (a, b):
+        store.index._down_until = 0.0  # past the back-off
+    assert [e.digest for e in b.scan().blobs] == []
+    # Asked for: found by a HEAD, served, and indexed.
+    found = await b.open_blob(orphan)
+    assert isinstance(found, ObjectBlob)
+    await found.aclose()
+    assert await b.index.blob_size(orphan) == MiB
+    # Never asked for: the lifecycle round's listing indexes it (then it counts
+    # against max_size and is evicted like the rest).
+    assert await asyncio.to_thread(b.reconcile_bucket) == 1
+    assert {e.digest for e in b.scan().blobs} == {orphan, unasked}
