@@ -129,6 +129,11 @@ class SharedStore:
             whole = await self.objects.open_blob(digest, 0, size) if size else None
         except ObjectStoreError:
             return None
+        if whole is None and size:
+            # Indexed but gone (evicted a moment ago): a miss, and the entry goes.
+            with contextlib.suppress(IndexUnavailable):
+                await asyncio.to_thread(self.index.drop_blobs, [digest])
+            return None
         self._metrics.tier_hits.labels("shared").inc()
         self._fill(digest, size)
         return ObjectBlob(self.objects, digest, size, whole)
