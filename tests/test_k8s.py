@@ -9,14 +9,24 @@ import importlib.util
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 from harness import require_tool
+from harness.kube import (
+    Doc,
+    container_env,
+    local_paths,
+    materialize_volumes,
+    quantity,
+    render,
+    secret_data,
+)
 
 from mirror.config import Settings
+from mirror.loading import load_settings, unknown_environment
+from mirror.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -24,21 +34,6 @@ OVERLAYS = ("central", "node-local", "sidecar")
 # A current Kubernetes release (native sidecars need 1.29+).
 KUBERNETES_VERSION = "1.33"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: no schema in the API's set
-
-Doc = dict[str, Any]
-
-
-def render(overlay: str) -> list[Doc]:
-    kubectl = require_tool("kubectl")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    docs: list[Doc] = [d for d in yaml.safe_load_all(result.stdout) if d]
-    return docs
 
 
 def _by_kind(docs: list[Doc], kind: str) -> list[Doc]:
@@ -130,25 +125,137 @@ def test_central_overlay_shape() -> None:
             "ServiceAccount",
             "ConfigMap",
             "ConfigMap",
+            "Secret",
             "Service",
-            "PersistentVolumeClaim",
             "Deployment",
             "PodDisruptionBudget",
             "PrometheusRule",
             "ServiceMonitor",
         ]
     )
-    [deployment] = _by_kind(docs, "Deployment")
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # RWO volume
-    pod = _pod_spec(docs)
-    [cache] = [v for v in pod["volumes"] if v["name"] == "cache"]
-    [pvc] = _by_kind(docs, "PersistentVolumeClaim")
-    assert cache["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     assert all(
         d["metadata"].get("namespace") == "registry-mirror"
         for d in docs
         if d["kind"] != "Namespace"
     )
+
+
+def test_central_overlay_runs_replicas_on_the_shared_store() -> None:
+    """Three replicas, no shared volume: each pod's L1 is its own, the cache is the
+    bucket and Redis; they roll one at a time, spread over nodes, under a budget."""
+    docs = render("central")
+    [deployment] = _by_kind(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    pod = _pod_spec(docs)
+    labels = spec["template"]["metadata"]["labels"]
+    # No ReadWriteOnce volume any more: no claim, and no volume that names one.
+    assert _by_kind(docs, "PersistentVolumeClaim") == []
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    # The L1: a per-pod volume, capped, with l1_max_size below the cap.
+    mirror = _mirror_container(pod)
+    [cache_mount] = [m for m in mirror["volumeMounts"] if m["mountPath"] == "/var/cache/mirror"]
+    [cache] = [v for v in pod["volumes"] if v["name"] == cache_mount["name"]]
+    if "emptyDir" in cache:
+        volume_size = quantity(cache["emptyDir"]["sizeLimit"])
+    else:
+        claim = cache["ephemeral"]["volumeClaimTemplate"]["spec"]
+        volume_size = quantity(claim["resources"]["requests"]["storage"])
+    env = container_env(mirror, docs, pod_ip="10.0.0.7")
+    l1_max_size = parse_size(env["MIRROR_L1_MAX_SIZE"])
+    assert l1_max_size is not None and 0 < l1_max_size <= 0.8 * volume_size
+    # The budget lets one pod go at a time, and selects exactly these pods.
+    [pdb] = _by_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable") == 2
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    # Spread over nodes when possible (preferred: a small cluster still schedules).
+    anti = pod["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    [term] = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    # Each replica tells its peers its own address: the pod IP, from the downward API.
+    names = [e["name"] for e in mirror["env"]]
+    [pod_ip] = [e for e in mirror["env"] if e["name"] == "POD_IP"]
+    assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert names.index("POD_IP") < names.index("MIRROR_PEER_URL")  # $(POD_IP) needs it first
+    assert env["MIRROR_PEER_URL"] == "http://10.0.0.7:5000"
+    assert env["MIRROR_STORE"] == "s3"
+
+
+def test_central_secrets_are_mounted_files() -> None:
+    """The S3 key, the Redis password and the peer secret come from the Secret as
+    files named by *_file settings: never literal values in the manifests' env."""
+    docs = render("central")
+    pod = _pod_spec(docs)
+    mirror = _mirror_container(pod)
+    [secret] = _by_kind(docs, "Secret")
+    keys = set(secret_data(secret))
+    assert {"s3-secret-access-key", "redis-password", "peer-secret"} <= keys
+    assert all(v.startswith("REPLACE-ME") for v in secret_data(secret).values())
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # not world-readable
+    [mount] = [m for m in mirror["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    env = {e["name"]: e for e in mirror["env"]}
+    files = {
+        "MIRROR_S3_SECRET_ACCESS_KEY_FILE": "s3-secret-access-key",
+        "MIRROR_REDIS_PASSWORD_FILE": "redis-password",
+        "MIRROR_PEER_SECRET_FILE": "peer-secret",
+    }
+    for name, key in files.items():
+        assert env[name]["value"] == f"{mount['mountPath']}/{key}"
+    for name in ("MIRROR_S3_SECRET_ACCESS_KEY", "MIRROR_PEER_SECRET", "MIRROR_REDIS_PASSWORD"):
+        assert name not in env
+    # The key id is no secret, but lives beside the key: a variable from the Secret.
+    ref = env["MIRROR_S3_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], "s3-access-key-id")
+    assert "optional" not in ref
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mirror_env_names_are_settings(overlay: str) -> None:
+    """Every MIRROR_* variable the manifests set names a setting (the same check
+    `mirror serve` warns with): a typo would be silently ignored."""
+    docs = render(overlay)
+    env = container_env(_mirror_container(_pod_spec(docs)), docs, pod_ip="10.0.0.7")
+    assert any(name.startswith("MIRROR_") for name in env)
+    assert unknown_environment(env) == []
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_central_pod_settings_load_as_the_kubelet_gives_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The central pod's whole configuration: the ConfigMap's file, the environment
+    with the pod IP and Secret resolved, the Secret's files. It loads as store s3, and
+    the shared secrets are read from the mounted files."""
+    docs = render("central")
+    pod = _pod_spec(docs)
+    mirror = _mirror_container(pod)
+    mounted = materialize_volumes(pod, mirror, docs, tmp_path)
+    env = local_paths(container_env(mirror, docs, pod_ip="10.0.0.7"), mounted)
+    config = Path(env.pop("MIRROR_CONFIG"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(config)
+    assert settings.store == "s3"
+    assert settings.peer_url == "http://10.0.0.7:5000"
+    assert settings.s3_bucket and settings.redis_url is not None
+    assert str(settings.cache_dir) == "/var/cache/mirror"
+    assert settings.max_size is not None and settings.max_size > settings.l1_max_size
+    [secret] = _by_kind(docs, "Secret")
+    values = secret_data(secret)
+    shared = settings.shared_secrets()
+    assert shared.s3_secret_access_key == values["s3-secret-access-key"]
+    assert shared.redis_password == values["redis-password"]
+    assert shared.peer_secret == values["peer-secret"]
+    assert settings.s3_access_key_id == values["s3-access-key-id"]
 
 
 def test_node_local_overlay_feeds_containerd() -> None:
