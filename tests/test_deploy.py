@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mirror.loading import load_settings
+from mirror.loading import load_settings, unknown_environment
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -91,7 +92,12 @@ def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
 def test_compose_wires_mirror_prometheus_and_grafana() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"mirror", "prometheus", "grafana"}
+    # What `docker compose up` starts: everything else is behind a profile.
+    assert {name for name, s in services.items() if not s.get("profiles")} == {
+        "mirror",
+        "prometheus",
+        "grafana",
+    }
     assert services["mirror"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
     # Every bind-mounted file or directory exists in the repository.
     for service in services.values():
@@ -103,6 +109,82 @@ def test_compose_wires_mirror_prometheus_and_grafana() -> None:
     assert config.default_upstream_name() == "docker.io"
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["mirror:5000"]
+
+
+_INTERPOLATION = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def _interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with nothing set: the default."""
+    return _INTERPOLATION.sub(lambda m: m[2], value)
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_compose_ha_profile_runs_replicas_on_a_shared_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--profile ha`: Redis, an S3 store with its bucket made by a one-shot, and
+    replicas on store s3, each with its own peer URL and L1, one peer secret."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    ha = {name for name, s in services.items() if s.get("profiles")}
+    assert all(services[name]["profiles"] == ["ha"] for name in ha)
+    assert services["redis"]["image"].startswith("redis:7")
+    replicas = sorted(
+        name for name in ha if services[name].get("environment", {}).get("MIRROR_STORE") == "s3"
+    )
+    assert len(replicas) == 3
+    # The bucket the one-shot creates is the one the replicas use.
+    bucket = services["bucket"]
+    [script] = bucket["command"]
+    env = {k: _interpolate(str(v)) for k, v in services[replicas[0]]["environment"].items()}
+    assert script.endswith(f"mc mb --ignore-existing store/{env['MIRROR_S3_BUCKET']}")
+    assert _interpolate(bucket["environment"]["MINIO_ROOT_PASSWORD"]) == _interpolate(
+        services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    )
+    assert env["MIRROR_S3_ENDPOINT"] == "http://minio:9000"
+    assert env["MIRROR_REDIS_URL"].startswith("redis://redis:")
+    peer_urls, caches, secrets = set(), set(), set()
+    for name in replicas:
+        service = services[name]
+        assert service["profiles"] == ["ha"]
+        env = {k: _interpolate(str(v)) for k, v in service["environment"].items()}
+        assert unknown_environment(env) == []  # every MIRROR_* name is a setting
+        assert env["MIRROR_PEER_URL"] == f"http://{name}:5000"  # its own, by service name
+        peer_urls.add(env["MIRROR_PEER_URL"])
+        secrets.add(env["MIRROR_PEER_SECRET_FILE"])
+        mounts = dict(v.split(":")[1::-1] for v in service["volumes"])  # target -> source
+        caches.add(mounts["/var/cache/mirror"])
+        assert service["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+        assert service["depends_on"]["peer-secret"]["condition"] == (
+            "service_completed_successfully"
+        )
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        # The settings load: the compose settings file, this environment, and the
+        # peer secret file (made by the one-shot) in place.
+        secret_dir = mounts[str(Path(env["MIRROR_PEER_SECRET_FILE"]).parent)]
+        assert services["peer-secret"]["volumes"] == [f"{secret_dir}:/secrets"]
+        peer_secret = tmp_path / "peer-secret"
+        peer_secret.write_text("0123456789abcdef\n")
+        env["MIRROR_PEER_SECRET_FILE"] = str(peer_secret)
+        config = DEPLOY / mounts.pop("/etc/mirror/mirror.yaml").removeprefix("./")
+        del env["MIRROR_CONFIG"]
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            settings = load_settings(config)
+        assert settings.store == "s3" and settings.s3_path_style
+        assert settings.shared_secrets().peer_secret == "0123456789abcdef"
+        assert settings.max_size is not None and settings.l1_max_size < settings.max_size
+    assert len(peer_urls) == len(caches) == 3  # each its own address and L1
+    assert len(secrets) == 1  # one secret, shared
+    # The one-shot writes the secret only if it is not there yet (kept across restarts).
+    [make_secret] = services["peer-secret"]["command"]
+    assert make_secret.startswith("test -s /secrets/peer-secret ||")
+    # Prometheus finds the replicas by name while they run.
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [dns] = prometheus["scrape_configs"][0]["dns_sd_configs"]
+    assert sorted(dns["names"]) == replicas
 
 
 def test_dockerfile_runs_non_root_with_health_and_graceful_stop() -> None:
