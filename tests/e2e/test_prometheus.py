@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import RealUpstream
-from harness import require_tool
+from harness import free_port, require_root, require_tool
 from harness.mirror import MirrorProcess, skopeo_copy
 from harness.prometheus import Prometheus
+from harness.redisserver import RedisServer
+from harness.rgw import RadosGateway
 
 pytestmark = pytest.mark.e2e
 
@@ -38,11 +42,21 @@ GRAFANA_VARIABLES = {
 _THRESHOLD = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*[-+0-9.e]+\s*$")
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, expression with variables substituted) for every panel target."""
+# Its panels need a mirror with store s3 (the series exist only there).
+SHARED_ROW = "Shared store"
+
+
+def dashboard_queries(*, shared: bool = False) -> list[tuple[str, str]]:
+    """(panel title, expression with variables substituted) for every panel target,
+    of the shared store's row (`shared`) or of every other row."""
     dashboard = json.loads(DASHBOARD.read_text())
     queries = []
+    row = ""
     for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+        if (row == SHARED_ROW) != shared:
+            continue
         for target in panel.get("targets", []):
             expr = target["expr"]
             for variable, value in GRAFANA_VARIABLES.items():
@@ -83,6 +97,8 @@ def alert_signals() -> list[tuple[str, str]]:
 def test_query_extraction_sees_every_panel_and_alert() -> None:
     panels = {title for title, _ in dashboard_queries()}
     assert len(panels) == 17
+    shared = {title for title, _ in dashboard_queries(shared=True)}
+    assert len(shared) == 7
     assert len({alert for alert, _ in alert_signals()}) == 9
 
 
@@ -141,3 +157,64 @@ def test_every_dashboard_and_alert_query_returns_data(
         assert [r["name"] for r in rules if r["state"] == "firing"] == []
         pending = {r["name"] for r in rules if r["state"] == "pending"}
         assert pending <= {"MirrorHitRatioCollapse"}
+
+
+def test_every_shared_store_panel_returns_data(real_upstream: RealUpstream, tmp_path: Path) -> None:
+    """The "Shared store" row against a real mirror with store s3 (a real Ceph RGW and
+    Redis): a cold pull (leads the downloads, uploads the blobs) and a warm one."""
+    require_tool("prometheus")
+    require_root("run the Ceph daemons")
+    require_tool("radosgw")
+    require_tool("redis-server")
+    image = real_upstream.images["oci"]
+    with (
+        RadosGateway() as rgw,
+        RedisServer(tmp_path / "redis") as redis,
+    ):
+        bucket = f"t{uuid.uuid4().hex[:12]}"
+        rgw.create_bucket(bucket)
+        port = free_port()
+        env = {
+            "MIRROR_STORE": "s3",
+            "MIRROR_S3_BUCKET": bucket,
+            "MIRROR_S3_ENDPOINT": rgw.endpoint,
+            "MIRROR_S3_PATH_STYLE": "true",
+            "MIRROR_S3_ACCESS_KEY_ID": rgw.credentials.access_key,
+            "MIRROR_S3_SECRET_ACCESS_KEY": rgw.credentials.secret_key,
+            "MIRROR_REDIS_URL": redis.url,
+            "MIRROR_PEER_URL": f"http://127.0.0.1:{port}",
+            "MIRROR_PEER_SECRET": secrets.token_hex(16),
+        }
+        with (
+            MirrorProcess(tmp_path / "m", real_upstream.registry.url, env=env, port=port) as m,
+            Prometheus(tmp_path / "prom", [m.host]) as prom,
+        ):
+            for round_ in ("cold", "warm"):
+                result = skopeo_copy(
+                    f"docker://{m.host}/{image.repo}:{image.tag}", f"oci:{tmp_path / round_}:x"
+                )
+                assert result.returncode == 0, result.stderr
+            deadline = time.monotonic() + 30
+            expr = 'sum(mirror_s3_requests_total{operation="upload",result="ok"})'
+            while time.monotonic() < deadline:
+                found = prom.query(expr)["result"]
+                if found and float(found[0]["value"][1]) > 0:
+                    break
+                time.sleep(0.25)
+            else:
+                pytest.fail(f"Prometheus never saw {expr}\n{m.log_tail()}")
+            time.sleep(3)
+            empty = [
+                f"{title}: {q}"
+                for title, q in dashboard_queries(shared=True)
+                if not prom.query(q)["result"]
+            ]
+            assert not empty, "queries without data:\n" + "\n".join(empty)
+            # What the panels show is what happened: this replica led the downloads,
+            # and the warm pull's blobs came from its L1; nothing is degraded.
+            acquired = prom.query('sum(mirror_download_leases_total{event="acquired"})')
+            assert float(acquired["result"][0]["value"][1]) >= len(image.layer_digests)
+            l1 = prom.query('sum(mirror_shared_cache_hits_total{tier="l1"})')["result"]
+            assert float(l1[0]["value"][1]) >= len(image.layer_digests)
+            degraded = prom.query("max(mirror_shared_degraded)")["result"]
+            assert float(degraded[0]["value"][1]) == 0
