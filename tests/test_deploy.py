@@ -33,6 +33,21 @@ def test_example_config_loads() -> None:
     assert settings.tag_ttl == 300
 
 
+@pytest.mark.usefixtures("no_mirror_env")
+def test_example_config_shared_store_block_loads_uncommented(tmp_path: Path) -> None:
+    """The commented `store: s3` example in deploy/mirror.yaml is valid as written."""
+    text = (DEPLOY / "mirror.yaml").read_text()
+    start = text.index("# store: s3")
+    block = "\n".join(line.removeprefix("# ") for line in text[start:].splitlines())
+    config = tmp_path / "mirror.yaml"
+    config.write_text(text[:start] + block.replace("AKIA...", "AKIAEXAMPLE") + "\n")
+    settings = load_settings(config)
+    assert settings.store == "s3"
+    assert settings.s3_secret_access_key_file is not None
+    assert settings.peer_secret_file is not None and settings.redis_password_file is not None
+    assert settings.peer_url == "http://10.1.2.3:5000"
+
+
 def test_client_snippets_parse() -> None:
     assert json.loads((DEPLOY / "docker" / "daemon.json").read_text())["registry-mirrors"]
     certs = DEPLOY / "containerd" / "certs.d"
