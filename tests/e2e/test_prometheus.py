@@ -189,20 +189,32 @@ def test_every_shared_store_panel_returns_data(real_upstream: RealUpstream, tmp_
             MirrorProcess(tmp_path / "m", real_upstream.registry.url, env=env, port=port) as m,
             Prometheus(tmp_path / "prom", [m.host]) as prom,
         ):
-            for round_ in ("cold", "warm"):
+
+            def pull(round_: str) -> None:
                 result = skopeo_copy(
                     f"docker://{m.host}/{image.repo}:{image.tag}", f"oci:{tmp_path / round_}:x"
                 )
                 assert result.returncode == 0, result.stderr
-            deadline = time.monotonic() + 30
-            expr = 'sum(mirror_s3_requests_total{operation="upload",result="ok"})'
-            while time.monotonic() < deadline:
-                found = prom.query(expr)["result"]
-                if found and float(found[0]["value"][1]) > 0:
-                    break
-                time.sleep(0.25)
-            else:
+
+            def wait_for(expr: str) -> None:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    found = prom.query(expr)["result"]
+                    if found and float(found[0]["value"][1]) > 0:
+                        return
+                    time.sleep(0.25)
                 pytest.fail(f"Prometheus never saw {expr}\n{m.log_tail()}")
+
+            pull("cold")
+            # The last byte reaches the client before the commit (and the upload)
+            # ends: the warm pull must find every blob committed, not still downloading.
+            deadline = time.monotonic() + 30
+            while m.metric("mirror_downloads_in_flight") > 0:
+                assert time.monotonic() < deadline, m.log_tail()
+                time.sleep(0.1)
+            wait_for('sum(mirror_s3_requests_total{operation="upload",result="ok"})')
+            pull("warm")
+            wait_for('sum(mirror_shared_cache_hits_total{tier="l1"})')
             time.sleep(3)
             empty = [
                 f"{title}: {q}"
