@@ -296,6 +296,8 @@ class Settings(BaseSettings):
     @field_validator("l1_max_size", mode="before")
     @classmethod
     def _l1_size(cls, value: Any) -> int:
+        if value in (0, "0"):
+            return 0  # no local copies kept past their download (parse_size: "no cap")
         size = parse_size(value)
         if size is None or size < 0:
             raise ValueError("l1_max_size needs a size, e.g. 20GiB (0: no local copies)")

@@ -206,6 +206,8 @@ def test_the_shared_store_names_what_it_lacks() -> None:
         Settings(**base, s3_access_key_id="AK")
     with pytest.raises(pydantic.ValidationError, match="http"):
         Settings(**{**base, "peer_url": "10.0.0.5:5000"})
+    assert Settings(**base, l1_max_size=0).l1_max_size == 0
+    assert Settings(**base, l1_max_size="0").l1_max_size == 0
     settings = Settings(**base, s3_access_key_id="AK", s3_secret_access_key="SK")
     assert settings.shared_secrets().s3_secret_access_key == "SK"
     # Secrets never print.
