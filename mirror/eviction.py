@@ -45,7 +45,25 @@ class Round:
     seconds: float
 
 
-class Evictor:
+class Rounds:
+    """Lifecycle rounds in a worker thread, every `interval` seconds or on demand."""
+
+    async def run_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("eviction round failed; retrying next interval")
+
+    async def run_once(self) -> Round:
+        return await asyncio.to_thread(self.evict)
+
+    def evict(self) -> Round:
+        raise NotImplementedError
+
+
+class Evictor(Rounds):
     def __init__(
         self,
         store: Store,
@@ -62,17 +80,6 @@ class Evictor:
         self._max_size = max_size
         self._tag_lifetime = max_stale
         self._clock = clock
-
-    async def run_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("eviction round failed; retrying next interval")
-
-    async def run_once(self) -> Round:
-        return await asyncio.to_thread(self.evict)
 
     def evict(self) -> Round:
         started = time.perf_counter()
@@ -152,7 +159,7 @@ class Evictor:
             self._metrics.evicted_bytes.labels(reason).inc(size)
 
 
-class SharedRounds:
+class SharedRounds(Rounds):
     """Lifecycle rounds with replicas (store: s3). Every replica, every round:
 
     - flushes its access times to Redis (LRU is cluster-wide) and evicts its own L1;
@@ -182,16 +189,8 @@ class SharedRounds:
         self._interval = 60.0
 
     async def run_forever(self, interval: float) -> None:
-        self._interval = interval
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("eviction round failed; retrying next interval")
-
-    async def run_once(self) -> Round:
-        return await asyncio.to_thread(self.evict)
+        self._interval = interval  # the lock lasts about one round
+        await super().run_forever(interval)
 
     def evict(self) -> Round:
         """The shared round if this replica ran it, else the L1 round."""

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import re
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,7 @@ from mirror.components import Components
 from mirror.errors import RegistryError
 from mirror.mediatypes import AcceptSet
 from mirror.metrics import Metrics
-from mirror.proxy import answer
+from mirror.proxy import Blob, answer
 from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
 from mirror.responses import BlobResponse
@@ -111,14 +112,7 @@ async def peer_blob(request: Request, digest: str) -> Response:
         raise RegistryError("BLOB_UNKNOWN", "not in flight or cached on this replica")
     blob = await answer(opened, spec, False, "cache")
     headers = {"Docker-Content-Digest": str(wanted), "Content-Type": "application/octet-stream"}
-    status = 200
-    if blob.range is not None and blob.size is not None:
-        status = 206
-        headers["Content-Range"] = blob.range.content_range(blob.size)
-        headers["Content-Length"] = str(blob.range.length)
-    elif blob.size is not None:
-        headers["Content-Length"] = str(blob.size)
-    return BlobResponse(status, headers, blob.body, cluster.metrics.peer_bytes.labels("sent").inc)
+    return _blob_response(blob, headers, cluster.metrics.peer_bytes.labels("sent").inc)
 
 
 @router.api_route("/v2/{rest:path}", methods=[*READ_METHODS, *WRITE_METHODS])
@@ -181,6 +175,13 @@ async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Resp
         "ETag": f'"{digest}"',
         "X-Cache": "HIT" if blob.source == "cache" else "MISS",
     }
+    return _blob_response(blob, headers, _metrics(request).served_bytes.labels(blob.source).inc)
+
+
+def _blob_response(
+    blob: Blob, headers: dict[str, str], on_chunk: Callable[[int], None]
+) -> BlobResponse:
+    """200 with the whole blob, or 206 with its range; Content-Length when known."""
     status = 200
     if blob.range is not None and blob.size is not None:
         status = 206
@@ -188,8 +189,7 @@ async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Resp
         headers["Content-Length"] = str(blob.range.length)
     elif blob.size is not None:
         headers["Content-Length"] = str(blob.size)
-    counter = _metrics(request).served_bytes.labels(blob.source)
-    return BlobResponse(status, headers, blob.body, counter.inc)
+    return BlobResponse(status, headers, blob.body, on_chunk)
 
 
 _LAST_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")

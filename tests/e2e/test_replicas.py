@@ -22,7 +22,7 @@ import httpx
 import obstore
 import pytest
 from conftest import RealUpstream, until
-from harness import require_tool
+from harness import TestImage, require_tool
 from harness.containerd import Containerd, write_hosts_toml
 from harness.daemon import free_port
 from harness.images import Layout, push
@@ -186,6 +186,12 @@ def assert_bucket_verified(replicas: Replicas) -> dict[str, bytes]:
     return objects
 
 
+def skopeo_pull(replica: MirrorProcess, image: TestImage, dest: Path) -> None:
+    """skopeo copy of `image` through `replica` into a dir: layout; it must succeed."""
+    result = skopeo_copy(f"docker://{replica.host}/{image.reference}", f"dir:{dest}")
+    assert result.returncode == 0, result.stderr
+
+
 def upstream_gets(real_upstream: RealUpstream, digest: str) -> int:
     return sum(
         1
@@ -324,10 +330,7 @@ async def test_pulls_go_on_while_redis_is_down_and_coordination_resumes_after(
     with Replicas(shared, tmp_path, real_upstream.registry.url) as replicas:
         shared.redis.stop()
         try:
-            result = skopeo_copy(
-                f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
-            )
-            assert result.returncode == 0, result.stderr
+            skopeo_pull(replicas[0], image, tmp_path / "a")
             assert (tmp_path / "a" / "manifest.json").read_bytes() == image.manifest
             assert replicas[0].metric("mirror_shared_degraded", dependency="redis") == 1
             ready = httpx.get(replicas[0].url + "/readyz")
@@ -357,18 +360,12 @@ async def test_with_the_bucket_down_l1_hits_serve_and_misses_stream_uncached(
 ) -> None:
     image = real_upstream.images["oci"]
     with Replicas(shared, tmp_path, real_upstream.registry.url) as replicas:
-        first = skopeo_copy(
-            f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
-        )
-        assert first.returncode == 0, first.stderr
+        skopeo_pull(replicas[0], image, tmp_path / "a")
         await until(lambda: replicas.idle(), "commits")
         shared.rgw.stop_gateway()
         try:
             real_upstream.registry.clear_log()
-            hit = skopeo_copy(
-                f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'b'}"
-            )
-            assert hit.returncode == 0, hit.stderr
+            skopeo_pull(replicas[0], image, tmp_path / "b")
             assert real_upstream.registry.requests() == []  # L1 served it all
             miss = skopeo_copy(
                 f"docker://{replicas[1].host}/{image.reference}", f"dir:{tmp_path / 'c'}"
@@ -420,16 +417,10 @@ async def test_what_one_replica_cached_others_serve_without_the_upstream_even_af
 ) -> None:
     image = real_upstream.images["oci"]
     with Replicas(shared, tmp_path, real_upstream.registry.url) as replicas:
-        first = skopeo_copy(
-            f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
-        )
-        assert first.returncode == 0, first.stderr
+        skopeo_pull(replicas[0], image, tmp_path / "a")
         await until(lambda: replicas.idle(), "commits")
         real_upstream.registry.clear_log()
-        second = skopeo_copy(
-            f"docker://{replicas[1].host}/{image.reference}", f"dir:{tmp_path / 'b'}"
-        )
-        assert second.returncode == 0, second.stderr
+        skopeo_pull(replicas[1], image, tmp_path / "b")
         assert real_upstream.registry.requests() == []
         assert replicas[1].metric("mirror_shared_cache_hits_total", tier="shared") >= len(
             image.layer_digests
@@ -565,10 +556,7 @@ async def test_redirect_sends_committed_blobs_to_a_presigned_url_and_nothing_els
                 200,
                 str(len(cold.content)),
             )
-        pulled = skopeo_copy(
-            f"docker://{replicas[1].host}/{image.reference}", f"dir:{tmp_path / 'p'}"
-        )
-        assert pulled.returncode == 0, pulled.stderr
+        skopeo_pull(replicas[1], image, tmp_path / "p")
     assert (tmp_path / "p" / "manifest.json").read_bytes() == image.manifest
 
 
@@ -581,10 +569,7 @@ async def test_skopeo_and_containerd_pull_through_different_replicas(
     # The replicas stand in for docker.io, which here is the real registry on loopback.
     upstreams = json.dumps([{"name": "docker.io", "url": registry.url}])
     with Replicas(shared, tmp_path, None, n=2, MIRROR_UPSTREAMS=upstreams) as replicas:
-        copied = skopeo_copy(
-            f"docker://{replicas[0].host}/{image.reference}", f"dir:{tmp_path / 'a'}"
-        )
-        assert copied.returncode == 0, copied.stderr
+        skopeo_pull(replicas[0], image, tmp_path / "a")
         await until(lambda: replicas.idle(), "commits")
         registry.clear_log()
         hosts = tmp_path / "hosts"
