@@ -34,15 +34,15 @@ from typing import Literal, TypeVar
 import httpx
 
 from mirror.diskstore import DiskStore
-from mirror.downloads import BlobSource, Downloads, OpenSource
-from mirror.errors import AbortResponse, RegistryError, UpstreamError
+from mirror.downloads import Downloads, OpenSource
+from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import Metrics
 from mirror.objects import ObjectStoreError
 from mirror.ranges import parse_length
 from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.reference import Digest
 from mirror.sharedstore import ObjectBlob, SharedStore
-from mirror.store import BlobWrite, OpenBlob
+from mirror.store import BlobSource, BlobWrite, OpenBlob
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,10 @@ class SharedSource:
                 await self._body.aclose()
                 self._body = await self._next()
 
+    async def mismatched(self) -> None:
+        if self._body is not None:
+            await self._body.mismatched()
+
     async def aclose(self) -> None:
         if self._body is not None:
             await self._body.aclose()
@@ -238,7 +242,9 @@ class SharedSource:
             try:
                 holder = await c.index.claim(self._lease, c.owner, c.lease_ttl)
             except IndexUnavailable:
-                return await self._from_upstream("alone")
+                # Alone: the bucket by digest first, as the lease holder would.
+                shared = await self._from_bucket() if self._offset == 0 else None
+                return shared or await self._from_upstream("alone")
             if holder is None:
                 taken_over = self._offset > 0 or self.role == "follower"
                 self._hold()
@@ -299,11 +305,20 @@ class SharedSource:
         return await self._upstream.open_blob(self._repo, self._digest, self._max, self._offset)
 
     async def _from_bucket(self) -> BlobSource | None:
+        """The blob, if the bucket has it (committed by another replica just now):
+        opened here, so that a failing bucket means the upstream, not a failure."""
         size = await self._c.store.shared_size(self._digest)
         if size is None or size > self._max:
             return None
+        objects = self._c.store.objects
+        try:
+            whole = await objects.open_blob(self._digest, 0, size) if size else None
+        except ObjectStoreError:
+            return None
+        if whole is None and size:
+            return None
         self.role = "follower"
-        return BucketSource(ObjectBlob(self._c.store.objects, self._digest, size))
+        return ObjectBlob(objects, self._digest, size, whole).download()
 
     async def _from_peer(self, peer_url: str) -> PeerBody | None:
         """The leader's stream from `self._offset`; None if it has nothing for us."""
@@ -366,6 +381,9 @@ class PeerBody:
         if self.size is not None and got < self.size:
             raise PeerBroke(f"ended after {got} of {self.size} bytes")
 
+    async def mismatched(self) -> None:
+        pass  # the leader verifies its own bytes; it keeps nothing that failed
+
     async def aclose(self) -> None:
         await self._resp.aclose()
 
@@ -390,21 +408,3 @@ async def open_for_peer(
             raise
         return reader
     return await l1.open_blob(digest)
-
-
-class BucketSource:
-    """A blob another replica committed to the bucket while this one was starting."""
-
-    def __init__(self, blob: ObjectBlob) -> None:
-        self._body = blob.body(0, None)
-        self.size: int | None = blob.size
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._body:
-                yield chunk
-        except (ObjectStoreError, AbortResponse) as exc:
-            raise UpstreamError("UNAVAILABLE", f"bucket read failed: {exc}", status=502) from None
-
-    async def aclose(self) -> None:
-        await self._body.aclose()

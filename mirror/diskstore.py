@@ -46,6 +46,9 @@ class DiskBlob:
     def body(self, start: int, end: int | None) -> FileBody:
         return FileBody(self, start, self.size if end is None else end)
 
+    def download(self) -> None:
+        return None  # local: read in place
+
     async def aclose(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -26,7 +26,7 @@ from typing import Literal
 from mirror.errors import AbortResponse, RegistryError, UpstreamError
 from mirror.reference import Digest
 from mirror.relay import Cursor, Relay
-from mirror.store import READ_CHUNK
+from mirror.store import READ_CHUNK, BlobSource
 
 State = Literal["starting", "streaming", "verified", "committed", "failed"]
 
@@ -44,6 +44,7 @@ class BlobDownload:
         self.on_disk = 0  # bytes readable from the file (frozen once spilled)
         self.spilled = False  # the cache refused the bytes; the rest comes from memory
         self.error: BaseException | None = None
+        self.source: BlobSource | None = None  # given by the caller (a bucket read)
         self._changed = asyncio.Event()
         self._relay = Relay()
 
@@ -170,6 +171,9 @@ class DownloadReader:
     def body(self, start: int, end: int | None) -> DownloadBody:
         """The bytes [start, end); closing the body closes this reader."""
         return DownloadBody(self, start, end)
+
+    def download(self) -> None:
+        return None  # already a download
 
     async def aclose(self) -> None:
         if self._fd is not None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from mirror.download import BlobDownload, DownloadReader
 from mirror.errors import RegistryError, UpstreamError
@@ -26,22 +26,10 @@ from mirror.hashing import HashingWriter
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.relay import Abandoned
-from mirror.store import BlobWrite, Store
+from mirror.store import BlobSource, BlobWrite, Store
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
-
-
-class BlobSource(Protocol):
-    """Where a download's bytes come from, once it has answered with headers: the
-    upstream (`RemoteBlob`), or, with replicas, the replica leading that download."""
-
-    @property
-    def size(self) -> int | None: ...
-
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
-
-    async def aclose(self) -> None: ...
 
 
 # (repo, digest, max_bytes, write) -> the source. It calls `write.publish()` when this
@@ -75,7 +63,9 @@ class Downloads:
     def active(self, digest: Digest) -> BlobDownload | None:
         return self._active.get(digest)
 
-    async def join(self, repo: str, digest: Digest, max_bytes: int) -> DownloadReader:
+    async def join(
+        self, repo: str, digest: Digest, max_bytes: int, source: BlobSource | None = None
+    ) -> DownloadReader:
         """A reader of the download of `digest` (joined, or started), once upstream
         has answered with headers.
 
@@ -84,7 +74,10 @@ class Downloads:
         one client's bad name cannot fail everybody else's.
         """
         while True:
-            dl = self.get_or_start(repo, digest, max_bytes)
+            dl = self.get_or_start(repo, digest, max_bytes, source)
+            if source is not None and dl.source is not source:
+                await source.aclose()  # joined a download already running instead
+            source = None
             reader = dl.reader()
             try:
                 await dl.ready()
@@ -97,13 +90,18 @@ class Downloads:
                 await reader.aclose()
                 raise
 
-    def get_or_start(self, repo: str, digest: Digest, max_bytes: int) -> BlobDownload:
+    def get_or_start(
+        self, repo: str, digest: Digest, max_bytes: int, source: BlobSource | None = None
+    ) -> BlobDownload:
+        """The download of `digest`: joined, or started (from `source` if given, else
+        from the table's own source: the upstream, or the cluster's leader)."""
         download = self._active.get(digest)
         if download is not None:
             self._metrics.coalesced.labels("blob").inc()
             return download
         write = self._store.write_blob(digest)
         download = BlobDownload(digest, write.path, repo)
+        download.source = source
         write_error = None
         try:
             # Created now, so a reader can open it before the first byte arrives.
@@ -115,7 +113,7 @@ class Downloads:
             write_error = exc
         else:
             self._active[digest] = download
-        run = self._background(self._run(download, write, max_bytes, write_error))
+        run = self._background(self._run(download, write, max_bytes, write_error, source))
         self._runs[run] = download
         run.add_done_callback(self._runs.pop)
         return download
@@ -141,13 +139,19 @@ class Downloads:
         return await self._upstream.open_blob(repo, digest, max_bytes)
 
     async def _run(
-        self, dl: BlobDownload, write: BlobWrite, max_bytes: int, write_error: OSError | None
+        self,
+        dl: BlobDownload,
+        write: BlobWrite,
+        max_bytes: int,
+        write_error: OSError | None,
+        source: BlobSource | None,
     ) -> None:
         writer: HashingWriter | None = None
-        body: BlobSource | None = None
+        body = source
         self._metrics.downloads_in_flight.inc()
         try:
-            body = await self._open(dl.repo, dl.digest, max_bytes, write)
+            if body is None:
+                body = await self._open(dl.repo, dl.digest, max_bytes, write)
             if write_error is not None:
                 self._cache_write_failed(dl, write, write_error)
 
@@ -179,6 +183,7 @@ class Downloads:
                     hexdigest,
                     total,
                 )
+                await body.mismatched()
                 raise DigestMismatch(str(dl.digest))
             dl.verified(total)  # readers may finish now; the disk catches up below
             if dl.spilled:

@@ -318,6 +318,11 @@ class Proxy:
         if cached is not None:
             self._metrics.cache.labels("blob", "hit").inc()
             self._store.touch_blob(digest)
+            if spec is None and (source := cached.download()) is not None:
+                # A whole blob from a shared bucket: read through a local download.
+                limit = self._limit(repo, digest)
+                reader = await self.downloads.join(repo, digest, limit, source)
+                return await answer(reader, spec, head, "cache")
             return await answer(cached, spec, head, "cache")
         self._metrics.cache.labels("blob", "miss").inc()
         if head and self.downloads.active(digest) is None:
@@ -325,11 +330,14 @@ class Proxy:
             size = await self._upstream.head_blob(repo, digest)
             rng = spec.resolve(size) if spec is not None and size is not None else None
             return Blob(size, rng, None, "upstream")
+        limit = self._limit(repo, digest)
+        return await answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
+
+    def _limit(self, repo: str, digest: Digest) -> int:
         # A descriptor's size only lowers the bound, and only for its own repository:
         # another repository's manifest cannot make a blob unpullable here.
         hint = self._sizes.get(repo, digest)
-        limit = self._max_blob if hint is None else min(hint, self._max_blob)
-        return await answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
+        return self._max_blob if hint is None else min(hint, self._max_blob)
 
     # -- tags -------------------------------------------------------------------------
 

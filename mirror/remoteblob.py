@@ -99,6 +99,9 @@ class RemoteBlob:
                 await self._resp.aclose()
                 raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)
 
+    async def mismatched(self) -> None:
+        pass  # the upstream's bytes: nothing kept to forget
+
     async def aclose(self) -> None:
         await self._resp.aclose()
 

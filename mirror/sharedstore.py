@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from mirror.diskstore import DiskBlob, DiskStore, DiskWrite
-from mirror.errors import AbortResponse
+from mirror.errors import AbortResponse, UpstreamError
 from mirror.hashing import HashingWriter
 from mirror.metrics import CacheUsage, Metrics
 from mirror.objects import ObjectBody, Objects, ObjectStoreError, Upload
@@ -66,6 +66,7 @@ class SharedStore:
         self._clock = clock
         self._fills: dict[Digest, asyncio.Task[None]] = {}
         self._fill_slots = asyncio.Semaphore(L1_FILLS)
+        self._dropping: set[asyncio.Task[None]] = set()
         # Accesses since the last flush to Redis: touched in the event loop, flushed
         # from the lifecycle thread (hence the lock), kept while Redis is down (up to
         # MAX_TOUCHED each: an outage of days must not grow them without bound).
@@ -135,8 +136,17 @@ class SharedStore:
                 await asyncio.to_thread(self.index.drop_blobs, [digest])
             return None
         self._metrics.tier_hits.labels("shared").inc()
-        self._fill(digest, size)
-        return ObjectBlob(self.objects, digest, size, whole)
+        # A whole-blob read becomes a local download from the bucket (`download()`):
+        # verified, shared by concurrent readers, kept in L1. A range is read in place,
+        # and the blob is copied into L1 in the background.
+        return ObjectBlob(
+            self.objects,
+            digest,
+            size,
+            whole,
+            on_range=lambda: self._fill(digest, size),
+            on_damage=lambda: self.damaged(digest),
+        )
 
     async def blob_size(self, digest: Digest) -> int | None:
         size = await self.l1.blob_size(digest)
@@ -181,6 +191,20 @@ class SharedStore:
     async def committed(self, digest: Digest, size: int) -> None:
         await self._shared(self.index.add_blob(digest, size, self._clock()))
 
+    def damaged(self, digest: Digest) -> None:
+        """A blob in the bucket failed verification. Only verified bytes are ever put,
+        so this is damage: forgotten, and the next request fetches the blob anew."""
+        log.error("blob %s in the bucket does not match its digest; removed", digest)
+        task = asyncio.get_running_loop().create_task(self._drop_damaged(digest))
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _drop_damaged(self, digest: Digest) -> None:
+        try:
+            await asyncio.to_thread(self.drop_blobs, [digest])
+        except (IndexUnavailable, ObjectStoreError) as exc:
+            log.warning("could not remove damaged blob %s yet: %s", digest, exc)
+
     def _fill(self, digest: Digest, size: int) -> None:
         """Copy a bucket hit into L1, once per digest at a time, in the background."""
         if not self._l1_enabled or digest in self._fills or len(self._fills) >= MAX_FILLS_QUEUED:
@@ -212,12 +236,7 @@ class SharedStore:
                 if failed or hexdigest != digest.hex or writer.submitted != size:
                     await write.abort()
                     if not failed:
-                        # Only verified bytes are ever put: this is damage. Forgotten,
-                        # so the next request fetches the blob anew.
-                        log.error(
-                            "blob %s in the bucket does not match its digest; removed", digest
-                        )
-                        await asyncio.to_thread(self.drop_blobs, [digest])
+                        self.damaged(digest)
                     return
                 await writer.synced()
                 await write.commit(size)
@@ -392,12 +411,20 @@ class ObjectBlob:
     """A blob in the bucket, open for reading: one ranged GET per body."""
 
     def __init__(
-        self, objects: Objects, digest: Digest, size: int, whole: ObjectBody | None = None
+        self,
+        objects: Objects,
+        digest: Digest,
+        size: int,
+        whole: ObjectBody | None = None,
+        on_range: Callable[[], None] | None = None,
+        on_damage: Callable[[], None] | None = None,
     ) -> None:
+        self._on_damage = on_damage
         self._objects = objects
         self._digest = digest
         self.size = size
         self._whole = whole  # the whole object's GET, already answered
+        self._on_range = on_range
 
     async def wait_size(self, first: int | None) -> int:
         return self.size
@@ -405,10 +432,21 @@ class ObjectBlob:
     def body(self, start: int, end: int | None) -> ObjectBlobBody:
         end = self.size if end is None else end
         whole, self._whole = self._whole, None
-        if (start, end) != (0, self.size) and whole is not None:
-            whole.discard()  # a range: its own GET
-            whole = None
+        if (start, end) != (0, self.size):
+            if whole is not None:
+                whole.discard()  # a range: its own GET
+                whole = None
+            if self._on_range is not None:
+                self._on_range()
         return ObjectBlobBody(self._objects, self._digest, start, end, whole)
+
+    def download(self) -> BucketSource:
+        return BucketSource(self)
+
+    def forget(self) -> None:
+        """Damaged (it failed verification): dropped from the index and the bucket."""
+        if self._on_damage is not None:
+            self._on_damage()
 
     async def aclose(self) -> None:
         whole, self._whole = self._whole, None
@@ -453,3 +491,26 @@ class ObjectBlobBody:
         opened, self._opened = self._opened, None
         if opened is not None:
             await opened.aclose()
+
+
+class BucketSource:
+    """A blob in the bucket as the source of a local download (its bytes are verified
+    by the download before they are final, and kept in L1)."""
+
+    def __init__(self, blob: ObjectBlob) -> None:
+        self._blob = blob
+        self._body = blob.body(0, None)
+        self.size: int | None = blob.size
+
+    async def mismatched(self) -> None:
+        self._blob.forget()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._body:
+                yield chunk
+        except (ObjectStoreError, AbortResponse) as exc:
+            raise UpstreamError("UNAVAILABLE", f"bucket read failed: {exc}", status=502) from None
+
+    async def aclose(self) -> None:
+        await self._body.aclose()

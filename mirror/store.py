@@ -110,6 +110,23 @@ class Body(Protocol):
     async def aclose(self) -> None: ...
 
 
+class BlobSource(Protocol):
+    """Where a download's bytes come from, once it has answered with headers: the
+    upstream (`RemoteBlob`), the replica leading that download, or the bucket."""
+
+    @property
+    def size(self) -> int | None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def mismatched(self) -> None:
+        """The bytes failed verification: a source that keeps them (the bucket)
+        forgets them, so the next request fetches the blob anew."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 class OpenBlob(Protocol):
     """A blob opened for reading, cached or still downloading: its size (None while a
     chunked download runs) and one body for a byte range. `aclose()` releases it when
@@ -124,6 +141,12 @@ class OpenBlob(Protocol):
 
     def body(self, start: int, end: int | None) -> Body:
         """Bytes [start, end); `end` None: to the blob's end."""
+        ...
+
+    def download(self) -> BlobSource | None:
+        """A remote blob (in a shared bucket) as the source of a local download, which
+        verifies it before its last byte and keeps it locally; None: read it in place.
+        Taking the source takes the blob's resources with it."""
         ...
 
     async def aclose(self) -> None: ...

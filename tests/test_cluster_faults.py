@@ -59,6 +59,9 @@ class _Body:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         yield self._data
 
+    async def mismatched(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 

@@ -587,3 +587,28 @@ async def test_skopeo_and_containerd_pull_through_different_replicas(
         assert replicas[1].metric("mirror_shared_cache_hits_total", tier="shared") >= len(
             image.layer_digests
         )
+
+
+async def test_damaged_bytes_in_the_bucket_are_never_served_whole_and_are_fetched_anew(
+    shared: Shared, real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    image = real_upstream.images["oci"]
+    layer = image.layer_digests[0]
+    path = f"/v2/{image.repo}/blobs/{layer}"
+    with Replicas(shared, tmp_path, real_upstream.registry.url, n=2) as replicas:
+        async with httpx.AsyncClient(timeout=30) as c:
+            good = (await c.get(replicas[0].url + path)).content
+            await until(lambda: replicas.idle(), "the commit")
+            key = f"blobs/sha256/{layer.removeprefix('sha256:')}"
+            obstore.put(replicas.s3(), key, bytes(len(good)))  # same size, wrong bytes
+            real_upstream.registry.clear_log()
+            try:
+                r = await c.get(replicas[1].url + path)
+                broken = r.status_code != 200 or r.content != good
+                assert broken and r.content != bytes(len(good)), "damaged bytes served whole"
+            except httpx.HTTPError:
+                pass  # cut: the client retries
+            await until(lambda: key not in replicas.sizes(), "the damaged object to go")
+            retry = await c.get(replicas[1].url + path)
+            assert (retry.status_code, retry.content) == (200, good)
+            assert upstream_gets(real_upstream, layer) == 1  # fetched anew
