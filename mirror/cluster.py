@@ -43,7 +43,7 @@ from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.reference import Digest
 from mirror.sharedstore import ObjectBlob, SharedStore
 from mirror.store import BlobSource, BlobWrite, OpenBlob
-from mirror.upstream import Upstream
+from mirror.upstream import RemoteStore
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Cluster:
         # (a restarted replica at the same URL is another owner).
         self.owner = f"{self.peer_url} {secrets.token_hex(8)}"
 
-    def source(self, upstream: Upstream) -> OpenSource:
+    def source(self, upstream: RemoteStore) -> OpenSource:
         async def open_source(
             repo: str, digest: Digest, max_bytes: int, write: BlobWrite
         ) -> BlobSource:
@@ -149,7 +149,7 @@ class SharedSource:
     def __init__(
         self,
         cluster: Cluster,
-        upstream: Upstream,
+        upstream: RemoteStore,
         repo: str,
         digest: Digest,
         max_bytes: int,

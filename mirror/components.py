@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from mirror import dockerhub
 from mirror.cluster import Cluster
-from mirror.config import Settings, UpstreamSettings
+from mirror.config import Endpoint, Settings
 from mirror.diskstore import DiskStore
 from mirror.eviction import Evictor, SharedRounds
 from mirror.metrics import Metrics
@@ -28,7 +28,8 @@ from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.routing import Router
 from mirror.sharedstore import SharedStore
 from mirror.store import Store
-from mirror.upstream import Credentials, Upstream, make_client
+from mirror.tiers import Tier, Tiers
+from mirror.upstream import Credentials, RemoteStore, Upstream, make_client
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Components:
     store: DiskStore | SharedStore
     router: Router
     evictor: Evictor | SharedRounds
-    upstreams: list[Upstream]
+    upstreams: list[RemoteStore]
     cluster: Cluster | None = None
 
     async def aclose(self) -> None:
@@ -161,23 +162,41 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     secrets = [config.secret() for config in configured]
     upstreams = []
     proxies: dict[str, Proxy] = {}
-    for config, secret in zip(configured, secrets, strict=True):
-        upstream = Upstream(
-            config.base_url,
-            make_client(settings.connect_timeout, settings.read_timeout, verify=_tls(config)),
+    tier_secrets = [[tier.secret() for tier in config.mirrors] for config in configured]
+    for config, secret, mirror_secrets in zip(configured, secrets, tier_secrets, strict=True):
+        registry = _upstream(
+            settings,
             metrics,
+            config,
+            config.base_url,
+            secret,
             name=config.name,
-            credentials=Credentials(config.username, secret)
-            if config.username and secret
-            else None,
             token_hosts=tuple(config.token_hosts),
-            other_upstreams=tuple(u for u in urls if u != config.base_url),
-            resume_attempts=settings.resume_attempts,
-            fetch_timeout=settings.fetch_timeout,
-            stall_timeout=settings.read_timeout,
+            others=tuple(u for u in urls if u != config.base_url),
         )
+        upstream: RemoteStore = registry
+        if config.mirrors:
+            # Each tier gets only its own credentials (never the registry's), and asks
+            # for the registry it stands in for with ?ns=.
+            chain = [
+                Tier(
+                    tier.name,
+                    _upstream(
+                        settings,
+                        metrics,
+                        tier,
+                        tier.url,
+                        tier_secret,
+                        name=tier.name,
+                        ns=config.name,
+                    ),
+                    registry=False,
+                )
+                for tier, tier_secret in zip(config.mirrors, mirror_secrets, strict=True)
+            ]
+            chain.append(Tier(config.name, registry, registry=True))
+            upstream = Tiers(chain, metrics, backoff=settings.tier_backoff)
         upstreams.append(upstream)
-        metrics.add_upstream(config.name)
         proxies[config.name] = Proxy(
             store,
             upstream,
@@ -215,9 +234,40 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     )
 
 
-def _tls(config: UpstreamSettings) -> ssl.SSLContext | bool:
+def _upstream(
+    settings: Settings,
+    metrics: Metrics,
+    endpoint: Endpoint,
+    url: str,
+    secret: str | None,
+    *,
+    name: str,
+    token_hosts: tuple[str, ...] = (),
+    others: tuple[str, ...] = (),
+    ns: str | None = None,
+) -> Upstream:
+    """A client of one registry or mirror tier, with its own pool and credentials."""
+    metrics.add_upstream(name)
+    return Upstream(
+        url,
+        make_client(settings.connect_timeout, settings.read_timeout, verify=_tls(endpoint)),
+        metrics,
+        name=name,
+        credentials=Credentials(endpoint.username, secret)
+        if endpoint.username and secret
+        else None,
+        token_hosts=token_hosts,
+        other_upstreams=others,
+        resume_attempts=settings.resume_attempts,
+        fetch_timeout=settings.fetch_timeout,
+        stall_timeout=settings.read_timeout,
+        ns=ns,
+    )
+
+
+def _tls(config: Endpoint) -> ssl.SSLContext | bool:
     if config.insecure_skip_verify:
-        log.warning("TLS verification is off for upstream %s", config.name)
+        log.warning("TLS verification is off for %s", config.label)
         return False
     if config.ca_bundle is not None:
         return ssl.create_default_context(cafile=str(config.ca_bundle))

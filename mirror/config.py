@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -68,25 +68,95 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
-class UpstreamSettings(BaseModel):
-    """One upstream registry, as clients name it (`docker.io`, `ghcr.io`, `host:5000`)."""
+class Endpoint(BaseModel):
+    """What reaching a registry or a mirror tier needs: credentials and TLS trust."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    # Other names clients use for this registry (what containerd sends as `ns`), e.g.
-    # docker.io for a registry that is a pull-through cache of Docker Hub.
-    aliases: list[str] = Field(default_factory=list)
-    # Default: https://<name>; docker.io -> https://registry-1.docker.io.
-    url: str | None = None
     # Credentials: the password (a token for ghcr.io, quay.io robots, ...) inline in the
     # YAML, from a file (a mounted Secret), or from a named environment variable.
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
     password_env: str | None = None
-    ca_bundle: Path | None = None  # PEM file of CAs to trust for this upstream
+    ca_bundle: Path | None = None  # PEM file of CAs to trust for this endpoint
     insecure_skip_verify: bool = False  # no TLS verification: test registries only
+
+    KIND: ClassVar[str] = "upstream"  # how messages name it
+
+    @property
+    def label(self) -> str:
+        return f"{self.KIND} {self.name}"
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> Self:
+        sources = [self.password, self.password_file, self.password_env]
+        if sum(s is not None for s in sources) > 1:
+            raise ValueError(f"{self.label}: give one of password, password_file, password_env")
+        if any(s is not None for s in sources) and not self.username:
+            raise ValueError(f"{self.label}: a password needs a username")
+        return self
+
+    def secret(self) -> str | None:
+        """The password, read now from wherever it is configured; never logged."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            where = f"{self.label}: password_file {self.password_file}"
+            try:
+                secret = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"{self.label}: cannot read password_file {self.password_file}: {exc.strerror}"
+                ) from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{where} is not UTF-8 text") from None
+            if not secret:
+                raise ValueError(f"{where} is empty")
+            return secret
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ValueError(
+                    f"{self.label}: environment variable {self.password_env} is not set"
+                )
+            return value
+        return None
+
+
+class TierSettings(Endpoint):
+    """A mirror to try before the registry (another `mirror`, or any registry mirror).
+    It is asked with `?ns=<registry>`, and gets only its own credentials, if any."""
+
+    KIND: ClassVar[str] = "mirror tier"
+
+    name: str = ""  # default: the URL's host:port
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _tier_url(cls, value: str) -> str:
+        return _url(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name") and isinstance(data.get("url"), str):
+            data = {**data, "name": data["url"].split("://", 1)[-1].rstrip("/")}
+        return data
+
+
+class UpstreamSettings(Endpoint):
+    """One upstream registry, as clients name it (`docker.io`, `ghcr.io`, `host:5000`)."""
+
+    # Other names clients use for this registry (what containerd sends as `ns`), e.g.
+    # docker.io for a registry that is a pull-through cache of Docker Hub.
+    aliases: list[str] = Field(default_factory=list)
+    # Default: https://<name>; docker.io -> https://registry-1.docker.io.
+    url: str | None = None
+    # Mirror tiers tried first, in order, then the registry (docs/deploy.md, "Tiers").
+    mirrors: list[TierSettings] = Field(default_factory=list)
     # fnmatch patterns on the upstream repository name (`library/alpine`, `org/*`);
     # empty `allow` means everything not denied.
     allow: list[str] = Field(default_factory=list)
@@ -144,49 +214,11 @@ class UpstreamSettings(BaseModel):
             raise ValueError(f"path_prefix {value!r} must be one path component, e.g. ghcr")
         return value
 
-    @model_validator(mode="after")
-    def _one_password_source(self) -> UpstreamSettings:
-        sources = [self.password, self.password_file, self.password_env]
-        if sum(s is not None for s in sources) > 1:
-            raise ValueError(
-                f"upstream {self.name}: give one of password, password_file, password_env"
-            )
-        if any(s is not None for s in sources) and not self.username:
-            raise ValueError(f"upstream {self.name}: a password needs a username")
-        return self
-
     @property
     def base_url(self) -> str:
         if self.url is not None:
             return self.url
         return dockerhub.API_URL if self.name == dockerhub.NAME else f"https://{self.name}"
-
-    def secret(self) -> str | None:
-        """The password, read now from wherever it is configured; never logged."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            where = f"upstream {self.name}: password_file {self.password_file}"
-            try:
-                secret = self.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(
-                    f"upstream {self.name}: cannot read password_file {self.password_file}: "
-                    f"{exc.strerror}"
-                ) from None
-            except UnicodeDecodeError:
-                raise ValueError(f"{where} is not UTF-8 text") from None
-            if not secret:
-                raise ValueError(f"{where} is empty")
-            return secret
-        if self.password_env is not None:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise ValueError(
-                    f"upstream {self.name}: environment variable {self.password_env} is not set"
-                )
-            return value
-        return None
 
     def freshness(self, default: Freshness) -> Freshness:
         rules = default.rules
@@ -246,6 +278,9 @@ class Settings(BaseSettings):
     # A blob larger than its manifest descriptor says is cut at that size; one that no
     # manifest fetched through this mirror describes, at this size.
     max_blob_size: int = Field(default=64 * 2**30, description="Largest blob fetched")
+    # A mirror tier that failed (unreachable, 5xx, timeout, wrong bytes) is skipped this
+    # long, then tried again with one request (a circuit breaker).
+    tier_backoff: Duration = Field(default=30.0, gt=0)
     # -- the shared store for replicas (docs/deploy.md, "Replicas") ----------------------
     # `disk`: the embedded default, one process. `s3`: content in an S3-compatible
     # bucket, the index and coordination in Redis; cache_dir becomes a local L1.

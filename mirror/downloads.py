@@ -27,7 +27,7 @@ from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.relay import Abandoned
 from mirror.store import BlobSource, BlobWrite, Store
-from mirror.upstream import Upstream
+from mirror.upstream import RemoteStore
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Downloads:
     def __init__(
         self,
         store: Store,
-        upstream: Upstream,
+        upstream: RemoteStore,
         metrics: Metrics,
         *,
         commit_grace: float = 25.0,

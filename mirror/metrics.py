@@ -255,6 +255,26 @@ class Metrics:
             ["direction"],
             registry=r,
         )
+        self.tier_requests = Counter(
+            "mirror_tier_requests",
+            "Requests to an upstream's mirror tiers and its registry, by upstream, tier "
+            "and result (ok; error: failed, the next tier was tried; skipped: the tier's "
+            "circuit was open).",
+            ["upstream", "tier", "result"],
+            registry=r,
+        )
+        self.tier_bytes = Counter(
+            "mirror_tier_bytes",
+            "Blob bytes received from each tier, by upstream and tier.",
+            ["upstream", "tier"],
+            registry=r,
+        )
+        self.tier_state = Gauge(
+            "mirror_tier_state",
+            "A tier's circuit: 0 closed (used), 1 open (skipped), 2 half-open (one trial).",
+            ["upstream", "tier"],
+            registry=r,
+        )
         self.build_info = Info("mirror_build", "Version of mirror and Python.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Initialise label values so dashboards see zeros instead of gaps.
@@ -274,6 +294,12 @@ class Metrics:
                 self.evictions.labels(kind, reason)
         for source in SOURCES:
             self.served_bytes.labels(source)
+
+    def add_tier(self, upstream: str, tier: str) -> None:
+        for result in ("ok", "error", "skipped"):
+            self.tier_requests.labels(upstream, tier, result)
+        self.tier_bytes.labels(upstream, tier)
+        self.tier_state.labels(upstream, tier).set(0)
 
     def add_shared_store(self) -> None:
         """Initialise the shared store's series (only a mirror with store s3 has them)."""

@@ -30,7 +30,7 @@ from mirror.policy import RepoPolicy
 from mirror.ranges import ByteRange, RangeSpec
 from mirror.reference import Digest, Reference
 from mirror.store import Body, OpenBlob, Store, StoredManifest, TagEntry, TagKey
-from mirror.upstream import Upstream
+from mirror.upstream import RemoteStore
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Proxy:
     def __init__(
         self,
         store: Store,
-        upstream: Upstream,
+        upstream: RemoteStore,
         metrics: Metrics,
         *,
         freshness: Freshness,

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
@@ -28,11 +29,12 @@ from mirror.metrics import Metrics, UpstreamKind
 from mirror.ranges import parse_length
 from mirror.reference import Digest, Reference
 from mirror.remoteblob import RemoteBlob
+from mirror.store import BlobSource
 from mirror.transport import make_client, read_bounded, status_error, transport_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Credentials", "RemoteManifest", "Upstream", "make_client"]
+__all__ = ["Credentials", "RemoteManifest", "RemoteStore", "Upstream", "make_client"]
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -49,6 +51,34 @@ class RemoteManifest:
     body: bytes
     content_type: str | None
     digest_header: str | None  # the upstream's Docker-Content-Digest, as sent
+
+
+class RemoteStore(Protocol):
+    """What the proxy asks of the remote side: one registry (`Upstream`), or a chain of
+    mirror tiers in front of it (`mirror.tiers.Tiers`)."""
+
+    name: str
+    docker_hub: bool
+
+    async def get_manifest(
+        self, repo: str, ref: Reference, accept: str | None, max_bytes: int
+    ) -> RemoteManifest: ...
+
+    async def head_manifest(
+        self, repo: str, ref: Reference, accept: str | None
+    ) -> Digest | None: ...
+
+    async def head_blob(self, repo: str, digest: Digest) -> int | None: ...
+
+    async def open_blob(
+        self, repo: str, digest: Digest, max_bytes: int, start: int = 0
+    ) -> BlobSource: ...
+
+    async def tags(
+        self, repo: str, n: int | None, last: str | None, max_bytes: int
+    ) -> tuple[bytes, str | None]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Upstream:
@@ -68,8 +98,12 @@ class Upstream:
         fetch_timeout: float = 30.0,
         stall_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        ns: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # A mirror tier is asked for the registry it stands in for (`?ns=`), as
+        # containerd asks a mirror: a central tier with several upstreams routes it.
+        self._ns = ns
         parts = urlsplit(self.url)
         self.name = name or parts.netloc  # as clients call it: docker.io, ghcr.io
         # Credentials go only to this origin: scheme included, so an https upstream's
@@ -221,6 +255,8 @@ class Upstream:
         hdrs = dict(headers or {})
         if accept is not None:
             hdrs["Accept"] = accept
+        if self._ns is not None:
+            path += ("&" if "?" in path else "?") + urlencode({"ns": self._ns})
         scope = f"repository:{repo}:pull"
         auth = await self.auth.authorization(scope)
         resp = await self._send(method, self.url + path, hdrs, auth, kind)

@@ -1,0 +1,257 @@
+"""Mirror tiers: an upstream's mirrors tried first, in order, then the registry itself.
+
+A node-local mirror in front of a central one, as Docker's `registry-mirrors` and
+containerd's `hosts.toml` chain endpoints. `Tiers` is a remote store over several
+`Upstream`s (each with its own client, credentials and `?ns=`), so the proxy does not
+know tiers exist:
+
+- every call goes to the first tier whose circuit is closed; any failure there tries
+  the next, and the registry is always tried last;
+- a tier in *trouble* (unreachable, 5xx, 429, a timeout, bytes that fail their digest)
+  opens its circuit: it is skipped for `backoff` seconds, then given one trial request
+  (half-open) and used again once it answers. A 404, 401 or 403 is the tier's answer,
+  not its trouble: the next tier is asked, but the circuit stays closed;
+- a blob body that breaks half-way continues from the next tier with `Range`;
+- content by digest may come from any tier: the proxy verifies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from mirror import logs
+from mirror.errors import RegistryError, UpstreamError
+from mirror.metrics import Metrics
+from mirror.reference import Digest, Reference
+from mirror.store import BlobSource
+from mirror.upstream import RemoteManifest, Upstream
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+State = Literal["closed", "open", "half-open"]
+_STATE_VALUE = {"closed": 0, "open": 1, "half-open": 2}
+
+
+def trouble(exc: UpstreamError) -> bool:
+    """Failures that say the tier is unwell (not an answer about the content)."""
+    status = exc.upstream_status
+    return status is None or status == 429 or status >= 500
+
+
+@dataclass
+class Tier:
+    name: str
+    upstream: Upstream
+    registry: bool  # the last resort: never skipped
+    state: State = "closed"
+    until: float = 0.0
+    failures: int = field(default=0)
+
+
+class Tiers:
+    def __init__(
+        self,
+        tiers: list[Tier],
+        metrics: Metrics,
+        *,
+        backoff: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert tiers and tiers[-1].registry
+        self._tiers = tiers
+        self._registry = tiers[-1].upstream
+        self.name = self._registry.name
+        self.docker_hub = self._registry.docker_hub
+        self._metrics = metrics
+        self._backoff = backoff
+        self._clock = clock
+        for tier in tiers:
+            metrics.add_tier(self.name, tier.name)
+
+    async def aclose(self) -> None:
+        for tier in self._tiers:
+            await tier.upstream.aclose()
+
+    # -- the circuit ------------------------------------------------------------------
+
+    def _usable(self) -> list[Tier]:
+        """The tiers to try now, in order: closed ones, and open ones whose back-off
+        is over (each then gets one trial request); the registry always."""
+        now = self._clock()
+        usable = []
+        for tier in self._tiers:
+            if tier.registry or tier.state == "closed":
+                usable.append(tier)
+            elif tier.state == "open" and now >= tier.until:
+                self._set(tier, "half-open")
+                usable.append(tier)
+            else:
+                self._metrics.tier_requests.labels(self.name, tier.name, "skipped").inc()
+        return usable
+
+    def failed(self, tier: Tier, why: str) -> None:
+        """Open the tier's circuit (the registry has none: it is always tried)."""
+        self._metrics.tier_requests.labels(self.name, tier.name, "error").inc()
+        if tier.registry:
+            return
+        tier.failures += 1
+        tier.until = self._clock() + self._backoff
+        if tier.state != "open":
+            log.warning(
+                "mirror tier %s of %s failed (%s); skipping it for %.0f s",
+                tier.name,
+                self.name,
+                why,
+                self._backoff,
+            )
+        self._set(tier, "open")
+
+    def _answered(self, tier: Tier) -> None:
+        self._metrics.tier_requests.labels(self.name, tier.name, "ok").inc()
+        if tier.state != "closed":
+            log.info("mirror tier %s of %s answers again", tier.name, self.name)
+            self._set(tier, "closed")
+        if (record := logs.current.get()) is not None:
+            record.tier = tier.name
+
+    def _set(self, tier: Tier, state: State) -> None:
+        tier.state = state
+        self._metrics.tier_state.labels(self.name, tier.name).set(_STATE_VALUE[state])
+
+    async def _first(self, call: Callable[[Tier], Awaitable[T]], skip: tuple[Tier, ...] = ()) -> T:
+        """`call` on each usable tier (but `skip`) in turn until one answers; else the
+        last error."""
+        error: UpstreamError | None = None
+        for tier in self._usable():
+            if tier in skip and not tier.registry:
+                continue
+            try:
+                result = await call(tier)
+            except UpstreamError as exc:
+                error = exc
+                if trouble(exc):
+                    self.failed(tier, exc.message)
+                else:
+                    # An answer about the content (404, 401, 403): the next tier is
+                    # asked, this one stays in use.
+                    self._metrics.tier_requests.labels(self.name, tier.name, "error").inc()
+                continue
+            self._answered(tier)
+            return result
+        assert error is not None  # the registry is always tried
+        raise error
+
+    # -- the remote store -------------------------------------------------------------
+
+    async def get_manifest(
+        self, repo: str, ref: Reference, accept: str | None, max_bytes: int
+    ) -> RemoteManifest:
+        async def get(tier: Tier) -> RemoteManifest:
+            remote = await tier.upstream.get_manifest(repo, ref, accept, max_bytes)
+            if not tier.registry and not _matches(remote, ref):
+                # Wrong bytes from a tier: try the next one (the proxy verifies again).
+                raise UpstreamError("DIGEST_INVALID", "tier sent a manifest that failed its digest")
+            return remote
+
+        return await self._first(get)
+
+    async def head_manifest(self, repo: str, ref: Reference, accept: str | None) -> Digest | None:
+        return await self._first(lambda t: t.upstream.head_manifest(repo, ref, accept))
+
+    async def head_blob(self, repo: str, digest: Digest) -> int | None:
+        return await self._first(lambda t: t.upstream.head_blob(repo, digest))
+
+    async def tags(
+        self, repo: str, n: int | None, last: str | None, max_bytes: int
+    ) -> tuple[bytes, str | None]:
+        return await self._first(lambda t: t.upstream.tags(repo, n, last, max_bytes))
+
+    async def open_blob(
+        self, repo: str, digest: Digest, max_bytes: int, start: int = 0
+    ) -> TieredBlob:
+        blob = TieredBlob(self, repo, digest, max_bytes, start)
+        await blob.open()
+        return blob
+
+
+class TieredBlob:
+    """A blob body from the first tier that answers; when it breaks half-way, the
+    rest comes from the next tier with `Range`."""
+
+    def __init__(self, tiers: Tiers, repo: str, digest: Digest, max_bytes: int, start: int):
+        self._tiers = tiers
+        self._repo = repo
+        self._digest = digest
+        self._max = max_bytes
+        self._offset = start
+        self._body: BlobSource | None = None
+        self._tier: Tier | None = None
+        self._used: list[Tier] = []
+        self.size: int | None = None
+
+    async def open(self) -> None:
+        await self._next(skip=())
+        assert self._body is not None
+        self.size = self._body.size
+
+    async def _next(self, skip: tuple[Tier, ...]) -> None:
+        async def get(tier: Tier) -> tuple[Tier, BlobSource]:
+            upstream = tier.upstream
+            return tier, await upstream.open_blob(self._repo, self._digest, self._max, self._offset)
+
+        tier, body = await self._tiers._first(get, skip)
+        self._tier, self._body = tier, body
+        self._used.append(tier)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        tiers = self._tiers
+        while True:
+            assert self._body is not None and self._tier is not None
+            counter = tiers._metrics.tier_bytes.labels(tiers.name, self._tier.name)
+            try:
+                async for chunk in self._body:
+                    self._offset += len(chunk)
+                    counter.inc(len(chunk))
+                    yield chunk
+                return
+            except UpstreamError as exc:
+                if self._tier.registry:
+                    raise
+                log.warning(
+                    "blob %s from tier %s broke at %d bytes (%s); the next tier goes on",
+                    self._digest,
+                    self._tier.name,
+                    self._offset,
+                    exc.message,
+                )
+                tiers.failed(self._tier, exc.message)
+                await self._body.aclose()
+                await self._next(skip=tuple(self._used))
+
+    async def mismatched(self) -> None:
+        # Every tier that sent bytes of it is suspect: the next download skips them.
+        for tier in self._used:
+            self._tiers.failed(tier, f"blob {self._digest} failed its digest")
+
+    async def aclose(self) -> None:
+        if self._body is not None:
+            await self._body.aclose()
+
+
+def _matches(remote: RemoteManifest, ref: Reference) -> bool:
+    expected = ref.digest
+    if expected is None:
+        header = remote.digest_header
+        if not header:
+            return True  # nothing to check against here; the proxy decides
+        try:
+            expected = Digest.parse(header.strip())
+        except RegistryError:
+            return True  # an unusable header: the proxy refuses it the same way
+    return hashlib.new(expected.algorithm, remote.body).hexdigest() == expected.hex
