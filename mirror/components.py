@@ -195,7 +195,12 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
                 for tier, tier_secret in zip(config.mirrors, mirror_secrets, strict=True)
             ]
             chain.append(Tier(config.name, registry, registry=True))
-            upstream = Tiers(chain, metrics, backoff=settings.tier_backoff)
+            upstream = Tiers(
+                chain,
+                metrics,
+                backoff=settings.tier_backoff,
+                ttl=config.freshness(freshness).ttl,
+            )
         upstreams.append(upstream)
         proxies[config.name] = Proxy(
             store,

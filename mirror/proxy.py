@@ -45,6 +45,9 @@ T = TypeVar("T")
 class Manifest:
     stored: StoredManifest
     result: CacheResult
+    # For a tag: seconds since it was last confirmed with the registry (the `Age` a
+    # downstream mirror tier counts its own TTL from); None for a digest.
+    age: float | None = None
 
     @property
     def source(self) -> Source:
@@ -127,7 +130,11 @@ class Proxy:
 
     # -- manifests --------------------------------------------------------------------
 
-    async def manifest(self, name: str, ref: Reference, accept: AcceptSet) -> Manifest:
+    async def manifest(
+        self, name: str, ref: Reference, accept: AcceptSet, max_age: float | None = None
+    ) -> Manifest:
+        """`max_age`: a downstream mirror tier's own TTL (its `Cache-Control: max-age`):
+        a tag older than that is revalidated first."""
         repo = self.repo(name)
         if ref.digest is not None:
             stored = await self._cached(ref.digest)
@@ -135,7 +142,7 @@ class Proxy:
                 Manifest(stored, "hit") if stored else await self._shared_fetch(repo, ref, accept)
             )
         else:
-            manifest = await self._tag(repo, ref, accept)
+            manifest = await self._tag(repo, ref, accept, max_age)
         self._metrics.cache.labels("manifest", manifest.result).inc()
         self._store.touch_manifest(manifest.stored.digest)
         if not accept.accepts(manifest.stored.media_type):
@@ -147,7 +154,20 @@ class Proxy:
             )
         return manifest
 
-    async def _tag(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
+    async def _tag(
+        self, repo: str, ref: Reference, accept: AcceptSet, max_age: float | None
+    ) -> Manifest:
+        answer = await self._tag_answer(repo, ref, accept, max_age)
+        assert ref.tag is not None
+        # The answer's age, as recorded (a tier's answer may be old already).
+        entry = await self._store.get_tag(TagKey(self.name, repo, ref.tag, accept.cache_key))
+        if entry is None or entry.digest != answer.stored.digest:
+            return answer
+        return Manifest(answer.stored, answer.result, max(0.0, self._clock() - entry.stored_at))
+
+    async def _tag_answer(
+        self, repo: str, ref: Reference, accept: AcceptSet, max_age: float | None
+    ) -> Manifest:
         assert ref.tag is not None
         key = TagKey(self.name, repo, ref.tag, accept.cache_key)
         entry = await self._store.get_tag(key)
@@ -155,7 +175,8 @@ class Proxy:
         if entry is None or stored is None:
             return await self._shared_fetch(repo, ref, accept)
         age = self._clock() - entry.stored_at
-        if age < self._freshness.ttl(repo, ref.tag):
+        ttl = self._freshness.ttl(repo, ref.tag)
+        if age < (ttl if max_age is None else min(ttl, max_age)):
             return Manifest(stored, "hit")
         # N concurrent requests for an expired tag cause one revalidation; with
         # replicas, one for the whole cluster.
@@ -196,9 +217,10 @@ class Proxy:
     ) -> Manifest:
         """HEAD the tag; fetch the body only if the digest moved; stale if upstream fails."""
         try:
-            current = await self._upstream.head_manifest(key.repo, ref, accept.header())
-            if current == stored.digest:
-                entry = TagEntry(stored.digest, stored.media_type, self._clock())
+            head = await self._upstream.head_manifest(key.repo, ref, accept.header())
+            if head.digest == stored.digest:
+                # A tier's answer may be `head.age` old already: counted from then.
+                entry = TagEntry(stored.digest, stored.media_type, self._clock() - head.age)
                 await self._cache_write(self._store.put_tag(key, entry))
                 return Manifest(stored, "revalidated")
             # The tag moved (or the upstream named no digest): fetch the body.
@@ -280,17 +302,17 @@ class Proxy:
             )
         stored = StoredManifest(actual, checked.media_type, remote.body)
         self._sizes.remember(repo, checked.sizes)
-        await self._cache_write(self._remember(stored, repo, ref.tag, accept))
+        await self._cache_write(self._remember(stored, repo, ref.tag, accept, remote.age))
         return stored
 
     async def _remember(
-        self, stored: StoredManifest, repo: str, tag: str | None, accept: AcceptSet
+        self, stored: StoredManifest, repo: str, tag: str | None, accept: AcceptSet, age: float
     ) -> None:
         await self._store.put_manifest(stored)
         if tag is not None:
             key = TagKey(self.name, repo, tag, accept.cache_key)
             await self._store.put_tag(
-                key, TagEntry(stored.digest, stored.media_type, self._clock())
+                key, TagEntry(stored.digest, stored.media_type, self._clock() - age)
             )
 
     async def _cache_write(self, write: Awaitable[None]) -> None:

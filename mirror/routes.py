@@ -136,7 +136,8 @@ async def registry(request: Request, rest: str) -> Response:
 async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> Response:
     accept = AcceptSet.from_headers(request.headers.getlist("accept"))
     route = _route(request, name)
-    manifest = await route.proxy.manifest(route.name, ref, accept)
+    max_age = _max_age(request.headers.get("cache-control"))
+    manifest = await route.proxy.manifest(route.name, ref, accept, max_age)
     stored = manifest.stored
     etag = f'"{stored.digest}"'
     headers = {
@@ -144,6 +145,10 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
         "ETag": etag,
         "X-Cache": manifest.result.upper(),  # HIT, MISS, REVALIDATED or STALE
     }
+    if manifest.age is not None:
+        # How long ago the tag was confirmed with the registry: a downstream mirror
+        # tier counts its own TTL from then (RFC 9111 `Age`).
+        headers["Age"] = str(int(manifest.age))
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     if not head:
@@ -190,6 +195,20 @@ def _blob_response(
     elif blob.size is not None:
         headers["Content-Length"] = str(blob.size)
     return BlobResponse(status, headers, blob.body, on_chunk)
+
+
+def _max_age(cache_control: str | None) -> float | None:
+    """`Cache-Control: max-age=N` (or `no-cache`: 0) from a downstream mirror tier."""
+    if not cache_control:
+        return None
+    for part in cache_control.split(","):
+        key, _, value = part.strip().partition("=")
+        key = key.strip().lower()
+        if key == "no-cache":
+            return 0.0
+        if key == "max-age" and value.strip().isdigit() and len(value.strip()) <= 12:
+            return float(value.strip())
+    return None
 
 
 _LAST_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")

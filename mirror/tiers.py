@@ -29,7 +29,7 @@ from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import Metrics
 from mirror.reference import Digest, Reference
 from mirror.store import BlobSource
-from mirror.upstream import RemoteManifest, Upstream
+from mirror.upstream import ManifestHead, RemoteManifest, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,10 @@ class Tiers:
         metrics: Metrics,
         *,
         backoff: float = 30.0,
+        ttl: Callable[[str, str], float] = lambda repo, tag: 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._ttl = ttl  # our tag TTL for (repo, tag): what tiers are asked to honour
         assert tiers and tiers[-1].registry
         self._tiers = tiers
         self._registry = tiers[-1].upstream
@@ -149,11 +151,24 @@ class Tiers:
 
     # -- the remote store -------------------------------------------------------------
 
+    def _max_age(self, tier: Tier, repo: str, ref: Reference) -> float | None:
+        """A tier is asked for a tag no older than our own TTL for it: then the user
+        sees at most one TTL of staleness however many tiers there are."""
+        if tier.registry or ref.tag is None:
+            return None
+        return self._ttl(repo, ref.tag)
+
     async def get_manifest(
-        self, repo: str, ref: Reference, accept: str | None, max_bytes: int
+        self,
+        repo: str,
+        ref: Reference,
+        accept: str | None,
+        max_bytes: int,
+        max_age: float | None = None,
     ) -> RemoteManifest:
         async def get(tier: Tier) -> RemoteManifest:
-            remote = await tier.upstream.get_manifest(repo, ref, accept, max_bytes)
+            fresh = self._max_age(tier, repo, ref)
+            remote = await tier.upstream.get_manifest(repo, ref, accept, max_bytes, fresh)
             if not tier.registry and not _matches(remote, ref):
                 # Wrong bytes from a tier: try the next one (the proxy verifies again).
                 raise UpstreamError("DIGEST_INVALID", "tier sent a manifest that failed its digest")
@@ -161,8 +176,12 @@ class Tiers:
 
         return await self._first(get)
 
-    async def head_manifest(self, repo: str, ref: Reference, accept: str | None) -> Digest | None:
-        return await self._first(lambda t: t.upstream.head_manifest(repo, ref, accept))
+    async def head_manifest(
+        self, repo: str, ref: Reference, accept: str | None, max_age: float | None = None
+    ) -> ManifestHead:
+        return await self._first(
+            lambda t: t.upstream.head_manifest(repo, ref, accept, self._max_age(t, repo, ref))
+        )
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None:
         return await self._first(lambda t: t.upstream.head_blob(repo, digest))

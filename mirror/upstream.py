@@ -34,7 +34,14 @@ from mirror.transport import make_client, read_bounded, status_error, transport_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Credentials", "RemoteManifest", "RemoteStore", "Upstream", "make_client"]
+__all__ = [
+    "Credentials",
+    "ManifestHead",
+    "RemoteManifest",
+    "RemoteStore",
+    "Upstream",
+    "make_client",
+]
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -51,6 +58,32 @@ class RemoteManifest:
     body: bytes
     content_type: str | None
     digest_header: str | None  # the upstream's Docker-Content-Digest, as sent
+    # Seconds since the answering side last confirmed a tag with its registry (the
+    # `Age` a mirror tier sends; 0 from a registry): the tag is that old already.
+    age: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    digest: Digest | None  # what the upstream names for the reference now
+    age: float = 0.0  # as RemoteManifest.age
+
+
+# Ages beyond this are nonsense (a clock gone wild): treated as "just now".
+MAX_AGE = 365 * 86400
+
+
+def parse_age(value: str | None) -> float:
+    if not value or not value.strip().isdigit() or len(value.strip()) > 12:
+        return 0.0
+    age = int(value.strip())
+    return float(age) if age <= MAX_AGE else 0.0
+
+
+def freshness_header(max_age: float | None) -> dict[str, str]:
+    """Asked of a mirror tier: a tag older than this must be revalidated first, so an
+    edge's TTL and a tier's do not add up."""
+    return {} if max_age is None else {"Cache-Control": f"max-age={max(0, int(max_age))}"}
 
 
 class RemoteStore(Protocol):
@@ -61,12 +94,17 @@ class RemoteStore(Protocol):
     docker_hub: bool
 
     async def get_manifest(
-        self, repo: str, ref: Reference, accept: str | None, max_bytes: int
+        self,
+        repo: str,
+        ref: Reference,
+        accept: str | None,
+        max_bytes: int,
+        max_age: float | None = None,
     ) -> RemoteManifest: ...
 
     async def head_manifest(
-        self, repo: str, ref: Reference, accept: str | None
-    ) -> Digest | None: ...
+        self, repo: str, ref: Reference, accept: str | None, max_age: float | None = None
+    ) -> ManifestHead: ...
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None: ...
 
@@ -149,24 +187,37 @@ class Upstream:
     # -- the remote store -------------------------------------------------------------
 
     async def get_manifest(
-        self, repo: str, ref: Reference, accept: str | None, max_bytes: int
+        self,
+        repo: str,
+        ref: Reference,
+        accept: str | None,
+        max_bytes: int,
+        max_age: float | None = None,
     ) -> RemoteManifest:
         too_big = UpstreamError("MANIFEST_INVALID", "manifest exceeds the size limit", status=502)
         async with self._deadline():
             path = f"/v2/{repo}/manifests/{ref}"
-            resp = await self._request("GET", path, repo, "manifest", accept)
+            resp = await self._request(
+                "GET", path, repo, "manifest", accept, freshness_header(max_age)
+            )
             body = await read_bounded(resp, max_bytes, too_big)
         headers = resp.headers
         return RemoteManifest(
-            body, headers.get("content-type"), headers.get("docker-content-digest")
+            body,
+            headers.get("content-type"),
+            headers.get("docker-content-digest"),
+            parse_age(headers.get("age")),
         )
 
-    async def head_manifest(self, repo: str, ref: Reference, accept: str | None) -> Digest | None:
+    async def head_manifest(
+        self, repo: str, ref: Reference, accept: str | None, max_age: float | None = None
+    ) -> ManifestHead:
         """The digest the upstream names for `ref` now (a HEAD: free on Docker Hub)."""
         path = f"/v2/{repo}/manifests/{ref}"
+        fresh = freshness_header(max_age)
         async with self._deadline():
             try:
-                resp = await self._request("HEAD", path, repo, "manifest", accept)
+                resp = await self._request("HEAD", path, repo, "manifest", accept, fresh)
             except InvalidResponse as exc:
                 # A common server bug sends a body after a HEAD answer, which wrecks
                 # the answer: ask with GET instead, and read only its headers. Only the
@@ -177,9 +228,11 @@ class Upstream:
                     self.name,
                     exc.message,
                 )
-                resp = await self._request("GET", path, repo, "manifest", accept)
+                resp = await self._request("GET", path, repo, "manifest", accept, fresh)
         await resp.aclose()
-        return _digest(resp.headers, "docker-content-digest")
+        return ManifestHead(
+            _digest(resp.headers, "docker-content-digest"), parse_age(resp.headers.get("age"))
+        )
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None:
         async with self._deadline():

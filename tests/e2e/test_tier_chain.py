@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from conftest import RealUpstream, SecondUpstream
 from harness import TestImage
 from harness.daemon import free_port
+from harness.images import Layout, push
 from harness.mirror import MirrorProcess, skopeo_copy
 
 pytestmark = pytest.mark.e2e
@@ -202,3 +204,42 @@ def test_a_credentialed_upstream_never_sends_its_credentials_to_a_tier(
         assert parse_qs(urlsplit(path).query)["ns"] == [SecondUpstream.NAME], path
         assert "Authorization" not in headers and "authorization" not in headers, headers
         assert password not in json.dumps(headers)
+
+
+def test_an_edge_sees_a_moved_tag_within_its_own_ttl_whatever_the_central_ttl(
+    real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    """The edge asks central for a tag no older than the edge's TTL (Cache-Control:
+    max-age), and counts its TTL from central's Age: the TTLs do not add up."""
+    layout = Layout(tmp_path / "layout")
+    first = layout.image([[("v", b"first\n")]])
+    second = layout.image([[("v", b"second\n")]])
+    layout.tag(first, "first")
+    layout.tag(second, "second")
+    registry = real_upstream.registry
+    repo, tag = "moving/app", "latest"
+    old = push(layout.root, "first", registry, repo, tag)
+    path = f"/v2/{repo}/manifests/{tag}"
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    central = _central(tmp_path, real_upstream)
+    central.env["MIRROR_TAG_TTL"] = "1h"  # a long TTL at central
+    with central:
+        tier = {"name": "central", "url": central.url}
+        with (
+            _edge(tmp_path, "edge", _upstreams(registry.url, tier), MIRROR_TAG_TTL="2") as edge,
+            httpx.Client(timeout=30) as c,
+        ):
+            r = c.get(edge.url + path, headers=accept)
+            assert r.headers["docker-content-digest"] == old
+            at_central = c.get(central.url + path + "?ns=docker.io", headers=accept)
+            assert int(at_central.headers["age"]) <= 1  # central just fetched it
+            new = push(layout.root, "second", registry, repo, tag)  # the tag moves
+            assert new != old
+            time.sleep(2.2)  # the edge's TTL passes; central's (1 h) does not
+            r = c.get(edge.url + path, headers=accept)
+            assert r.headers["docker-content-digest"] == new
+            assert r.headers["x-cache"] in ("MISS", "REVALIDATED")
+            # Central revalidated because the edge asked for max-age=2: its own answer
+            # to a plain client is now the new digest too.
+            plain = c.get(central.url + path + "?ns=docker.io", headers=accept)
+            assert plain.headers["docker-content-digest"] == new

@@ -1,0 +1,142 @@
+"""Mirror tiers (mirror.tiers) against two fake upstreams: a tier and the registry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from fakes.clock import Clock
+from fakes.server import serve
+from fakes.upstream import FakeUpstream, Fault
+
+from mirror.errors import UpstreamError
+from mirror.metrics import Metrics
+from mirror.reference import Digest, Reference
+from mirror.tiers import Tier, Tiers
+from mirror.upstream import Upstream, make_client
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+@dataclass
+class Chain:
+    tier: FakeUpstream
+    registry: FakeUpstream
+    tiers: Tiers
+    clock: Clock
+    metrics: Metrics
+
+    def state(self) -> float:
+        value = self.metrics.tier_state.labels("docker.io", "central")._value.get()
+        return float(value)
+
+
+@pytest.fixture
+async def chain() -> AsyncIterator[Chain]:
+    tier, registry = FakeUpstream(), FakeUpstream()
+    clock = Clock()
+    metrics = Metrics()
+    async with serve(tier) as tier_url, serve(registry) as registry_url:
+        tiers = Tiers(
+            [
+                Tier(
+                    "central",
+                    Upstream(tier_url, make_client(2, 2), metrics, name="central", ns="docker.io"),
+                    registry=False,
+                ),
+                Tier(
+                    "docker.io",
+                    Upstream(registry_url, make_client(2, 2), metrics, name="docker.io"),
+                    registry=True,
+                ),
+            ],
+            metrics,
+            backoff=30,
+            ttl=lambda repo, tag: 120.0,
+            clock=clock,
+        )
+        yield Chain(tier, registry, tiers, clock, metrics)
+        await tiers.aclose()
+
+
+async def _read(tiers: Tiers, digest: str, start: int = 0) -> bytes:
+    blob = await tiers.open_blob("app", Digest.parse(digest), 1 << 30, start)
+    try:
+        return b"".join([chunk async for chunk in blob])
+    finally:
+        await blob.aclose()
+
+
+async def test_the_tier_answers_first_with_ns_and_our_ttl_as_max_age(chain: Chain) -> None:
+    body = {"schemaVersion": 2, "mediaType": OCI}
+    chain.tier.add_manifest(OCI, body, tag="v1")
+    chain.registry.add_manifest(OCI, body, tag="v1")
+    remote = await chain.tiers.get_manifest("app", Reference(tag="v1"), OCI, 1 << 20)
+    assert remote.body
+    [seen] = chain.tier.requests
+    assert seen.query == "ns=docker.io"
+    assert seen.headers["cache-control"] == "max-age=120"
+    assert chain.registry.requests == []
+
+
+async def test_a_tier_in_trouble_is_skipped_until_its_backoff_ends_then_tried_once(
+    chain: Chain,
+) -> None:
+    data = os.urandom(1000)
+    digest = chain.registry.add_blob(data)
+    chain.tier.add_blob(data)
+    chain.tier.faults[digest] = Fault(status=503)
+    assert await _read(chain.tiers, digest) == data  # from the registry
+    assert chain.state() == 1  # open
+    assert await _read(chain.tiers, digest) == data
+    assert len(chain.tier.requests) == 1  # skipped: not asked again
+    chain.clock.now += 31  # the back-off is over: one trial, which works now
+    del chain.tier.faults[digest]
+    assert await _read(chain.tiers, digest) == data
+    assert chain.state() == 0
+    assert len(chain.tier.requests) == 2
+    assert chain.registry.count("GET", digest) == 2
+
+
+async def test_a_404_from_a_tier_asks_the_registry_but_keeps_the_tier(chain: Chain) -> None:
+    data = os.urandom(100)
+    digest = chain.registry.add_blob(data)  # the tier does not have it: 404
+    assert await _read(chain.tiers, digest) == data
+    assert chain.state() == 0  # an answer, not trouble
+
+
+async def test_a_blob_broken_by_a_tier_goes_on_from_the_registry_with_range(
+    chain: Chain,
+) -> None:
+    data = os.urandom(300_000)
+    digest = chain.registry.add_blob(data)
+    chain.tier.add_blob(data)
+    # Each request (the first and its resumes) breaks after 10 kB: the tier gives up.
+    chain.tier.faults[digest] = Fault(cut_after=10_000, cut_times=100)
+    assert await _read(chain.tiers, digest) == data
+    ranged = [r for r in chain.registry.requests if r.path.endswith(digest)]
+    assert ranged and all("range" in r.headers for r in ranged), ranged
+    assert chain.state() == 1
+
+
+async def test_a_manifest_with_wrong_bytes_from_a_tier_comes_from_the_registry(
+    chain: Chain,
+) -> None:
+    body = {"schemaVersion": 2, "mediaType": OCI}
+    digest = chain.registry.add_manifest(OCI, body, tag="v1")
+    chain.tier.add_manifest(OCI, body, tag="v1")
+    chain.tier.faults[digest] = Fault(wrong_bytes=True)
+    remote = await chain.tiers.get_manifest(
+        "app", Reference(digest=Digest.parse(digest)), OCI, 1 << 20
+    )
+    assert chain.registry.count("GET", digest) == 1
+    assert remote.digest_header == digest
+    assert chain.state() == 1
+
+
+async def test_when_every_tier_fails_the_registrys_error_is_raised(chain: Chain) -> None:
+    with pytest.raises(UpstreamError) as err:
+        await chain.tiers.head_blob("app", Digest("sha256", "0" * 64))
+    assert err.value.status == 404
