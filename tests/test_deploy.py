@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from harness import require_tool
 
 from mirror.loading import load_settings, unknown_environment
 
@@ -46,6 +47,67 @@ def test_example_config_shared_store_block_loads_uncommented(tmp_path: Path) -> 
     assert settings.s3_secret_access_key_file is not None
     assert settings.peer_secret_file is not None and settings.redis_password_file is not None
     assert settings.peer_url == "http://10.1.2.3:5000"
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_example_config_mirror_tier_loads_uncommented(tmp_path: Path) -> None:
+    """The commented `mirrors:` example under docker.io in deploy/mirror.yaml is valid
+    as written: a tier of that upstream, without the upstream's credentials."""
+    lines = (DEPLOY / "mirror.yaml").read_text().splitlines()
+    start = lines.index("    # mirrors:")
+    end = start + 1
+    while lines[end].startswith("    #   "):
+        end += 1
+    assert end - start == 3
+    lines[start:end] = ["    " + line.removeprefix("    # ") for line in lines[start:end]]
+    config = tmp_path / "mirror.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    settings = load_settings(config)
+    upstreams = {u.name: u for u in settings.resolved_upstreams()}
+    [tier] = upstreams["docker.io"].mirrors
+    assert (tier.name, tier.url) == ("central", "http://mirror-central.example.internal:5000")
+    assert tier.username is None and tier.password_file is None
+    assert upstreams["docker.io"].password_file is not None
+    assert settings.tier_backoff == 30
+    # As shipped, no upstream has a tier.
+    assert not any(u.mirrors for u in load_settings(DEPLOY / "mirror.yaml").resolved_upstreams())
+
+
+def _tiers_section_blocks(language: str) -> list[str]:
+    """The ```<language> blocks of docs/deploy.md's "Tiers" section, dedented."""
+    text = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    start = text.index("\n## Tiers\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)^\1```$", section, re.M | re.S)
+    return [
+        "\n".join(line.removeprefix(indent) for line in body.splitlines())
+        for indent, body in blocks
+    ]
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_deploy_docs_tier_settings_example_loads(tmp_path: Path) -> None:
+    """The settings example of docs/deploy.md's "Tiers" section is valid as written."""
+    settings_block, _rule = _tiers_section_blocks("yaml")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(settings_block)
+    settings = load_settings(config)
+    assert settings.tier_backoff == 30
+    upstreams = {u.name: u for u in settings.resolved_upstreams()}
+    assert [t.name for t in upstreams["ghcr.io"].mirrors] == ["central", "partner"]
+    assert upstreams["docker.io"].mirrors[0].username is None  # the registry's stay there
+
+
+def test_deploy_docs_tier_alert_example_passes_promtool(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    _settings, rule = _tiers_section_blocks("yaml")
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "tiers", "rules": yaml.safe_load(rule)}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mirror_tier_state" in rule
 
 
 def test_client_snippets_parse() -> None:

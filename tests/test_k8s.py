@@ -8,22 +8,29 @@ import copy
 import importlib.util
 import json
 import subprocess
+import tomllib
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
+from click.testing import CliRunner
 from harness import require_tool
 from harness.kube import (
     Doc,
     container_env,
+    expand,
     local_paths,
     materialize_volumes,
+    overlay_without,
     quantity,
     render,
     secret_data,
 )
 
+from mirror.cli import main
 from mirror.config import Settings
 from mirror.loading import load_settings, unknown_environment
 from mirror.units import parse_size
@@ -50,6 +57,29 @@ def _mirror_container(pod: Doc) -> Doc:
     containers: list[Doc] = pod["containers"] + pod.get("initContainers", [])
     [mirror] = [c for c in containers if c["name"] == "mirror"]
     return mirror
+
+
+def _config_settings(docs: list[Doc]) -> Settings:
+    """The settings file of an overlay's ConfigMap, alone (no MIRROR_* variables)."""
+    [config_map] = [c for c in _by_kind(docs, "ConfigMap") if "mirror.yaml" in c["data"]]
+    return Settings.model_validate(yaml.safe_load(config_map["data"]["mirror.yaml"]))
+
+
+def _pod_settings(
+    docs: list[Doc], container: Doc, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Settings, dict[str, str]]:
+    """A container's whole configuration as the kubelet gives it: its ConfigMap and
+    Secret volumes as files under `root`, its environment (set with `monkeypatch`)
+    resolved. Returns the settings it loads, and that environment."""
+    pod = _pod_spec(docs)
+    mounted = materialize_volumes(pod, container, docs, root)
+    env = local_paths(
+        container_env(container, docs, pod_ip="10.0.0.7", host_ip="192.0.2.7"), mounted
+    )
+    config = Path(env.pop("MIRROR_CONFIG"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_settings(config), {**env, "MIRROR_CONFIG": str(config)}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -236,14 +266,7 @@ def test_central_pod_settings_load_as_the_kubelet_gives_them(
     with the pod IP and Secret resolved, the Secret's files. It loads as store s3, and
     the shared secrets are read from the mounted files."""
     docs = render("central")
-    pod = _pod_spec(docs)
-    mirror = _mirror_container(pod)
-    mounted = materialize_volumes(pod, mirror, docs, tmp_path)
-    env = local_paths(container_env(mirror, docs, pod_ip="10.0.0.7"), mounted)
-    config = Path(env.pop("MIRROR_CONFIG"))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    settings = load_settings(config)
+    settings, _ = _pod_settings(docs, _mirror_container(_pod_spec(docs)), tmp_path, monkeypatch)
     assert settings.store == "s3"
     assert settings.peer_url == "http://10.0.0.7:5000"
     assert settings.s3_bucket and settings.redis_url is not None
@@ -275,6 +298,110 @@ def test_node_local_overlay_feeds_containerd() -> None:
     assert hosts[0]["hostPath"]["path"] == "/etc/containerd/certs.d"
     [service] = _by_kind(docs, "Service")
     assert service["spec"]["clusterIP"] == "None"
+
+
+def _central_service_url() -> tuple[str, str, int]:
+    """The central overlay's Service: its name, namespace and http port."""
+    docs = render("central")
+    [service] = _by_kind(docs, "Service")
+    [namespace] = _by_kind(docs, "Namespace")
+    assert service["metadata"]["namespace"] == namespace["metadata"]["name"]
+    [port] = [p["port"] for p in service["spec"]["ports"] if p["name"] == "http"]
+    return service["metadata"]["name"], service["metadata"]["namespace"], port
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_node_local_pod_settings_chain_every_upstream_to_the_central_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both overlays deployed, the node-local mirrors ask the central one first: the
+    node-local pod's whole configuration (ConfigMap file, environment) loads, and every
+    upstream has the central overlay's Service as its first mirror tier, with none of
+    the upstream's credentials."""
+    docs = render("node-local")
+    settings, _ = _pod_settings(docs, _mirror_container(_pod_spec(docs)), tmp_path, monkeypatch)
+    assert settings.max_size == parse_size("15GiB")  # the DaemonSet's variable still wins
+    upstreams = settings.resolved_upstreams()
+    assert {u.name for u in upstreams} >= {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+    name, namespace, port = _central_service_url()
+    for upstream in upstreams:
+        assert upstream.mirrors, f"{upstream.name} has no mirror tier"
+        tier = upstream.mirrors[0]
+        assert tier.name == "central"
+        url = urlsplit(tier.url)
+        assert url.scheme == "http"  # the central Service serves plain HTTP
+        assert url.port == port
+        # <service>.<namespace>.svc, optionally with the cluster domain after it.
+        labels = (url.hostname or "").split(".")
+        assert labels[:3] == [name, namespace, "svc"], tier.url
+        assert labels[3:] in ([], ["cluster", "local"]), tier.url
+        assert tier.username is None and tier.secret() is None
+        assert tier.ca_bundle is None and not tier.insecure_skip_verify
+    # Without the central overlay the tier fails fast, and is skipped this long.
+    assert 10 <= settings.tier_backoff <= 300
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_node_local_settings_are_the_base_ones_plus_the_central_tier() -> None:
+    """The chained settings file repeats base/mirror.yaml (one file per process): the
+    two must differ only in the tiers, or a change to the base (an upstream, its
+    credentials) would silently miss the nodes."""
+
+    def without_tiers(settings: Settings) -> dict[str, Any]:
+        values = settings.model_dump()
+        del values["tier_backoff"]
+        for upstream in values["upstreams"]:
+            del upstream["mirrors"]
+        return values
+
+    base = Settings.model_validate(yaml.safe_load((K8S / "base" / "mirror.yaml").read_text()))
+    chained = _config_settings(render("node-local"))
+    assert without_tiers(chained) == without_tiers(base)
+    assert all(u.mirrors for u in chained.upstreams)
+    # The central mirror (and the sidecar) use the base settings: no tier, above all not
+    # the central Service itself.
+    for overlay in ("central", "sidecar"):
+        assert not any(u.mirrors for u in _config_settings(render(overlay)).upstreams), overlay
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_node_local_init_container_writes_hosts_from_the_chained_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The containerd-hosts init container reads the same chained settings and runs
+    as the kubelet would start it: containerd's fallback stays the registry (the node's
+    containerd cannot resolve the central Service's name), its mirror the node's pod."""
+    docs = render("node-local")
+    pod = _pod_spec(docs)
+    [init] = [c for c in pod["initContainers"] if c["name"] == "containerd-hosts"]
+    _, env = _pod_settings(docs, init, tmp_path / "volumes", monkeypatch)
+    monkeypatch.setenv("MIRROR_CONFIG", env["MIRROR_CONFIG"])  # how the command finds it
+    certs = tmp_path / "certs.d"
+    args = [expand(a, env) for a in init["args"]]
+    args = [f"--dir={certs}" if a.startswith("--dir=") else a for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    found = {p.parent.name: tomllib.loads(p.read_text()) for p in certs.glob("*/hosts.toml")}
+    assert set(found) == {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+    assert found["docker.io"]["server"] == "https://registry-1.docker.io"
+    assert found["ghcr.io"]["server"] == "https://ghcr.io"
+    for hosts in found.values():
+        assert list(hosts["host"]) == ["http://192.0.2.7:29500"]
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_node_local_chaining_turns_off_with_one_line(tmp_path: Path) -> None:
+    """Without the chain-to-central component (one line in the overlay), the node-local
+    mirrors go straight to the registries, and the overlay still validates."""
+    docs = render(overlay_without("node-local", "chain-to-central", tmp_path))
+    for doc in docs:
+        if doc["kind"] not in OPERATOR_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    settings = _config_settings(docs)
+    assert not any(u.mirrors for u in settings.upstreams)
+    chained = _config_settings(render("node-local"))
+    assert [u.name for u in settings.upstreams] == [u.name for u in chained.upstreams]
+    assert _by_kind(docs, "DaemonSet")  # the rest of the overlay is all there
 
 
 def test_sidecar_overlay_is_a_native_sidecar() -> None:

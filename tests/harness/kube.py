@@ -5,7 +5,9 @@ and `$(VAR)` references resolved, and its configMap and secret volumes as files)
 from __future__ import annotations
 
 import base64
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,17 +37,42 @@ _QUANTITY_UNITS = {
 }
 
 
-def render(overlay: str) -> list[Doc]:
-    """`kubectl kustomize` of an overlay, as documents."""
+def render(overlay: str | Path) -> list[Doc]:
+    """`kubectl kustomize` of an overlay (its name, or a directory), as documents."""
     kubectl = require_tool("kubectl")
+    path = overlay if isinstance(overlay, Path) else OVERLAYS / overlay
     result = subprocess.run(
-        [kubectl, "kustomize", str(OVERLAYS / overlay)],
+        [kubectl, "kustomize", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def overlay_without(overlay: str, component: str, root: Path) -> Path:
+    """A copy of the overlay under `root` with one of its components removed, as a user
+    who deleted that line would have it. The directories it names (the base, the other
+    components) are the repository's own."""
+    source = OVERLAYS / overlay
+    copy = root / overlay
+    shutil.copytree(source, copy)
+    kustomization = yaml.safe_load((source / "kustomization.yaml").read_text())
+    components = kustomization.get("components", [])
+    kept = [c for c in components if Path(c).name != component]
+    assert len(kept) == len(components) - 1, f"{overlay} has no component {component}"
+    kustomization["components"] = kept
+    for key in ("resources", "components"):
+        kustomization[key] = [
+            # Relative: kustomize takes no absolute directory as a root.
+            os.path.relpath((source / entry).resolve(), copy)
+            if (source / entry).is_dir()
+            else entry
+            for entry in kustomization.get(key, [])
+        ]
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    return copy
 
 
 def quantity(value: str) -> int:
@@ -65,32 +92,42 @@ def _named(docs: list[Doc], kind: str, name: str) -> Doc:
     return doc
 
 
+def expand(value: str, env: dict[str, str]) -> str:
+    """`$(VAR)` references in a value, an argument or a command, as the kubelet expands
+    them from the container's environment (`$$` is a `$`)."""
+
+    def one(m: re.Match[str]) -> str:
+        if m[0] == "$$":
+            return "$"
+        return env.get(m[1], m[0])  # an undefined reference stays as written
+
+    return _REFERENCE.sub(one, value)
+
+
 def container_env(
-    container: Doc, docs: list[Doc], *, pod_ip: str, secrets: dict[str, str] | None = None
+    container: Doc,
+    docs: list[Doc],
+    *,
+    pod_ip: str,
+    host_ip: str | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The container's `env`, resolved as the kubelet does: values, the pod IP, secret
-    and configMap keys from `docs` (`secrets` overrides a Secret's values by key), and
-    `$(VAR)` references to earlier variables."""
+    """The container's `env`, resolved as the kubelet does: values, the pod and node
+    IPs, secret and configMap keys from `docs` (`secrets` overrides a Secret's values
+    by key), and `$(VAR)` references to earlier variables."""
     env: dict[str, str] = {}
-
-    def expand(value: str) -> str:
-        def one(m: re.Match[str]) -> str:
-            if m[0] == "$$":
-                return "$"
-            return env.get(m[1], m[0])  # an undefined reference stays as written
-
-        return _REFERENCE.sub(one, value)
-
+    fields = {"status.podIP": pod_ip, "status.hostIP": host_ip}
     for var in container.get("env", []):
         name = var["name"]
         if "value" in var:
-            env[name] = expand(var["value"])
+            env[name] = expand(var["value"], env)
             continue
         source = var["valueFrom"]
         if "fieldRef" in source:
             path = source["fieldRef"]["fieldPath"]
-            assert path == "status.podIP", f"{name}: unsupported fieldRef {path}"
-            env[name] = pod_ip
+            value = fields.get(path)
+            assert value is not None, f"{name}: unsupported or unset fieldRef {path}"
+            env[name] = value
         elif "secretKeyRef" in source:
             ref = source["secretKeyRef"]
             values = secret_data(_named(docs, "Secret", ref["name"]))
