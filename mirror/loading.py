@@ -22,7 +22,7 @@ import pydantic_settings
 import yaml
 from pydantic_settings import SettingsConfigDict
 
-from mirror.config import ENV_PREFIX, Settings, TTLRuleSetting, UpstreamSettings
+from mirror.config import ENV_PREFIX, Endpoint, Settings, TTLRuleSetting, UpstreamSettings
 
 
 class SettingsError(Exception):
@@ -150,8 +150,11 @@ def check_usable(settings: Settings) -> None:
     """What a running server needs beyond well-formed settings, checked before it
     starts: files named in the settings, secrets, and a cache directory it can write."""
     problems = []
+    endpoints: list[Endpoint] = []
     for upstream in settings.resolved_upstreams():
-        bundle = upstream.ca_bundle
+        endpoints += [upstream, *upstream.mirrors]
+    for endpoint in endpoints:
+        bundle = endpoint.ca_bundle
         if bundle is not None:
             try:
                 ssl.create_default_context(cafile=str(bundle))
@@ -163,9 +166,9 @@ def check_usable(settings: Settings) -> None:
                         f"holds no usable PEM certificate ({getattr(exc, 'reason', None) or exc})"
                     )
                 )
-                problems.append(f"upstream {upstream.name}: ca_bundle {bundle} {why}")
+                problems.append(f"{endpoint.label}: ca_bundle {bundle} {why}")
         try:
-            upstream.secret()
+            endpoint.secret()
         except ValueError as exc:
             problems.append(str(exc))
     problem = _cache_dir_problem(settings.cache_dir)

@@ -7,10 +7,13 @@ know tiers exist:
 
 - every call goes to the first tier whose circuit is closed; any failure there tries
   the next, and the registry is always tried last;
-- a tier in *trouble* (unreachable, 5xx, 429, a timeout, bytes that fail their digest)
-  opens its circuit: it is skipped for `backoff` seconds, then given one trial request
-  (half-open) and used again once it answers. A 404, 401 or 403 is the tier's answer,
-  not its trouble: the next tier is asked, but the circuit stays closed;
+- a tier that does not answer (connection error, timeout), or sends bytes that fail
+  their digest or break half-way, opens its circuit: it is skipped for `backoff`
+  seconds, then given one trial request (half-open) and used again once it answers. A
+  404, 401, 403 or 5xx is the tier's answer: the next tier is asked, but the circuit
+  stays closed (a warm central whose registry is down still serves what it holds);
+- a 429 from a tier is passed on: the tier is rate-limited by the registry, and every
+  node asking the registry itself would spend the same quota faster;
 - a blob body that breaks half-way continues from the next tier with `Range`;
 - content by digest may come from any tier: the proxy verifies it.
 """
@@ -38,10 +41,11 @@ State = Literal["closed", "open", "half-open"]
 _STATE_VALUE = {"closed": 0, "open": 1, "half-open": 2}
 
 
-def trouble(exc: UpstreamError) -> bool:
-    """Failures that say the tier is unwell (not an answer about the content)."""
-    status = exc.upstream_status
-    return status is None or status == 429 or status >= 500
+def unreachable(exc: UpstreamError) -> bool:
+    """The tier itself failed (no answer, a timeout): its circuit opens. A 5xx is an
+    answer: a warm central whose registry is down answers 502 for what it lacks and
+    200 for what it holds, so it stays in use (the next tier is asked this time)."""
+    return exc.upstream_status is None
 
 
 @dataclass
@@ -136,12 +140,17 @@ class Tiers:
             try:
                 result = await call(tier)
             except UpstreamError as exc:
+                if exc.upstream_status == 429:
+                    # The tier is rate-limited by the registry: every node asking the
+                    # registry itself would only spend the same quota faster.
+                    self._metrics.tier_requests.labels(self.name, tier.name, "error").inc()
+                    raise
                 error = exc
-                if trouble(exc):
+                if unreachable(exc):
                     self.failed(tier, exc.message)
                 else:
-                    # An answer about the content (404, 401, 403): the next tier is
-                    # asked, this one stays in use.
+                    # An answer (404, 401, 403, 5xx): the next tier is asked, this one
+                    # stays in use.
                     self._metrics.tier_requests.labels(self.name, tier.name, "error").inc()
                 continue
             self._answered(tier)

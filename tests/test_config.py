@@ -237,3 +237,26 @@ def test_shared_secrets_come_from_files(tmp_path: Path) -> None:
         "from-file",
         "peer-file-0123456789",
     )
+
+
+def test_a_tiers_secret_and_ca_bundle_are_checked_before_serving(tmp_path: Path) -> None:
+    from mirror.loading import check_usable
+
+    settings = Settings(
+        cache_dir=tmp_path / "cache",
+        upstreams=[
+            {
+                "name": "docker.io",
+                "mirrors": [
+                    {"url": "http://central:5000", "username": "u", "password_env": "NOPE_X"},
+                    {"url": "https://other:5000", "ca_bundle": str(tmp_path / "none.pem")},
+                ],
+            }
+        ],
+    )
+    with pytest.raises(SettingsError) as err:
+        check_usable(settings)
+    assert str(err.value).splitlines() == [
+        "mirror tier central:5000: environment variable NOPE_X is not set",
+        f"mirror tier other:5000: ca_bundle {tmp_path / 'none.pem'} is not a readable file",
+    ]

@@ -81,23 +81,72 @@ async def test_the_tier_answers_first_with_ns_and_our_ttl_as_max_age(chain: Chai
     assert chain.registry.requests == []
 
 
-async def test_a_tier_in_trouble_is_skipped_until_its_backoff_ends_then_tried_once(
+async def test_a_failing_tier_is_skipped_until_its_backoff_ends_then_tried_once(
     chain: Chain,
 ) -> None:
-    data = os.urandom(1000)
+    data = os.urandom(300_000)
     digest = chain.registry.add_blob(data)
     chain.tier.add_blob(data)
-    chain.tier.faults[digest] = Fault(status=503)
-    assert await _read(chain.tiers, digest) == data  # from the registry
+    chain.tier.faults[digest] = Fault(cut_after=10_000, cut_times=100)  # it breaks
+    assert await _read(chain.tiers, digest) == data  # finished by the registry
     assert chain.state() == 1  # open
+    asked = len(chain.tier.requests)
     assert await _read(chain.tiers, digest) == data
-    assert len(chain.tier.requests) == 1  # skipped: not asked again
+    assert len(chain.tier.requests) == asked  # skipped: not asked again
     chain.clock.now += 31  # the back-off is over: one trial, which works now
     del chain.tier.faults[digest]
     assert await _read(chain.tiers, digest) == data
     assert chain.state() == 0
-    assert len(chain.tier.requests) == 2
-    assert chain.registry.count("GET", digest) == 2
+    assert len(chain.tier.requests) == asked + 1
+
+
+async def test_a_5xx_from_a_tier_asks_the_registry_and_keeps_the_tier(chain: Chain) -> None:
+    """A warm central whose registry is down answers 502 for what it lacks: it is
+    still the place for what it holds."""
+    data = os.urandom(1000)
+    digest = chain.registry.add_blob(data)
+    chain.tier.faults[digest] = Fault(status=502)
+    assert await _read(chain.tiers, digest) == data
+    assert chain.state() == 0
+    other = chain.tier.add_blob(os.urandom(500))
+    assert await _read(chain.tiers, other) == chain.tier.blobs[other]
+    assert chain.registry.count("GET", other) == 0
+
+
+async def test_a_429_from_a_tier_is_passed_on_not_spent_again_at_the_registry(
+    chain: Chain,
+) -> None:
+    data = os.urandom(1000)
+    digest = chain.registry.add_blob(data)
+    chain.tier.faults[digest] = Fault(status=429, retry_after="30")
+    with pytest.raises(UpstreamError) as err:
+        await _read(chain.tiers, digest)
+    assert err.value.status == 429
+    assert chain.registry.requests == []
+
+
+async def test_an_unreachable_tier_opens_its_circuit(chain: Chain) -> None:
+    metrics = Metrics()
+    registry = chain.tiers._tiers[-1]
+    tiers = Tiers(
+        [
+            Tier(
+                "central",
+                Upstream("http://127.0.0.1:9", make_client(1, 1), metrics, ns="docker.io"),
+                registry=False,
+            ),
+            registry,
+        ],
+        metrics,
+        clock=chain.clock,
+    )
+    data = os.urandom(100)
+    digest = chain.registry.add_blob(data)
+    try:
+        assert await _read(tiers, digest) == data
+        assert metrics.tier_state.labels("docker.io", "central")._value.get() == 1
+    finally:
+        await tiers._tiers[0].upstream.aclose()  # the registry's is the fixture's
 
 
 async def test_a_404_from_a_tier_asks_the_registry_but_keeps_the_tier(chain: Chain) -> None:
