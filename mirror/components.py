@@ -155,7 +155,9 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             lease_ttl=settings.lease_ttl,
         )
     configured = settings.resolved_upstreams()
-    urls = [c.base_url for c in configured]
+    # Every registry's and tier's origin: a token realm on any other one than an
+    # upstream's own is refused (credentials never cross between them).
+    urls = [c.base_url for c in configured] + [t.url for c in configured for t in c.mirrors]
     freshness = settings.freshness()
     # Every secret is read before any client is opened: a missing one fails the start
     # with nothing to clean up.
@@ -188,6 +190,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
                         tier.url,
                         tier_secret,
                         name=tier.name,
+                        others=tuple(u for u in urls if u != tier.url),
                         ns=config.name,
                     ),
                     registry=False,
@@ -221,6 +224,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             source=None if cluster is None else cluster.source(upstream),
             cluster=cluster,
             revalidate_wait=settings.fetch_timeout + 1,
+            stale_after=settings.fetch_timeout / 2,
         )
     router = Router(
         proxies,

@@ -418,6 +418,17 @@ class Settings(BaseSettings):
         names = [n for u in self.upstreams for n in (u.name, *u.aliases)]
         if len(set(names)) != len(names):
             raise ValueError(f"upstream names and aliases must be unique: {names}")
+        # Tier names label metrics next to upstream names: a tier may serve several
+        # upstreams (one central mirror), but never share a name with a registry, nor
+        # appear twice in one upstream's list.
+        for u in self.upstreams:
+            tiers = [t.name for t in u.mirrors]
+            if len(set(tiers)) != len(tiers):
+                raise ValueError(f"upstream {u.name}: mirror tier names must be unique: {tiers}")
+            if clash := set(tiers) & set(names):
+                raise ValueError(
+                    f"upstream {u.name}: mirror tier {sorted(clash)[0]} has a registry's name"
+                )
         prefixes = [u.path_prefix for u in self.upstreams if u.path_prefix]
         if len(set(prefixes)) != len(prefixes):
             raise ValueError(f"upstream path prefixes must be unique: {prefixes}")

@@ -93,7 +93,9 @@ class Proxy:
         source: OpenSource | None = None,
         cluster: Coordinator | None = None,
         revalidate_wait: float = 20.0,
+        stale_after: float | None = None,
     ) -> None:
+        self._stale_after = stale_after
         self._cluster = cluster
         # How long replicas wait for another's revalidation (a HEAD's deadline).
         self._revalidate_wait = revalidate_wait
@@ -215,16 +217,28 @@ class Proxy:
     async def _revalidate(
         self, key: TagKey, ref: Reference, accept: AcceptSet, stored: StoredManifest, age: float
     ) -> Manifest:
-        """HEAD the tag; fetch the body only if the digest moved; stale if upstream fails."""
+        """HEAD the tag; fetch the body only if the digest moved; stale if upstream fails.
+
+        With a stale answer at hand, the upstream gets `stale_after` seconds, not a whole
+        fetch_timeout: a downstream mirror tier waiting on us with the same deadline
+        must get the stale answer before its deadline takes us for unreachable."""
+        budget = self._stale_after if age < self._freshness.max_stale else None
         try:
-            head = await self._upstream.head_manifest(key.repo, ref, accept.header())
-            if head.digest == stored.digest:
-                # A tier's answer may be `head.age` old already: counted from then.
-                entry = TagEntry(stored.digest, stored.media_type, self._clock() - head.age)
-                await self._cache_write(self._store.put_tag(key, entry))
-                return Manifest(stored, "revalidated")
-            # The tag moved (or the upstream named no digest): fetch the body.
-            return Manifest(await self._fetch_manifest(key.repo, ref, accept), "miss")
+            try:
+                async with asyncio.timeout(budget):
+                    head = await self._upstream.head_manifest(key.repo, ref, accept.header())
+                    if head.digest == stored.digest:
+                        # A tier's answer may be `head.age` old already: counted from then.
+                        when = self._clock() - head.age
+                        entry = TagEntry(stored.digest, stored.media_type, when)
+                        await self._cache_write(self._store.put_tag(key, entry))
+                        return Manifest(stored, "revalidated")
+                    # The tag moved (or the upstream named no digest): fetch the body.
+                    return Manifest(await self._fetch_manifest(key.repo, ref, accept), "miss")
+            except TimeoutError:
+                raise UpstreamError(
+                    "UNAVAILABLE", f"no answer within {budget:.0f} s", status=504
+                ) from None
         except UpstreamError as exc:
             if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
                 raise

@@ -197,17 +197,24 @@ def _blob_response(
     return BlobResponse(status, headers, blob.body, on_chunk)
 
 
+_SECONDS_RE = re.compile(r"[0-9]{1,12}")
+# However fresh a client asks a tag to be, it is revalidated at most this often: any
+# client may send `Cache-Control`, and none may turn every pull into a registry HEAD.
+MIN_MAX_AGE = 1.0
+
+
 def _max_age(cache_control: str | None) -> float | None:
-    """`Cache-Control: max-age=N` (or `no-cache`: 0) from a downstream mirror tier."""
+    """`Cache-Control: max-age=N` (or `no-cache`: 0) from a downstream mirror tier;
+    anything unparsable is ignored."""
     if not cache_control:
         return None
     for part in cache_control.split(","):
         key, _, value = part.strip().partition("=")
         key = key.strip().lower()
         if key == "no-cache":
-            return 0.0
-        if key == "max-age" and value.strip().isdigit() and len(value.strip()) <= 12:
-            return float(value.strip())
+            return MIN_MAX_AGE
+        if key == "max-age" and _SECONDS_RE.fullmatch(value.strip()):  # ASCII digits only
+            return max(MIN_MAX_AGE, float(value.strip()))
     return None
 
 

@@ -20,6 +20,7 @@ know tiers exist:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -120,11 +121,15 @@ class Tiers:
 
     def _answered(self, tier: Tier) -> None:
         self._metrics.tier_requests.labels(self.name, tier.name, "ok").inc()
+        self._up(tier)
+        if (record := logs.current.get()) is not None:
+            record.tier = tier.name
+
+    def _up(self, tier: Tier) -> None:
+        """The tier answered: its circuit closes."""
         if tier.state != "closed":
             log.info("mirror tier %s of %s answers again", tier.name, self.name)
             self._set(tier, "closed")
-        if (record := logs.current.get()) is not None:
-            record.tier = tier.name
 
     def _set(self, tier: Tier, state: State) -> None:
         tier.state = state
@@ -137,22 +142,31 @@ class Tiers:
         for tier in self._usable():
             if tier in skip and not tier.registry:
                 continue
+            settled = False
             try:
                 result = await call(tier)
             except UpstreamError as exc:
-                if exc.upstream_status == 429:
-                    # The tier is rate-limited by the registry: every node asking the
-                    # registry itself would only spend the same quota faster.
-                    self._metrics.tier_requests.labels(self.name, tier.name, "error").inc()
-                    raise
-                error = exc
+                settled = True
                 if unreachable(exc):
                     self.failed(tier, exc.message)
                 else:
-                    # An answer (404, 401, 403, 5xx): the next tier is asked, this one
-                    # stays in use.
+                    # An answer (404, 401, 403, 429, 5xx): the tier is up, and stays
+                    # in use; the next tier is asked this time.
+                    self._up(tier)
                     self._metrics.tier_requests.labels(self.name, tier.name, "error").inc()
+                if exc.upstream_status == 429:
+                    # The tier is rate-limited by the registry: every node asking the
+                    # registry itself would only spend the same quota faster.
+                    raise
+                error = exc
                 continue
+            else:
+                settled = True
+            finally:
+                if not settled and tier.state == "half-open":
+                    # A trial that ended otherwise (cancelled): tried again later.
+                    self._set(tier, "open")
+                    tier.until = self._clock() + self._backoff
             self._answered(tier)
             return result
         assert error is not None  # the registry is always tried
@@ -178,6 +192,11 @@ class Tiers:
         async def get(tier: Tier) -> RemoteManifest:
             fresh = self._max_age(tier, repo, ref)
             remote = await tier.upstream.get_manifest(repo, ref, accept, max_bytes, fresh)
+            if fresh is not None and remote.age >= fresh:
+                # Older than we asked: a tier serving stale (its registry is down) or
+                # one that ignores max-age. Counted from now, or the tag would expire
+                # at once and be asked for again on every request.
+                remote = dataclasses.replace(remote, age=0.0)
             if not tier.registry and not _matches(remote, ref):
                 # Wrong bytes from a tier: try the next one (the proxy verifies again).
                 raise UpstreamError("DIGEST_INVALID", "tier sent a manifest that failed its digest")
@@ -188,9 +207,14 @@ class Tiers:
     async def head_manifest(
         self, repo: str, ref: Reference, accept: str | None, max_age: float | None = None
     ) -> ManifestHead:
-        return await self._first(
-            lambda t: t.upstream.head_manifest(repo, ref, accept, self._max_age(t, repo, ref))
-        )
+        async def head(tier: Tier) -> ManifestHead:
+            fresh = self._max_age(tier, repo, ref)
+            answer = await tier.upstream.head_manifest(repo, ref, accept, fresh)
+            if fresh is not None and answer.age >= fresh:
+                answer = dataclasses.replace(answer, age=0.0)  # as in get_manifest
+            return answer
+
+        return await self._first(head)
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None:
         return await self._first(lambda t: t.upstream.head_blob(repo, digest))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -73,8 +74,12 @@ class ManifestHead:
 MAX_AGE = 365 * 86400
 
 
+_SECONDS_RE = re.compile(r"[0-9]{1,12}")
+
+
 def parse_age(value: str | None) -> float:
-    if not value or not value.strip().isdigit() or len(value.strip()) > 12:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not value or not _SECONDS_RE.fullmatch(value.strip()):
         return 0.0
     age = int(value.strip())
     return float(age) if age <= MAX_AGE else 0.0
@@ -206,7 +211,7 @@ class Upstream:
             body,
             headers.get("content-type"),
             headers.get("docker-content-digest"),
-            parse_age(headers.get("age")),
+            self._age(headers),
         )
 
     async def head_manifest(
@@ -230,9 +235,12 @@ class Upstream:
                 )
                 resp = await self._request("GET", path, repo, "manifest", accept, fresh)
         await resp.aclose()
-        return ManifestHead(
-            _digest(resp.headers, "docker-content-digest"), parse_age(resp.headers.get("age"))
-        )
+        return ManifestHead(_digest(resp.headers, "docker-content-digest"), self._age(resp.headers))
+
+    def _age(self, headers: Mapping[str, str]) -> float:
+        """A mirror tier's `Age`; a registry's (or a CDN's in front of it) means
+        nothing about when the tag was confirmed: 0."""
+        return parse_age(headers.get("age")) if self._ns is not None else 0.0
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None:
         async with self._deadline():
@@ -264,7 +272,12 @@ class Upstream:
                 resp.status_code != 206
                 or not resp.headers.get("content-range", "").startswith(f"bytes {start}-")
             ):
-                raise UpstreamError("UNAVAILABLE", "upstream cannot resume the blob", status=502)
+                raise UpstreamError(
+                    "UNAVAILABLE",
+                    "upstream cannot resume the blob",
+                    status=502,
+                    upstream_status=resp.status_code,  # an answer, not an outage
+                )
             return RemoteBlob(
                 path,
                 resp,

@@ -260,3 +260,18 @@ def test_a_tiers_secret_and_ca_bundle_are_checked_before_serving(tmp_path: Path)
         "mirror tier central:5000: environment variable NOPE_X is not set",
         f"mirror tier other:5000: ca_bundle {tmp_path / 'none.pem'} is not a readable file",
     ]
+
+
+def test_tier_names_never_clash_with_a_registry_and_are_unique_per_upstream() -> None:
+    central = {"name": "central", "url": "http://central:5000"}
+    Settings(upstreams=[{"name": "docker.io", "mirrors": [central]},
+                        {"name": "ghcr.io", "mirrors": [central]}])  # fmt: skip
+    with pytest.raises(pydantic.ValidationError, match="must be unique"):
+        Settings(upstreams=[{"name": "docker.io", "mirrors": [central, central]}])
+    with pytest.raises(pydantic.ValidationError, match="has a registry's name"):
+        Settings(
+            upstreams=[
+                {"name": "docker.io", "mirrors": [{"name": "ghcr.io", "url": "http://c:5000"}]},
+                {"name": "ghcr.io"},
+            ]
+        )

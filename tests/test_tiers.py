@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
-from fakes.clock import Clock
-from fakes.server import serve
-from fakes.upstream import FakeUpstream, Fault
+from fakes.chain import Chain, read, tier_chain
+from fakes.upstream import Fault
 
 from mirror.errors import UpstreamError
 from mirror.metrics import Metrics
@@ -20,53 +18,10 @@ from mirror.upstream import Upstream, make_client
 OCI = "application/vnd.oci.image.manifest.v1+json"
 
 
-@dataclass
-class Chain:
-    tier: FakeUpstream
-    registry: FakeUpstream
-    tiers: Tiers
-    clock: Clock
-    metrics: Metrics
-
-    def state(self) -> float:
-        value = self.metrics.tier_state.labels("docker.io", "central")._value.get()
-        return float(value)
-
-
 @pytest.fixture
 async def chain() -> AsyncIterator[Chain]:
-    tier, registry = FakeUpstream(), FakeUpstream()
-    clock = Clock()
-    metrics = Metrics()
-    async with serve(tier) as tier_url, serve(registry) as registry_url:
-        tiers = Tiers(
-            [
-                Tier(
-                    "central",
-                    Upstream(tier_url, make_client(2, 2), metrics, name="central", ns="docker.io"),
-                    registry=False,
-                ),
-                Tier(
-                    "docker.io",
-                    Upstream(registry_url, make_client(2, 2), metrics, name="docker.io"),
-                    registry=True,
-                ),
-            ],
-            metrics,
-            backoff=30,
-            ttl=lambda repo, tag: 120.0,
-            clock=clock,
-        )
-        yield Chain(tier, registry, tiers, clock, metrics)
-        await tiers.aclose()
-
-
-async def _read(tiers: Tiers, digest: str, start: int = 0) -> bytes:
-    blob = await tiers.open_blob("app", Digest.parse(digest), 1 << 30, start)
-    try:
-        return b"".join([chunk async for chunk in blob])
-    finally:
-        await blob.aclose()
+    async with tier_chain() as c:
+        yield c
 
 
 async def test_the_tier_answers_first_with_ns_and_our_ttl_as_max_age(chain: Chain) -> None:
@@ -88,14 +43,14 @@ async def test_a_failing_tier_is_skipped_until_its_backoff_ends_then_tried_once(
     digest = chain.registry.add_blob(data)
     chain.tier.add_blob(data)
     chain.tier.faults[digest] = Fault(cut_after=10_000, cut_times=100)  # it breaks
-    assert await _read(chain.tiers, digest) == data  # finished by the registry
+    assert await read(chain.tiers, digest) == data  # finished by the registry
     assert chain.state() == 1  # open
     asked = len(chain.tier.requests)
-    assert await _read(chain.tiers, digest) == data
+    assert await read(chain.tiers, digest) == data
     assert len(chain.tier.requests) == asked  # skipped: not asked again
     chain.clock.now += 31  # the back-off is over: one trial, which works now
     del chain.tier.faults[digest]
-    assert await _read(chain.tiers, digest) == data
+    assert await read(chain.tiers, digest) == data
     assert chain.state() == 0
     assert len(chain.tier.requests) == asked + 1
 
@@ -106,10 +61,10 @@ async def test_a_5xx_from_a_tier_asks_the_registry_and_keeps_the_tier(chain: Cha
     data = os.urandom(1000)
     digest = chain.registry.add_blob(data)
     chain.tier.faults[digest] = Fault(status=502)
-    assert await _read(chain.tiers, digest) == data
+    assert await read(chain.tiers, digest) == data
     assert chain.state() == 0
     other = chain.tier.add_blob(os.urandom(500))
-    assert await _read(chain.tiers, other) == chain.tier.blobs[other]
+    assert await read(chain.tiers, other) == chain.tier.blobs[other]
     assert chain.registry.count("GET", other) == 0
 
 
@@ -120,7 +75,7 @@ async def test_a_429_from_a_tier_is_passed_on_not_spent_again_at_the_registry(
     digest = chain.registry.add_blob(data)
     chain.tier.faults[digest] = Fault(status=429, retry_after="30")
     with pytest.raises(UpstreamError) as err:
-        await _read(chain.tiers, digest)
+        await read(chain.tiers, digest)
     assert err.value.status == 429
     assert chain.registry.requests == []
 
@@ -143,7 +98,7 @@ async def test_an_unreachable_tier_opens_its_circuit(chain: Chain) -> None:
     data = os.urandom(100)
     digest = chain.registry.add_blob(data)
     try:
-        assert await _read(tiers, digest) == data
+        assert await read(tiers, digest) == data
         assert metrics.tier_state.labels("docker.io", "central")._value.get() == 1
     finally:
         await tiers._tiers[0].upstream.aclose()  # the registry's is the fixture's
@@ -152,7 +107,7 @@ async def test_an_unreachable_tier_opens_its_circuit(chain: Chain) -> None:
 async def test_a_404_from_a_tier_asks_the_registry_but_keeps_the_tier(chain: Chain) -> None:
     data = os.urandom(100)
     digest = chain.registry.add_blob(data)  # the tier does not have it: 404
-    assert await _read(chain.tiers, digest) == data
+    assert await read(chain.tiers, digest) == data
     assert chain.state() == 0  # an answer, not trouble
 
 
@@ -164,7 +119,7 @@ async def test_a_blob_broken_by_a_tier_goes_on_from_the_registry_with_range(
     chain.tier.add_blob(data)
     # Each request (the first and its resumes) breaks after 10 kB: the tier gives up.
     chain.tier.faults[digest] = Fault(cut_after=10_000, cut_times=100)
-    assert await _read(chain.tiers, digest) == data
+    assert await read(chain.tiers, digest) == data
     ranged = [r for r in chain.registry.requests if r.path.endswith(digest)]
     assert ranged and all("range" in r.headers for r in ranged), ranged
     assert chain.state() == 1
