@@ -46,13 +46,15 @@ unit: install
 
 ## Measurements (results in docs/benchmarks.md): side by side with Distribution's
 ## proxy mode (rewrites its section and plots), upstream read path, pull times,
-## replicas on S3 + Redis (as root: it runs Ceph; rewrites its tables).
+## replicas on S3 + Redis (as root: it runs Ceph; rewrites its tables), a fleet
+## rollout through mirror tiers (20 and 50 edges, about 4 minutes; rewrites its tables).
 bench: system-deps install
 	$(BIN)/python -m bench.compare --write-docs
 	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3
 	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3 --mallopt
 	$(BIN)/python bench/pull_times.py --repeat 3 --big-mib 256
 	$(BIN)/python bench/replicas.py --repeat 5 --write-docs
+	$(BIN)/python bench/fleet.py --edges 20,50 --repeat 2 --write-docs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
