@@ -33,6 +33,10 @@ from mirror.upstream import Credentials, RemoteStore, Upstream, make_client
 
 log = logging.getLogger(__name__)
 
+# Seconds without a byte after which a tier's blob body is given up on (the next tier,
+# or the registry, goes on with Range).
+TIER_STALL = 10.0
+
 
 def open_store(
     settings: Settings, clock: Callable[[], float] = time.time, metrics: Metrics | None = None
@@ -267,9 +271,15 @@ def _upstream(
         else None,
         token_hosts=token_hosts,
         other_upstreams=others,
-        resume_attempts=settings.resume_attempts,
+        # A tier's broken or stalled body goes on from the next tier (TieredBlob), not
+        # from the same tier again; and a tier that hangs is given up on sooner than a
+        # registry (measured: a SIGSTOPped central held pulls ~80 s with the
+        # registry's 60 s stall plus a same-tier resume; bench/fleet.py --cases stopped).
+        resume_attempts=settings.resume_attempts if ns is None else 0,
         fetch_timeout=settings.fetch_timeout,
-        stall_timeout=settings.read_timeout,
+        stall_timeout=settings.read_timeout
+        if ns is None
+        else min(settings.read_timeout, TIER_STALL),
         ns=ns,
     )
 
