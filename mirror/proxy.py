@@ -160,8 +160,11 @@ class Proxy:
         self, repo: str, ref: Reference, accept: AcceptSet, max_age: float | None
     ) -> Manifest:
         answer = await self._tag_answer(repo, ref, accept, max_age)
+        if answer.age is not None:
+            return answer  # a hit or a stale answer: its entry was read already
         assert ref.tag is not None
-        # The answer's age, as recorded (a tier's answer may be old already).
+        # Fetched or revalidated just now: its age as recorded (a tier's answer may be
+        # old already). Only off the hit path, which is most requests.
         entry = await self._store.get_tag(TagKey(self.name, repo, ref.tag, accept.cache_key))
         if entry is None or entry.digest != answer.stored.digest:
             return answer
@@ -179,7 +182,7 @@ class Proxy:
         age = self._clock() - entry.stored_at
         ttl = self._freshness.ttl(repo, ref.tag)
         if age < (ttl if max_age is None else min(ttl, max_age)):
-            return Manifest(stored, "hit")
+            return Manifest(stored, "hit", max(0.0, age))
         # N concurrent requests for an expired tag cause one revalidation; with
         # replicas, one for the whole cluster.
         return await self._coalesced(
@@ -243,7 +246,7 @@ class Proxy:
             if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
                 raise
             log.warning("serving %s:%s stale (%.0f s old): %s", key.repo, key.tag, age, exc.message)
-            return Manifest(stored, "stale")
+            return Manifest(stored, "stale", max(0.0, age))
 
     async def _shared_fetch(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
         # N concurrent misses for one manifest (a rollout) cause one upstream request;
