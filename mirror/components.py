@@ -70,7 +70,6 @@ def open_store(
             password=secrets.redis_password,
             ca_bundle=settings.redis_ca_bundle,
             prefix=settings.redis_prefix,
-            clock=clock,
         )
     except BaseException:
         l1.close()

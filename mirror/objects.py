@@ -33,6 +33,7 @@ from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import S3Store
 
 from mirror.errors import RegistryError
+from mirror.health import Health
 from mirror.metrics import Metrics, S3Operation
 from mirror.reference import Digest
 from mirror.store import READ_CHUNK
@@ -64,9 +65,15 @@ class Objects:
     ) -> None:
         self._store = store
         self._metrics = metrics
-        self._clock = clock
-        self._down_until = 0.0
-        self._down = False
+        self.health = Health(
+            "s3",
+            metrics,
+            backoff=BACKOFF,
+            down="object store unavailable (%s); serving from the local cache, "
+            "new content uncached in the bucket",
+            up="object store reachable again",
+            clock=clock,
+        )
 
     @classmethod
     def connect(
@@ -134,13 +141,13 @@ class Objects:
 
     @property
     def reachable(self) -> bool:
-        return not self._down
+        return self.health.reachable
 
     async def _call(self, op: S3Operation, request: Callable[[], Awaitable[T]]) -> T | None:
         """Run one request: timed, counted, NotFound as None, failures as
         ObjectStoreError (and the start of a back-off). A factory, not an awaitable:
         obstore starts a request when it is called, and a backing-off call makes none."""
-        if self._down and self._clock() < self._down_until:
+        if self.health.backing_off():
             raise ObjectStoreError(f"object store unavailable (retrying in {BACKOFF:.0f} s)")
         started = time.perf_counter()
         try:
@@ -164,23 +171,11 @@ class Objects:
 
     def _failed(self, op: str, exc: BaseException) -> ObjectStoreError:
         message = _one_line(exc)
-        self._down_until = self._clock() + BACKOFF
-        if not self._down:
-            self._down = True
-            self._metrics.shared_degraded.labels("s3").set(1)
-            log.error(
-                "object store unavailable (%s: %s); serving from the local cache, "
-                "new content uncached in the bucket",
-                op,
-                message,
-            )
+        self.health.failed(f"{op}: {message}")
         return ObjectStoreError(f"object store {op} failed: {message}")
 
     def _up(self) -> None:
-        if self._down:
-            self._down = False
-            self._metrics.shared_degraded.labels("s3").set(0)
-            log.info("object store reachable again")
+        self.health.ok()
 
     # -- blobs ------------------------------------------------------------------------
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +29,7 @@ import redis.asyncio as aredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from mirror.health import Health
 from mirror.metrics import CacheUsage, Metrics
 from mirror.reference import Digest
 from mirror.store import BlobEntry, Scan, TagEntry, TagKey
@@ -82,7 +81,6 @@ class RedisIndex:
         password: str | None = None,
         ca_bundle: Path | None = None,
         prefix: str = "mirror:",
-        clock: Callable[[], float] = time.time,
     ) -> None:
         options: dict[str, Any] = {
             "socket_timeout": TIMEOUT,
@@ -100,10 +98,14 @@ class RedisIndex:
         self._sync = redis.Redis.from_url(url, **options)
         self._p = prefix
         self._metrics = metrics
-        self._clock = clock
-        self._down_until = 0.0
-        self._down = False
-        self._health = threading.Lock()
+        self.health = Health(
+            "redis",
+            metrics,
+            backoff=BACKOFF,
+            down="redis unavailable (%s); working alone: local single flight, content "
+            "found by digest in the local cache and the bucket",
+            up="redis reachable again; coordinating with the other replicas",
+        )
         self._usage = CacheUsage(0, 0, 0, 0)
         self._claim = self._async.register_script(_CLAIM)
         self._renew = self._async.register_script(_RENEW)
@@ -111,7 +113,7 @@ class RedisIndex:
 
     @property
     def reachable(self) -> bool:
-        return not self._down
+        return self.health.reachable
 
     async def aclose(self) -> None:
         await self._async.aclose()
@@ -120,31 +122,16 @@ class RedisIndex:
     # -- health -----------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._down and time.monotonic() < self._down_until:
+        if self.health.backing_off():
             raise IndexUnavailable("redis unavailable (backing off)")
 
     def _failed(self, exc: Exception) -> IndexUnavailable:
         self._metrics.redis_errors.inc()
-        with self._health:
-            self._down_until = time.monotonic() + BACKOFF
-            first = not self._down
-            self._down = True
-        if first:
-            self._metrics.shared_degraded.labels("redis").set(1)
-            log.error(
-                "redis unavailable (%s); working alone: local single flight, content "
-                "found by digest in the local cache and the bucket",
-                _describe(exc),
-            )
+        self.health.failed(_describe(exc))
         return IndexUnavailable(_describe(exc))
 
     def _ok(self) -> None:
-        if self._down:
-            with self._health:
-                was, self._down = self._down, False
-            if was:
-                self._metrics.shared_degraded.labels("redis").set(0)
-                log.info("redis reachable again; coordinating with the other replicas")
+        self.health.ok()
 
     async def _run(self, call: Callable[[], Awaitable[T]]) -> T:
         self._check()

@@ -82,7 +82,7 @@ async def test_a_redis_that_is_down_fails_fast_logs_once_and_recovers(
             assert metrics.redis_errors._value.get() >= 1
     finally:
         redis_server.start()
-    index._down_until = 0.0  # the back-off is over
+    index.health.until = 0.0  # the back-off is over
     with caplog.at_level(logging.INFO):
         assert index.ping_sync()
         assert await index.blob_size(D1) is None

@@ -173,7 +173,7 @@ async def test_a_blob_committed_while_redis_was_down_is_found_and_indexed(
     finally:
         redis_server.start()
     for store in (a, b):
-        store.index._down_until = 0.0  # past the back-off
+        store.index.health.until = 0.0  # past the back-off
     assert [e.digest for e in b.scan().blobs] == []
     # Asked for: found by a HEAD, served, and indexed.
     found = await b.open_blob(orphan)
