@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the system packages the test suite runs for real: the CNCF Distribution
-# registry (the upstream), skopeo and containerd (real clients), and Prometheus with
+# registry (the upstream), skopeo, podman and containerd (real clients), and Prometheus with
 # promtool (the dashboard's queries and the alert rules are checked against them), and
 # the shared store's engines: Ceph's RADOS Gateway (S3) and Redis, plus curl (the
 # harness signs S3 requests with it).
@@ -12,6 +12,7 @@ set -euo pipefail
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
+command -v podman >/dev/null || need+=(podman)
 command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 command -v radosgw >/dev/null || need+=(radosgw)
