@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirror import dockerhub
+from mirror.access import Access
+from mirror.clientauth import ClientAuth, token_key
 from mirror.cluster import Cluster
 from mirror.config import Endpoint, Settings
 from mirror.diskstore import DiskStore
@@ -128,6 +130,7 @@ class Components:
     router: Router
     evictor: Evictor | SharedRounds
     upstreams: list[RemoteStore]
+    auth: ClientAuth
     cluster: Cluster | None = None
 
     async def aclose(self) -> None:
@@ -144,6 +147,8 @@ class Components:
 def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Components:
     """The store, one proxy per configured upstream (each with its own client,
     credentials and downloads; the store and eviction are shared), and the router."""
+    # Before the store: a bad htpasswd or key file fails the start with nothing open.
+    auth = client_auth(settings, metrics, clock)
     store = open_store(settings, clock, metrics)
     cluster = None
     if isinstance(store, SharedStore):
@@ -242,7 +247,21 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
         router,
         evictor(settings, store, metrics, clock),
         upstreams,
+        auth,
         cluster,
+    )
+
+
+def client_auth(
+    settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time
+) -> ClientAuth:
+    peer_secret = settings.shared_secrets().peer_secret if settings.store == "s3" else None
+    return ClientAuth(
+        settings,
+        Access(settings.access, settings.auth_groups),
+        metrics,
+        key=token_key(settings, peer_secret),
+        clock=clock,
     )
 
 

@@ -231,6 +231,52 @@ class UpstreamSettings(Endpoint):
         )
 
 
+class StaticToken(BaseModel):
+    """A bearer token for a robot (CI), kept as its SHA-256: the config never holds it.
+    `mirror auth token NAME` makes one. Sent as `Authorization: Bearer <token>`, or as
+    the password of a Basic login with the name as user (docker login, skopeo)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    sha256: str
+    groups: list[str] = Field(default_factory=list)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        value = value.strip().lower().removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("a static token's sha256 is 64 hex digits (mirror auth token NAME)")
+        return value
+
+
+class AccessRule(BaseModel):
+    """Who may pull what. A rule applies to its users, its groups and (if set) anonymous
+    clients; it allows pulls from its upstreams (names, `*` for all) of repositories
+    matching its patterns (fnmatch on the upstream's repository name, `library/alpine`,
+    `myorg/*`). Once any rule exists, whatever no rule allows is denied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    users: list[str] = Field(default_factory=list)  # "*": any authenticated client
+    groups: list[str] = Field(default_factory=list)
+    anonymous: bool = False
+    upstreams: list[str] = Field(default_factory=lambda: ["*"])
+    repositories: list[str] = Field(default_factory=lambda: ["*"])
+
+    @model_validator(mode="after")
+    def _someone(self) -> Self:
+        if not (self.users or self.groups or self.anonymous):
+            raise ValueError("an access rule names users, groups, or anonymous: true")
+        return self
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_names(cls, values: list[str]) -> list[str]:
+        return [v if v == "*" else dockerhub.canonical(v) for v in values]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", yaml_file=None)
 
@@ -316,6 +362,26 @@ class Settings(BaseSettings):
     # With store s3: what the local disk (cache_dir) keeps, least recently used first.
     # max_size caps the shared bucket. 0: nothing kept locally past the download.
     l1_max_size: int = Field(default=10 * 2**30, description="Cap on the local L1 cache")
+    # -- client authentication and authorization (README, "Authentication") -------------
+    # An htpasswd file of bcrypt entries (htpasswd -B), re-read when it changes.
+    auth_htpasswd: Path | None = None
+    # Robots' bearer tokens, by SHA-256 (YAML only).
+    auth_tokens: list[StaticToken] = Field(default_factory=list)
+    # group -> members (htpasswd users, token names, certificate CNs), for access rules.
+    auth_groups: dict[str, list[str]] = Field(default_factory=dict)
+    # Clients without credentials are served (within the access rules). Default: only
+    # when no credentials are configured at all, which is the open mirror of old.
+    auth_anonymous: bool | None = None
+    # The token realm's signing key (32+ bytes, shared by replicas). Default: a key
+    # derived from peer_secret with store s3, else random per process.
+    auth_token_key_file: Path | None = None
+    auth_token_ttl: Duration = Field(default=300.0, ge=10, le=86400)
+    # The realm URL clients are sent to; default: this listener's /auth/token as the
+    # client addressed it (set it when a proxy in front changes scheme or host).
+    auth_realm: str | None = None
+    auth_service: str = "mirror"
+    # Authorization rules (YAML only); none: every authenticated client may pull all.
+    access: list[AccessRule] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
     access_log: bool = True  # one line per request (method, route, status, bytes, ...)
@@ -373,6 +439,38 @@ class Settings(BaseSettings):
         if self.peer_secret is not None:
             _check_peer_secret(self.peer_secret.get_secret_value())
         return self
+
+    @model_validator(mode="after")
+    def _auth(self) -> Settings:
+        configured = [u.name for u in self.upstreams] or [
+            dockerhub.name_of(self.upstream or dockerhub.API_URL)
+        ]
+        names = set(configured) | {"*"}
+        for rule in self.access:
+            if unknown := [u for u in rule.upstreams if u not in names]:
+                raise ValueError(
+                    f"access rule names upstream {unknown[0]!r}, which is not configured "
+                    f"(configured: {', '.join(sorted(names - {'*'}))})"
+                )
+            if unknown_groups := [g for g in rule.groups if g not in self.auth_groups]:
+                raise ValueError(
+                    f"access rule names group {unknown_groups[0]!r}, not in auth_groups"
+                )
+        tokens = [t.name for t in self.auth_tokens]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"auth_tokens names must be unique: {tokens}")
+        if self.auth_realm is not None and not re.fullmatch(r"https?://\S+", self.auth_realm):
+            raise ValueError("auth_realm is an http(s) URL, e.g. https://mirror.example/auth/token")
+        return self
+
+    def credentials_configured(self) -> bool:
+        """Whether any way for a client to prove who it is is configured."""
+        return bool(self.auth_htpasswd or self.auth_tokens)
+
+    def anonymous_allowed(self) -> bool:
+        if self.auth_anonymous is not None:
+            return self.auth_anonymous
+        return not self.credentials_configured()
 
     def shared_secrets(self) -> SharedSecrets:
         """The s3, Redis and peer secrets, read now from wherever they are configured."""

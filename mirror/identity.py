@@ -18,6 +18,9 @@ class Principal:
     user: str | None
     address: str  # the client's IP address, as the listener saw it
     groups: frozenset[str] = field(default_factory=frozenset)
+    # A token from the mirror's realm holds the repositories (as the client names them)
+    # it was issued for; None: not limited by a token (Basic, robot token, certificate).
+    repositories: frozenset[str] | None = None
 
     @property
     def anonymous(self) -> bool:

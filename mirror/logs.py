@@ -35,6 +35,7 @@ class RequestLog:
     repository: str | None = None
     reference: str | None = None
     upstream: str | None = None  # which upstream the request was routed to
+    user: str | None = None  # the authenticated client (None: anonymous)
     tier: str | None = None  # which of its tiers answered (a mirror tier, or the registry)
     upstream_status: int | None = None  # the last upstream response's status
     status: int = 0
@@ -50,6 +51,7 @@ class RequestLog:
             "repository": self.repository,
             "reference": self.reference,
             "upstream": self.upstream,
+            "user": self.user,
             "tier": self.tier,
             "status": self.status,
             "bytes": self.bytes,
@@ -81,7 +83,8 @@ def log_access(record: RequestLog, duration: float) -> None:
     message = (
         f"{record.method} {record.path} {record.status} {record.bytes}B {duration:.3f}s"
         f" cache={record.cache or '-'} upstream_status={record.upstream_status or '-'}"
-        f"{f' tier={record.tier}' if record.tier else ''} id={record.request_id}"
+        f"{f' tier={record.tier}' if record.tier else ''}"
+        f"{f' user={record.user}' if record.user else ''} id={record.request_id}"
     )
     # JSON output gets every field as its own key; text output gets the message.
     access_log.info(message, extra={"access": fields})

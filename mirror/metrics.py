@@ -113,6 +113,14 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.client_auth = Counter(
+            "mirror_client_auth",
+            "Client authentication and authorization decisions, by method (basic, bearer "
+            "for the realm's tokens, robot, certificate, anonymous, realm for tokens "
+            "issued) and result (ok, invalid credentials, denied by the access rules).",
+            ["method", "result"],
+            registry=r,
+        )
         self.upstream_requests = Counter(
             "mirror_upstream_requests",
             "Requests sent upstream, by upstream, kind and status.",

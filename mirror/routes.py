@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import re
@@ -13,10 +14,12 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from mirror import logs
+from mirror import identity, logs
+from mirror.clientauth import AuthFailed, ClientAuth, common_name, parse_scopes
 from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
 from mirror.errors import RegistryError
+from mirror.identity import Principal
 from mirror.mediatypes import AcceptSet
 from mirror.metrics import Metrics
 from mirror.proxy import Blob, answer
@@ -33,10 +36,142 @@ WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
 def _route(request: Request, name: str) -> Route:
-    route = _components(request).router.route(request.query_params.get("ns"), name)
+    built = _components(request)
+    route = built.router.route(request.query_params.get("ns"), name)
     if (record := logs.current.get()) is not None:
         record.upstream = route.proxy.name
+    principal = identity.current.get()
+    if principal is not None and built.auth.required:
+        _authorize(request, built.auth, principal, route, name)
     return route
+
+
+# -- client authentication and authorization (mirror.clientauth, mirror.access) ---------
+
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+REALM_PATH = "/auth/token"
+MAX_TOKEN_FORM = 64 << 10
+
+
+def _realm(request: Request, auth: ClientAuth) -> str:
+    """Where clients get tokens: configured, or this listener as the client reached it."""
+    if auth.realm_url is not None:
+        return auth.realm_url
+    host = request.headers.get("host", "")
+    if not _HOST_RE.fullmatch(host):  # a Host that cannot go into a challenge
+        server = request.scope.get("server") or ("127.0.0.1", 80)
+        host = f"[{server[0]}]:{server[1]}" if ":" in server[0] else f"{server[0]}:{server[1]}"
+    return f"{request.url.scheme}://{host}{REALM_PATH}"
+
+
+def _unauthorized(
+    request: Request, auth: ClientAuth, name: str | None, message: str, error: str | None = None
+) -> RegistryError:
+    scope = f"repository:{name}:pull" if name else None
+    challenge = auth.challenge(_realm(request, auth), scope, error)
+    return RegistryError("UNAUTHORIZED", message, headers={"WWW-Authenticate": challenge})
+
+
+def _cert_user(request: Request) -> str | None:
+    # Set by the TLS listener for a verified client certificate only (ASGI TLS extension).
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    return common_name(tls.get("client_cert_name"))
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+async def _authenticate(request: Request, name: str | None) -> Principal:
+    """Who sent a registry request (401 for bad credentials, or for none where
+    anonymous access is off); the principal is then current for the request."""
+    auth = _components(request).auth
+    try:
+        principal = await auth.authenticate(
+            request.headers.get("authorization"), _address(request), _cert_user(request)
+        )
+    except AuthFailed as exc:
+        raise _unauthorized(request, auth, name, exc.message, exc.error) from None
+    if principal.anonymous and not auth.anonymous:
+        auth.denied("anonymous")
+        raise _unauthorized(request, auth, name, "authentication required")
+    identity.current.set(principal)
+    if principal.user is not None and (record := logs.current.get()) is not None:
+        record.user = logs.printable(principal.user)
+    return principal
+
+
+def _authorize(request: Request, auth: ClientAuth, who: Principal, route: Route, name: str) -> None:
+    if who.repositories is not None and name not in who.repositories:
+        # A realm token for another repository: the client fetches one for this one.
+        raise _unauthorized(
+            request, auth, name, f"the token does not grant {name}", "insufficient_scope"
+        )
+    repo = route.proxy.repo(route.name)
+    if auth.access.allows(who, route.proxy.name, repo):
+        return
+    auth.denied("anonymous" if who.anonymous else "user")
+    if who.anonymous:
+        # Anonymous clients are told to log in; a known user is told no.
+        raise _unauthorized(request, auth, name, "authentication required")
+    raise RegistryError(
+        "DENIED",
+        f"{who.user} may not pull {repo} from {route.proxy.name}",
+        detail={"upstream": route.proxy.name, "repository": repo},
+    )
+
+
+@router.api_route(REALM_PATH, methods=["GET", "POST"])
+async def token(request: Request) -> Response:
+    """The mirror's token realm (Docker's token flow; OAuth2 password grant by POST,
+    which containerd tries first)."""
+    request.state.route = REALM_PATH
+    auth = _components(request).auth
+    authorization = request.headers.get("authorization")
+    scopes = request.query_params.getlist("scope")
+    if request.method == "POST":
+        form = await _form(request)
+        if form.get("grant_type", [""])[0] != "password":
+            raise RegistryError("UNSUPPORTED", "only the password grant is supported", status=400)
+        user, password = form.get("username", [""])[0], form.get("password", [""])[0]
+        authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        scopes = form.get("scope", [])
+    try:
+        principal, source, cred = await auth.login(
+            authorization, _address(request), _cert_user(request)
+        )
+    except AuthFailed as exc:
+        raise RegistryError(
+            "UNAUTHORIZED",
+            exc.message,
+            headers={"WWW-Authenticate": f'Basic realm="{auth.service}"'},
+        ) from None
+    if principal.user is not None and (record := logs.current.get()) is not None:
+        record.user = logs.printable(principal.user)
+    grant = auth.realm.issue(principal, source, cred, parse_scopes(scopes))
+    body = {
+        "token": grant.token,
+        "access_token": grant.token,
+        "expires_in": grant.expires_in,
+        "issued_at": grant.issued_at,
+    }
+    return Response(
+        json.dumps(body).encode(),
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _form(request: Request) -> dict[str, list[str]]:
+    length = parse_length(request.headers.get("content-length") or "0")
+    if length is None or length > MAX_TOKEN_FORM:
+        raise RegistryError("UNSUPPORTED", "token request body too large", status=413)
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_TOKEN_FORM:
+            raise RegistryError("UNSUPPORTED", "token request body too large", status=413)
+    return parse_qs(body.decode("utf-8", "replace"))
 
 
 def _components(request: Request) -> Components:
@@ -48,6 +183,11 @@ def _components(request: Request) -> Components:
 @router.api_route("/v2", methods=["GET", "HEAD"], include_in_schema=False)
 async def base(request: Request) -> Response:
     request.state.route = "/v2/"
+    who = await _authenticate(request, None)
+    auth = _components(request).auth
+    if who.anonymous and not auth.access.may_pull_anything(who):
+        # Nothing is open to anonymous clients: `docker login` must see a challenge.
+        raise _unauthorized(request, auth, None, "authentication required")
     if "ns" in request.query_params and hasattr(request.app.state, "components"):
         # A client configured for a registry this mirror does not serve learns it at
         # its first request (403), like it would on any other endpoint.
@@ -123,6 +263,7 @@ async def registry(request: Request, rest: str) -> Response:
         )
     path = parse_path(rest)
     request.state.route = path.route
+    await _authenticate(request, path.name)
     if (record := logs.current.get()) is not None:
         record.repository, record.reference = path.name, path.reference
     head = request.method == "HEAD"
