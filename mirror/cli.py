@@ -116,6 +116,70 @@ def serve(
 
 
 @main.group()
+def auth() -> None:
+    """Credentials for clients of the mirror (README, "Authentication")."""
+
+
+@auth.command("token")
+@click.argument("name")
+@click.option("--group", "groups", multiple=True, help="A group for access rules (repeatable).")
+def auth_token(name: str, groups: tuple[str, ...]) -> None:
+    """Make a robot's bearer token: the token for the robot, the entry for the config."""
+    import hashlib
+    import secrets
+
+    import yaml
+
+    token = secrets.token_urlsafe(32)
+    entry: dict[str, Any] = {"name": name, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+    if groups:
+        entry["groups"] = list(groups)
+    click.echo(f"token for {name} (shown once; the mirror keeps only its hash):", err=True)
+    click.echo(token)
+    click.echo("add to the settings file:", err=True)
+    click.echo(yaml.safe_dump({"auth_tokens": [entry]}, sort_keys=False).rstrip(), err=True)
+
+
+@auth.command("htpasswd")
+@click.argument("user")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Add or replace USER in this htpasswd file (else print the line).",
+)
+@click.option("--cost", type=click.IntRange(4, 16), default=10, show_default=True)
+def auth_htpasswd(user: str, path: Path | None, cost: int) -> None:
+    """A bcrypt htpasswd entry; the password is prompted for, or read from stdin."""
+    import re
+
+    import bcrypt
+
+    if not re.fullmatch(r"[^:\s]{1,256}", user):
+        raise click.BadParameter("a user name has no ':' and no spaces", param_hint="USER")
+    if sys.stdin.isatty():
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise click.ClickException("empty password")
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
+    line = f"{user}:{hashed}"
+    if path is None:
+        click.echo(line)
+        return
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    kept = [entry for entry in lines if entry.partition(":")[0] != user]
+    replaced = len(kept) != len(lines)
+    # Written aside and renamed: the running mirror never reads a half-written file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join([*kept, line]) + "\n", encoding="utf-8")
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    click.echo(f"{'updated' if replaced else 'added'} {user} in {path}")
+
+
+@main.group()
 def cache() -> None:
     """Inspect and check the cache directory (safe while the mirror runs)."""
 

@@ -22,7 +22,16 @@ import pydantic_settings
 import yaml
 from pydantic_settings import SettingsConfigDict
 
-from mirror.config import ENV_PREFIX, Endpoint, Settings, TTLRuleSetting, UpstreamSettings
+from mirror.clientauth import Htpasswd, token_key
+from mirror.config import (
+    ENV_PREFIX,
+    AccessRule,
+    Endpoint,
+    Settings,
+    StaticToken,
+    TTLRuleSetting,
+    UpstreamSettings,
+)
 
 
 class SettingsError(Exception):
@@ -110,6 +119,10 @@ def _model_at(loc: list[str]) -> type[pydantic.BaseModel]:
     """The model whose fields a location names (for "did you mean")."""
     if "tag_ttl_rules" in loc[:-1]:
         return TTLRuleSetting
+    if loc[:1] == ["access"] and len(loc) > 2:
+        return AccessRule
+    if loc[:1] == ["auth_tokens"] and len(loc) > 2:
+        return StaticToken
     return UpstreamSettings if loc[:1] == ["upstreams"] else Settings
 
 
@@ -171,6 +184,15 @@ def check_usable(settings: Settings) -> None:
             endpoint.secret()
         except ValueError as exc:
             problems.append(str(exc))
+    if settings.auth_htpasswd is not None:
+        try:
+            Htpasswd(settings.auth_htpasswd)
+        except ValueError as exc:
+            problems.append(str(exc))
+    try:
+        token_key(settings, None)
+    except ValueError as exc:
+        problems.append(str(exc))
     problem = _cache_dir_problem(settings.cache_dir)
     if problem is not None:
         problems.append(problem)

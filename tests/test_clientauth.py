@@ -331,3 +331,34 @@ def test_scopes_and_names() -> None:
     assert common_name("CN=node-1,O=example") == "node-1"
     assert common_name("O=x,CN=a\\,b") == "a,b"
     assert common_name("O=x") is None
+
+
+def test_cli_makes_htpasswd_entries_and_robot_tokens(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mirror.cli import main
+    from mirror.clientauth import Htpasswd
+
+    runner = CliRunner()
+    path = tmp_path / "htpasswd"
+    args = ["auth", "htpasswd", "alice", "--file", str(path), "--cost", "4"]
+    assert runner.invoke(main, args, input="first\n").output == f"added alice in {path}\n"
+    result = runner.invoke(main, args, input="second\n")
+    assert result.output == f"updated alice in {path}\n"
+    entry = Htpasswd(path).entry("alice")
+    assert entry is not None and bcrypt.checkpw(b"second", entry)
+    assert len(path.read_text().splitlines()) == 1
+
+    made = runner.invoke(main, ["auth", "token", "ci", "--group", "builders"])
+    assert made.exit_code == 0
+    token = made.stdout.strip()
+    snippet = made.stderr.split("add to the settings file:\n", 1)[1]
+    import yaml
+
+    [entry_] = yaml.safe_load(snippet)["auth_tokens"]
+    assert entry_ == {
+        "name": "ci",
+        "sha256": hashlib.sha256(token.encode()).hexdigest(),
+        "groups": ["builders"],
+    }
+    Settings(auth_tokens=[entry_])  # the snippet is valid settings as printed
