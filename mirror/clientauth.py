@@ -292,7 +292,7 @@ class ClientAuth:
             return self._principal(cert_user, address), "certificate", ""
         if not self.anonymous:
             self._count("realm", "invalid")
-            raise AuthFailed("credentials required", "invalid_client")
+            raise AuthFailed("credentials required: log in to this mirror", "invalid_client")
         self._count("realm", "ok")
         return Principal(None, address), "anonymous", ""
 
