@@ -105,7 +105,7 @@ def test_token_from_the_mirrors_realm(real_upstream: RealUpstream, mirror: Mirro
         assert token not in mirror.log_path.read_text()
 
 
-def _podman(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _podman(tmp: Path, *args: str, conf: Path | None = None) -> subprocess.CompletedProcess[str]:
     require_tool("podman")
     cmd = [
         "podman",
@@ -118,6 +118,8 @@ def _podman(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
         *args,
     ]
     env = {**os.environ, "HOME": str(tmp), "XDG_CONFIG_HOME": str(tmp / "config")}
+    if conf is not None:
+        env["CONTAINERS_REGISTRIES_CONF"] = str(conf)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
 
 
@@ -138,6 +140,19 @@ def test_podman_with_an_auth_file(real_upstream: RealUpstream, mirror: MirrorPro
         refused = _podman(tmp, "pull", "--tls-verify=false", ref)
         assert refused.returncode != 0
         assert "credentials required: log in to this mirror" in refused.stderr
+
+        # As a registries.conf mirror of a registry podman cannot reach itself: the
+        # auth file's entry for the mirror's host is what it logs in with.
+        conf = tmp / "registries.conf"
+        conf.write_text(
+            '[[registry]]\nprefix = "unreachable.invalid"\nlocation = "unreachable.invalid"\n'
+            f'[[registry.mirror]]\nlocation = "{mirror.host}"\ninsecure = true\n'
+        )
+        via = f"unreachable.invalid/{image.repo}:{image.tag}"
+        mirrored = _podman(tmp, "pull", "--authfile", str(authfile), via, conf=conf)
+        assert mirrored.returncode == 0, mirrored.stderr
+        digest = _podman(tmp, "image", "inspect", "--format", "{{.Digest}}", via, conf=conf)
+        assert digest.stdout.strip() == image.digest
 
 
 def test_access_rules_across_two_registries(
