@@ -39,14 +39,31 @@ def test_example_config_shared_store_block_loads_uncommented(tmp_path: Path) -> 
     """The commented `store: s3` example in deploy/mirror.yaml is valid as written."""
     text = (DEPLOY / "mirror.yaml").read_text()
     start = text.index("# store: s3")
-    block = "\n".join(line.removeprefix("# ") for line in text[start:].splitlines())
+    end = text.index("\n\n", start)
+    block = "\n".join(line.removeprefix("# ") for line in text[start:end].splitlines())
     config = tmp_path / "mirror.yaml"
-    config.write_text(text[:start] + block.replace("AKIA...", "AKIAEXAMPLE") + "\n")
+    config.write_text(text[:start] + block.replace("AKIA...", "AKIAEXAMPLE") + text[end:])
     settings = load_settings(config)
     assert settings.store == "s3"
     assert settings.s3_secret_access_key_file is not None
     assert settings.peer_secret_file is not None and settings.redis_password_file is not None
     assert settings.peer_url == "http://10.1.2.3:5000"
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_example_config_auth_block_loads_uncommented(tmp_path: Path) -> None:
+    """The commented authentication example in deploy/mirror.yaml is valid as written."""
+    text = (DEPLOY / "mirror.yaml").read_text()
+    start = text.index("# auth_htpasswd:")
+    block = "\n".join(line.removeprefix("# ") for line in text[start:].splitlines())
+    (tmp_path / "htpasswd").write_text("")
+    block = block.replace("/etc/mirror/htpasswd", str(tmp_path / "htpasswd"))
+    config = tmp_path / "mirror.yaml"
+    config.write_text(text[:start] + block.replace("<64 hex digits>", "0" * 64) + "\n")
+    settings = load_settings(config)
+    assert settings.auth_tokens[0].groups == ["builders"]
+    assert [r.upstreams for r in settings.access] == [["docker.io"], ["ghcr.io"]]
+    assert settings.anonymous_allowed() and settings.credentials_configured()
 
 
 @pytest.mark.usefixtures("no_mirror_env")
