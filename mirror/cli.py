@@ -295,12 +295,39 @@ def prune(config_file: Path | None, cache_dir: Path | None) -> None:
     help="os/arch[/variant] to warm from multi-platform images (repeatable); "
     "default: all platforms.",
 )
-def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -> None:
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="A robot token for a mirror with authentication (sent as a bearer token).",
+)
+@click.option("--user", help="A user of the mirror's htpasswd file (with --password-file).")
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="The --user's password.",
+)
+@click.option(
+    "--ca-bundle",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PEM CAs to trust for an https:// mirror.",
+)
+def warm(
+    images: tuple[str, ...],
+    mirror_url: str,
+    platforms: tuple[str, ...],
+    token_file: Path | None,
+    user: str | None,
+    password_file: Path | None,
+    ca_bundle: Path | None,
+) -> None:
     """Pre-pull IMAGES ([registry/]name[:tag] or ...@digest) through the mirror's cache.
 
     A registry other than the default is named to the mirror with `?ns=`, as
-    containerd does, e.g. `mirror warm ghcr.io/myorg/app:1.2`.
+    containerd does, e.g. `mirror warm ghcr.io/myorg/app:1.2`. Credentials come from
+    files, never from the command line.
     """
+    import ssl
+
     import httpx
 
     from mirror.errors import RegistryError
@@ -308,9 +335,28 @@ def warm(images: tuple[str, ...], mirror_url: str, platforms: tuple[str, ...]) -
 
     if not mirror_url.startswith(("http://", "https://")):
         raise click.UsageError(f"--mirror must be a URL such as http://{mirror_url}")
+    if (user is None) != (password_file is None):
+        raise click.UsageError("--user and --password-file go together")
+    if token_file is not None and user is not None:
+        raise click.UsageError("give --token-file or --user, not both")
+    headers = {}
+    auth: tuple[str, str] | None = None
+    if token_file is not None:
+        headers["Authorization"] = f"Bearer {token_file.read_text(encoding='utf-8').strip()}"
+    if user is not None and password_file is not None:
+        auth = (user, password_file.read_text(encoding="utf-8").rstrip("\n"))
+    verify: ssl.SSLContext | bool = True
+    if ca_bundle is not None:
+        verify = ssl.create_default_context(cafile=str(ca_bundle))
     wanted = set(platforms) if platforms and "all" not in platforms else None
     failed = False
-    with httpx.Client(base_url=mirror_url.rstrip("/"), timeout=httpx.Timeout(30, read=300)) as c:
+    with httpx.Client(
+        base_url=mirror_url.rstrip("/"),
+        timeout=httpx.Timeout(30, read=300),
+        headers=headers,
+        auth=auth,
+        verify=verify,
+    ) as c:
         for image in images:
             try:
                 p = plan(c, image, wanted)

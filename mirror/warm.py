@@ -84,6 +84,8 @@ def _check(r: httpx.Response) -> None:
             told += f" ({json.dumps(error['detail'])})"
     except (ValueError, KeyError, IndexError, TypeError):
         told = f"{r.reason_phrase}, and not a registry's error: is {r.url.host} the mirror?"
+    if r.status_code == 401:
+        told += "; give credentials with --token-file, or --user and --password-file"
     raise WarmError(f"the mirror answered {r.status_code} for {r.url.path}: {told}")
 
 

@@ -214,3 +214,34 @@ def test_access_rules_across_two_registries(
             r = c.get(f"/v2/{first.repo}/manifests/{first.tag}", headers={"Accept": OCI_MANIFEST})
             assert r.status_code == 200
         assert second_upstream.registry.requests() == []
+
+
+def test_warm_with_a_robot_token_file(
+    real_upstream: RealUpstream, tmp_path: Path, htpasswd: Path
+) -> None:
+    import hashlib
+    import sys
+
+    token = "robot-token-for-warming-0123456789"
+    robots = [{"name": "warmer", "sha256": hashlib.sha256(token.encode()).hexdigest()}]
+    env = {"MIRROR_AUTH_HTPASSWD": str(htpasswd), "MIRROR_AUTH_TOKENS": json.dumps(robots)}
+    image = real_upstream.images["oci"]
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    with MirrorProcess(tmp_path / "m", real_upstream.registry.url, env=env) as mirror:
+        base = [sys.executable, "-m", "mirror", "warm", "--mirror", mirror.url]
+        ref = f"{image.repo}:{image.tag}"
+        refused = subprocess.run([*base, ref], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1
+        assert "answered 401" in refused.stderr
+        assert "give credentials with --token-file" in refused.stderr
+        warmed = subprocess.run(
+            [*base, "--token-file", str(token_file), ref],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert warmed.returncode == 0, warmed.stderr
+        assert "bytes warm" in warmed.stdout
+        assert mirror.metric("mirror_client_auth_total", method="robot", result="ok") >= 2
+        assert token not in mirror.log_path.read_text()
