@@ -18,6 +18,7 @@ from conftest import MirrorFactory
 from fakes.clock import Clock
 from fakes.upstream import FakeUpstream, sha256
 
+from mirror.clientauth import AuthFailed as AuthFailedError
 from mirror.clientauth import common_name, parse_scopes
 from mirror.config import Settings
 from mirror.mediatypes import DOCKER_MANIFEST_V2
@@ -362,3 +363,34 @@ def test_cli_makes_htpasswd_entries_and_robot_tokens(tmp_path: Path) -> None:
         "groups": ["builders"],
     }
     Settings(auth_tokens=[entry_])  # the snippet is valid settings as printed
+
+
+async def test_replicas_sharing_a_peer_secret_accept_each_others_tokens(tmp_path: Path) -> None:
+    """Behind one Service a token from one replica must work at every other: with
+    store s3 the key derives from the peer secret they share; a key file wins."""
+    from mirror.access import Access
+    from mirror.clientauth import ClientAuth, token_key
+    from mirror.identity import Principal
+    from mirror.metrics import Metrics
+
+    settings = Settings(auth_tokens=[robot()], cache_dir=tmp_path)
+
+    def replica(secret: str | None) -> ClientAuth:
+        key = token_key(settings, secret)
+        return ClientAuth(settings, Access([], {}), Metrics(), key=key)
+
+    a, b = replica("p" * 32), replica("p" * 32)
+    grant = a.realm.issue(Principal("ci", "10.0.0.1"), "robot", robot()["sha256"][:16], ["x/y"])
+    who = await b.authenticate(f"Bearer {grant.token}", "10.0.0.2", None)
+    assert (who.user, who.repositories) == ("ci", frozenset({"x/y"}))
+    with pytest.raises(AuthFailedError):
+        await replica("q" * 32).authenticate(f"Bearer {grant.token}", "10.0.0.2", None)
+    # Without a shared secret each process has its own key.
+    assert token_key(settings, None) != token_key(settings, None)
+    keyfile = tmp_path / "key"
+    keyfile.write_text("k" * 40)
+    keyed = Settings(auth_token_key_file=keyfile, cache_dir=tmp_path)
+    assert token_key(keyed, "p" * 32) == b"k" * 40
+    keyfile.write_text("short")
+    with pytest.raises(ValueError, match="32 bytes or more"):
+        token_key(keyed, None)
