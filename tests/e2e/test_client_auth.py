@@ -245,3 +245,28 @@ def test_warm_with_a_robot_token_file(
         assert "bytes warm" in warmed.stdout
         assert mirror.metric("mirror_client_auth_total", method="robot", result="ok") >= 2
         assert token not in mirror.log_path.read_text()
+
+
+def test_an_edge_logs_in_to_an_authenticated_central_tier(
+    real_upstream: RealUpstream, tmp_path: Path, htpasswd: Path
+) -> None:
+    """A node's mirror chained to a central one that wants credentials: the tier's own
+    username and password go to the central's realm, and nothing falls back to the
+    registry."""
+    registry = real_upstream.registry.url
+    upstreams = json.dumps([{"name": "docker.io", "url": registry}])
+    central_env = {"MIRROR_UPSTREAMS": upstreams, "MIRROR_AUTH_HTPASSWD": str(htpasswd)}
+    image = real_upstream.images["oci"]
+    with MirrorProcess(tmp_path / "central", None, env=central_env) as central:
+        tier = {"url": central.url, "username": "bob", "password_env": "TEST_TIER_PASSWORD"}
+        edge_upstreams = json.dumps([{"name": "docker.io", "url": registry, "mirrors": [tier]}])
+        edge_env = {"MIRROR_UPSTREAMS": edge_upstreams, "TEST_TIER_PASSWORD": USERS["bob"]}
+        with MirrorProcess(tmp_path / "edge", None, env=edge_env) as edge:
+            dest = tmp_path / "pulled"
+            result = skopeo_copy(f"docker://{edge.host}/{image.repo}:{image.tag}", f"dir:{dest}")
+            assert result.returncode == 0, result.stderr
+            assert (dest / "manifest.json").read_bytes() == image.manifest
+            assert central.metric("mirror_client_auth_total", method="realm", result="ok") >= 1
+            assert central.metric("mirror_client_auth_total", method="bearer", result="ok") >= 3
+            served = central.metric("mirror_cache_requests_total", kind="blob", result="miss")
+            assert served == len(image.layer_digests)
