@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import re
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from mirror import logs
@@ -55,40 +52,10 @@ async def base(request: Request) -> Response:
     return Response(b"{}", media_type="application/json")
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"])
-async def healthz(request: Request) -> Response:
-    """Liveness: the process answers. Nothing else, so a slow disk or a down upstream
-    never gets a working mirror restarted."""
-    request.state.route = "/healthz"
-    return Response(b'{"status":"ok"}', media_type="application/json")
-
-
-@router.api_route("/readyz", methods=["GET", "HEAD"])
-async def readyz(request: Request) -> Response:
-    """Readiness: settings loaded and the cache usable. Upstream trouble and a full
-    disk do not count: a mirror that can serve from its cache (and stale tags, and
-    stream uncached) should get traffic."""
-    request.state.route = "/readyz"
-    built: Components | None = getattr(request.app.state, "components", None)
-    ready = built is not None
-    checks = {"settings": "ok" if ready else "not loaded"}
-    if built is not None:
-        usable, checks["cache"] = await asyncio.to_thread(built.store.probe)
-        ready = ready and usable
-    body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks})
-    return Response(body.encode(), status_code=200 if ready else 503, media_type="application/json")
-
-
 def _metrics(request: Request) -> Metrics:
     # Built with the app, before the lifespan: /metrics answers even while starting.
     metrics: Metrics = request.app.state.metrics
     return metrics
-
-
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    request.state.route = "/metrics"
-    return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(PEER_PATH + "{digest}")
