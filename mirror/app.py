@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from mirror import components
+from mirror import components, probes
 from mirror.config import Settings
 from mirror.errors import install_handlers
 from mirror.metrics import Metrics
@@ -44,8 +44,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             )
             app.state.components = built
             log.info(
-                "mirror ready on %s: upstreams %s (default %s), cache %s",
+                "mirror ready on %s://%s%s: upstreams %s (default %s), cache %s",
+                settings.scheme,
                 settings.listen,
+                f", admin (metrics, health) on http://{settings.admin_listen}"
+                if settings.admin_listen
+                else "",
                 ", ".join(f"{c.name}={c.base_url}" for c in settings.resolved_upstreams()),
                 settings.default_upstream_name(),
                 settings.cache_dir
@@ -66,7 +70,21 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
+    app.include_router(probes.health)
+    if settings.admin_listen is None:
+        app.include_router(probes.metrics)
     app.include_router(router)
     install_handlers(app)
     app.add_middleware(ObserveMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
+
+
+def create_admin_app(app: FastAPI) -> FastAPI:
+    """The admin listener's app: the probes and /metrics of `app`, whose state it
+    shares (the metrics, and the components once its lifespan built them)."""
+    admin = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    admin.state = app.state
+    admin.include_router(probes.health)
+    admin.include_router(probes.metrics)
+    install_handlers(admin)
+    return admin

@@ -29,11 +29,11 @@ from mirror.sharedstore import SharedStore
 from mirror.store import Stats
 
 
-def _bind_problem(exc: OSError) -> str:
+def _bind_problem(exc: OSError, option: str = "--listen") -> str:
     if exc.errno == errno.EADDRINUSE:
         return (
             "address already in use; is another mirror running? Choose another address "
-            "with --listen HOST:PORT"
+            f"with {option} HOST:PORT"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
         return "no interface of this machine has that address (0.0.0.0 means all)"
@@ -85,34 +85,66 @@ def main() -> None:
     help="Cache directory [default: /var/cache/mirror as root, else ~/.cache/mirror].",
 )
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--tls-cert-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="PEM certificate (and chain): serve HTTPS (with --tls-key-file).",
+)
+@click.option("--tls-key-file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--admin-listen", help="HOST:PORT for /metrics and probes (plain HTTP).")
 def serve(
     config_file: Path | None,
     listen: str | None,
     upstream: str | None,
     cache_dir: Path | None,
     log_level: str | None,
+    tls_cert_file: Path | None,
+    tls_key_file: Path | None,
+    admin_listen: str | None,
 ) -> None:
     """Run the mirror. Credentials: MIRROR_UPSTREAM_USERNAME / MIRROR_UPSTREAM_PASSWORD."""
     from mirror.app import create_app
     from mirror.logs import configure as configure_logging
-    from mirror.server import bind, serve_app
+    from mirror.server import serve_app
+    from mirror.tls import TLSError, server_tls
     from mirror.tuning import tune_malloc
 
     settings = _settings(
-        config_file, listen=listen, upstream=upstream, cache_dir=cache_dir, log_level=log_level
+        config_file,
+        listen=listen,
+        upstream=upstream,
+        cache_dir=cache_dir,
+        log_level=log_level,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+        admin_listen=admin_listen,
     )
     try:
         check_usable(settings)
-    except SettingsError as exc:
+        tls = server_tls(settings)
+    except (SettingsError, TLSError) as exc:
         raise BadSettings(str(exc)) from None
-    try:
-        # Bound before anything says "ready": a port in use is the first thing to know.
-        sock = bind(settings.listen)
-    except OSError as exc:
-        raise BadSettings(f"cannot listen on {settings.listen}: {_bind_problem(exc)}") from None
+    # Bound before anything says "ready": a port in use is the first thing to know.
+    sock = _bind(settings.listen, "--listen")
+    admin_sock = None
+    if settings.admin_listen is not None:
+        try:
+            admin_sock = _bind(settings.admin_listen, "--admin-listen")
+        except BadSettings:
+            sock.close()
+            raise
     configure_logging(settings.log_level, settings.log_format)
     tune_malloc()
-    serve_app(create_app(settings), settings, sock)
+    serve_app(create_app(settings), settings, sock, admin_sock=admin_sock, tls=tls)
+
+
+def _bind(listen: str, option: str) -> socket.socket:
+    from mirror.server import bind
+
+    try:
+        return bind(listen)
+    except OSError as exc:
+        raise BadSettings(f"cannot listen on {listen}: {_bind_problem(exc, option)}") from None
 
 
 @main.group()

@@ -390,14 +390,3 @@ def _basic(value: str) -> tuple[str, str]:
     if not sep or not user:
         raise AuthFailed("malformed Basic credentials", "invalid_request")
     return user, password
-
-
-def common_name(subject: str | None) -> str | None:
-    """The CN of an RFC 4514 subject (`CN=node-1,O=example`): a certificate's user."""
-    if not subject:
-        return None
-    for part in re.split(r"(?<!\\),", subject):
-        key, sep, value = part.strip().partition("=")
-        if sep and key.strip().upper() == "CN" and value:
-            return value.replace("\\,", ",")
-    return None

@@ -281,6 +281,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", yaml_file=None)
 
     listen: str = Field(default="0.0.0.0:5000", description="HOST:PORT to listen on")
+    # -- TLS on the listener, and the admin listener (mirror/tls.py) ----------------------
+    # Both files or neither; they are re-read when they change (cert-manager rotation),
+    # checked every tls_reload_interval: new handshakes get the new pair.
+    tls_cert_file: Path | None = None  # PEM: the certificate, then its chain
+    tls_key_file: Path | None = None
+    # PEM CA bundle: client certificates are verified against it (mTLS). `optional` lets
+    # clients without one in (to other credentials); one presented must still verify.
+    tls_client_ca: Path | None = None
+    tls_client_auth: Literal["require", "optional"] = "require"
+    tls_reload_interval: Duration = Field(default=10.0, ge=0.1)
+    # HOST:PORT for /metrics, /healthz, /readyz, then no /metrics on `listen`. Plain HTTP
+    # without authentication: give it a private address (loopback, a pod IP).
+    admin_listen: str | None = None
     # The single-upstream shorthand (`--upstream URL`); `upstreams` configures several.
     upstream: str | None = Field(default=None, description="Upstream registry URL")
     upstream_username: str | None = None
@@ -465,7 +478,7 @@ class Settings(BaseSettings):
 
     def credentials_configured(self) -> bool:
         """Whether any way for a client to prove who it is is configured."""
-        return bool(self.auth_htpasswd or self.auth_tokens)
+        return bool(self.auth_htpasswd or self.auth_tokens or self.tls_client_ca)
 
     def anonymous_allowed(self) -> bool:
         if self.auth_anonymous is not None:
@@ -496,11 +509,26 @@ class Settings(BaseSettings):
             raise ValueError("max_blob_size needs a size, e.g. 64GiB")
         return size
 
-    @field_validator("listen")
+    @field_validator("listen", "admin_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
-        host_port(value)
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            host_port(value)
         return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (neither: plain HTTP)")
+        if self.tls_client_ca is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca needs tls_cert_file and tls_key_file")
+        if self.admin_listen is not None and host_port(self.admin_listen) == host_port(self.listen):
+            raise ValueError("admin_listen must differ from listen")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file is not None else "http"
 
     @field_validator("upstream")
     @classmethod

@@ -10,7 +10,9 @@ connections cost 379 MiB). Each connection here is held to:
   descriptors (the keep-alive timeout only starts after a response);
 - a size for the request head (`max_header_bytes`): past it, 431 and close.
 
-Each refusal is counted in `mirror_client_connections_refused_total{reason}`.
+Each refusal is counted in `mirror_client_connections_refused_total{reason}`. Over
+TLS, each request's scope also carries the ASGI TLS extension (the verified client
+certificate's subject, for authentication).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mirror.metrics import Metrics, RefusalReason
+from mirror.tls import tls_extension
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,16 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_size = 0  # the current head's size, from the parser's callbacks
         self._heads = 0  # heads completed on this connection
         self._head_deadline: asyncio.TimerHandle | None = None
+        # The ASGI TLS extension, the same for every request of a TLS connection.
+        self._tls: dict[object, object] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # asyncio (and uvloop) call this after the TLS handshake: the client
+        # certificate, if any, is known and verified.
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self._tls = tls_extension(ssl_object)
         if len(self.connections) > self.limits.max_connections:
             self._refuse("limit")
             return
@@ -95,7 +105,12 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._heads == 0 and self._pending == 0 and data[:1] == TLS_HANDSHAKE:
+        if (
+            self._tls is None  # over TLS these are decrypted bytes: HTTP or garbage
+            and self._heads == 0
+            and self._pending == 0
+            and data[:1] == TLS_HANDSHAKE
+        ):
             _tls_on_plain_port()
             self._refuse("tls_on_plain_port")
             return
@@ -117,6 +132,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": dict(self._tls)}
         self._in_head = True
         self._head_size = 0
 

@@ -173,6 +173,21 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Only with TLS on (mirror.tls): no series at all on a plain-HTTP listener, so an
+        # expiry alert never fires for a certificate that does not exist.
+        self.tls_reloads = Counter(
+            "mirror_tls_reloads",
+            "Reloads of the listener's TLS files after they changed, by result (error: "
+            "unusable, the previous certificate is still served).",
+            ["result"],
+            registry=r,
+        )
+        self.tls_certificate_expiry = Gauge(
+            "mirror_tls_certificate_expiry_seconds",
+            "notAfter of the certificate the listener serves, as Unix time.",
+            ["listener"],
+            registry=r,
+        )
         self.resumes = Counter(
             "mirror_upstream_resumes",
             "Blob downloads resumed with Range after a failure.",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
@@ -11,11 +10,10 @@ from collections.abc import Callable
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from mirror import identity, logs
-from mirror.clientauth import AuthFailed, ClientAuth, common_name, parse_scopes
+from mirror.clientauth import AuthFailed, ClientAuth, parse_scopes
 from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
 from mirror.errors import RegistryError
@@ -28,6 +26,7 @@ from mirror.reference import Digest, Reference, parse_path, validate_tag
 from mirror.responses import BlobResponse
 from mirror.routing import Route
 from mirror.sharedstore import SharedStore
+from mirror.tls import client_common_name
 
 router = APIRouter()
 
@@ -74,8 +73,7 @@ def _unauthorized(
 
 def _cert_user(request: Request) -> str | None:
     # Set by the TLS listener for a verified client certificate only (ASGI TLS extension).
-    tls = request.scope.get("extensions", {}).get("tls") or {}
-    return common_name(tls.get("client_cert_name"))
+    return client_common_name(request.scope)
 
 
 def _address(request: Request) -> str:
@@ -195,40 +193,10 @@ async def base(request: Request) -> Response:
     return Response(b"{}", media_type="application/json")
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"])
-async def healthz(request: Request) -> Response:
-    """Liveness: the process answers. Nothing else, so a slow disk or a down upstream
-    never gets a working mirror restarted."""
-    request.state.route = "/healthz"
-    return Response(b'{"status":"ok"}', media_type="application/json")
-
-
-@router.api_route("/readyz", methods=["GET", "HEAD"])
-async def readyz(request: Request) -> Response:
-    """Readiness: settings loaded and the cache usable. Upstream trouble and a full
-    disk do not count: a mirror that can serve from its cache (and stale tags, and
-    stream uncached) should get traffic."""
-    request.state.route = "/readyz"
-    built: Components | None = getattr(request.app.state, "components", None)
-    ready = built is not None
-    checks = {"settings": "ok" if ready else "not loaded"}
-    if built is not None:
-        usable, checks["cache"] = await asyncio.to_thread(built.store.probe)
-        ready = ready and usable
-    body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks})
-    return Response(body.encode(), status_code=200 if ready else 503, media_type="application/json")
-
-
 def _metrics(request: Request) -> Metrics:
     # Built with the app, before the lifespan: /metrics answers even while starting.
     metrics: Metrics = request.app.state.metrics
     return metrics
-
-
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    request.state.route = "/metrics"
-    return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(PEER_PATH + "{digest}")

@@ -5,20 +5,29 @@ the responses in flight finish for up to `shutdown_timeout`, cancel what is left
 cancelled download is discarded, never committed), run the lifespan shutdown, and
 exit 0. uvicorn itself re-raises the SIGTERM after its graceful shutdown, so the
 process would "die" of the signal (exit 143) and look like a crash.
+
+With `admin_listen`, a second uvicorn server in the same event loop serves the probes
+and /metrics; it stops when the registry server has. With TLS, the registry server
+uses the context of `mirror.tls`, which a task in the same loop keeps fresh.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import socket
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from mirror.app import create_admin_app
 from mirror.config import Settings, host_port
 from mirror.listener import Limits
 from mirror.metrics import Metrics
+from mirror.tls import ServerTLS
 
 
 class GracefulServer(uvicorn.Server):
@@ -29,19 +38,35 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def uvicorn_config(app: FastAPI, settings: Settings, metrics: Metrics) -> uvicorn.Config:
-    host, port = host_port(settings.listen)
-    limits = Limits(
+class AdminServer(uvicorn.Server):
+    """The admin listener's server. Signals are the registry server's: two servers
+    installing handlers for the same signals would take them from each other."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _limits(settings: Settings, metrics: Metrics) -> Limits:
+    return Limits(
         metrics,
         max_connections=settings.max_connections,
         header_timeout=settings.header_timeout,
         max_header_bytes=settings.max_header_bytes,
     )
+
+
+def uvicorn_config(
+    app: FastAPI, settings: Settings, metrics: Metrics, tls: ServerTLS | None = None
+) -> uvicorn.Config:
+    host, port = host_port(settings.listen)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=limits.protocol(),
+        http=_limits(settings, metrics).protocol(),
+        # uvicorn's hook for a context of one's own: the one object mirror.tls reloads.
+        ssl_context_factory=None if tls is None else (lambda _config, _default: tls.context),
         log_level=settings.log_level,
         log_config=None,  # ours (mirror.logs), text or JSON, for uvicorn's records too
         access_log=False,  # the mirror writes its own, richer access log
@@ -66,5 +91,52 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
-def serve_app(app: FastAPI, settings: Settings, sock: socket.socket) -> None:
-    GracefulServer(uvicorn_config(app, settings, app.state.metrics)).run(sockets=[sock])
+def admin_config(app: FastAPI, settings: Settings, metrics: Metrics) -> uvicorn.Config:
+    assert settings.admin_listen is not None
+    host, port = host_port(settings.admin_listen)
+    return uvicorn.Config(
+        create_admin_app(app),
+        host=host,
+        port=port,
+        http=_limits(settings, metrics).protocol(),
+        lifespan="off",  # the registry app's lifespan builds what both serve
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=5,  # scrapes and probes are quick
+    )
+
+
+def serve_app(
+    app: FastAPI,
+    settings: Settings,
+    sock: socket.socket,
+    *,
+    admin_sock: socket.socket | None = None,
+    tls: ServerTLS | None = None,
+) -> None:
+    metrics: Metrics = app.state.metrics
+    server = GracefulServer(uvicorn_config(app, settings, metrics, tls))
+    admin = None if admin_sock is None else AdminServer(admin_config(app, settings, metrics))
+
+    async def serve() -> None:
+        beside: list[asyncio.Task[None]] = []
+        if admin is not None and admin_sock is not None:
+            beside.append(asyncio.create_task(admin.serve(sockets=[admin_sock])))
+        reload = None
+        if tls is not None:
+            reload = asyncio.create_task(tls.keep_fresh(metrics, settings.tls_reload_interval))
+            beside.append(reload)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            if admin is not None:
+                admin.should_exit = True  # it drains its own (short) requests first
+            if reload is not None:
+                reload.cancel()
+            await asyncio.gather(*beside, return_exceptions=True)
+
+    # As uvicorn's Server.run, with the same loop (uvloop when installed).
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+        runner.run(serve())

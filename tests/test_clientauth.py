@@ -19,7 +19,7 @@ from fakes.clock import Clock
 from fakes.upstream import FakeUpstream, sha256
 
 from mirror.clientauth import AuthFailed as AuthFailedError
-from mirror.clientauth import common_name, parse_scopes
+from mirror.clientauth import parse_scopes
 from mirror.config import Settings
 from mirror.mediatypes import DOCKER_MANIFEST_V2
 
@@ -320,7 +320,7 @@ def test_settings_check_rules() -> None:
     assert not Settings(auth_tokens=[robot()]).anonymous_allowed()
 
 
-def test_scopes_and_names() -> None:
+def test_scopes() -> None:
     assert parse_scopes(
         [
             "repository:library/a:pull",
@@ -329,9 +329,6 @@ def test_scopes_and_names() -> None:
             "repository:host:5000/c:pull,push repository:d:pull",
         ]
     ) == ["library/a", "host:5000/c", "d"]
-    assert common_name("CN=node-1,O=example") == "node-1"
-    assert common_name("O=x,CN=a\\,b") == "a,b"
-    assert common_name("O=x") is None
 
 
 def test_cli_makes_htpasswd_entries_and_robot_tokens(tmp_path: Path) -> None:

@@ -333,3 +333,18 @@ def test_image_build_context_builds_a_complete_wheel(tmp_path: Path) -> None:
     [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "mirror = mirror.cli:main" in text
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_example_config_tls_block_loads_uncommented(tmp_path: Path) -> None:
+    """The commented TLS and admin_listen lines in deploy/mirror.yaml are valid as written."""
+    lines = (DEPLOY / "mirror.yaml").read_text().splitlines()
+    keys = ("tls_", "admin_listen")
+    lines = [line.removeprefix("# ") if line.startswith(tuple(f"# {k}" for k in keys)) else line
+             for line in lines]  # fmt: skip
+    config = tmp_path / "mirror.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    settings = load_settings(config)
+    assert settings.tls_cert_file == Path("/etc/mirror/tls/tls.crt")
+    assert settings.tls_client_ca is not None and settings.tls_client_auth == "require"
+    assert (settings.tls_reload_interval, settings.admin_listen) == (10, "127.0.0.1:9090")

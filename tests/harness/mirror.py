@@ -64,6 +64,10 @@ class MirrorProcess(Daemon):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
         return {**env, **self.env}
 
+    @property
+    def metrics_url(self) -> str:
+        return self.url + "/metrics"
+
     def check_ready(self) -> None:
         # Not /v2/: with client authentication on, it answers 401.
         expect_status(self.url + "/readyz", 200)
@@ -78,7 +82,7 @@ class MirrorProcess(Daemon):
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Samples from /metrics, keyed by (name, sorted labels)."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
             text = resp.read().decode()
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
