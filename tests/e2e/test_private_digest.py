@@ -11,14 +11,14 @@ mirror's credentials; its token service grants them nothing on `vault/app`) and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import RealUpstream
-from harness import OCI_MANIFEST, Layout, Registry, TestImage, TokenServer, push
+from harness import OCI_MANIFEST, Layout, LoggedRequest, Registry, TestImage, TokenServer, push
 from harness.images import read_back
 from harness.mirror import MirrorProcess, skopeo_copy
 
@@ -100,6 +100,10 @@ def _get(mirror: MirrorProcess, path: str, ns: str, method: str = "GET") -> http
     )
 
 
+def _head_of(path: str) -> Callable[[LoggedRequest], bool]:
+    return lambda r: r.method == "HEAD" and r.path.startswith(path)
+
+
 def _refused(resp: httpx.Response, code: str, secret: bytes) -> None:
     assert resp.status_code == 404, resp.text
     assert resp.json()["errors"][0]["code"] == code
@@ -124,9 +128,7 @@ def test_private_content_is_not_served_through_the_public_upstreams_name(
         _refused(manifest, "MANIFEST_UNKNOWN", secret.manifest)
         # The public registry was asked, with HEADs only, and said no.
         for path in (f"/v2/{public_repo}/blobs/{layer}", f"/v2/{public_repo}/manifests/"):
-            real_upstream.registry.wait_for_request(
-                lambda r, p=path: r.method == "HEAD" and r.path.startswith(p)
-            )
+            real_upstream.registry.wait_for_request(_head_of(path))
         assert {r.method for r in real_upstream.registry.requests() if r.path != "/v2/"} == {"HEAD"}
         # Still served to the private upstream's own repository, from the cache.
         own = _get(mirror, f"/v2/{secret.repo}/blobs/{layer}", "private.test")
