@@ -8,7 +8,7 @@ diskcache. Index keys are formatted only here; calls are small SQLite operations
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Set
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +29,19 @@ def _manifest_key(digest: Digest) -> str:
 
 def _atime_key(digest: Digest) -> str:
     return f"atime/manifest/{digest}"
+
+
+def _scope_key(digest: Digest) -> str:
+    return f"scope/{digest}"
+
+
+def _pair(upstream: str, repo: str) -> str:
+    return f"{upstream}/{repo}"  # upstream names have no "/"
+
+
+# Pairs kept per digest: a popular base layer is in thousands of repositories. Past
+# this, the least recently recorded go (asked again with a HEAD when next requested).
+MAX_SCOPES = 1024
 
 
 def _tag_key(key: TagKey) -> str:
@@ -92,6 +105,36 @@ class DiskIndex:
         if new:
             self._count(tags=1)
 
+    # -- scopes: one entry per digest, {"<upstream>/<repo>": recorded at} ---------------
+
+    async def has_scope(self, digest: Digest, upstream: str, repo: str) -> bool:
+        pairs = self._index.get(_scope_key(digest))
+        return pairs is not None and _pair(upstream, repo) in pairs
+
+    async def add_scopes(self, digests: Collection[Digest], upstream: str, repo: str) -> None:
+        pair, now = _pair(upstream, repo), self._clock()
+        with self._index.transact():  # read-modify-write: other processes share the index
+            for digest in digests:
+                key = _scope_key(digest)
+                pairs = dict(cast(dict[str, float], self._index.get(key) or {}))
+                pairs[pair] = now
+                if len(pairs) > MAX_SCOPES:
+                    newest = sorted(pairs.items(), key=lambda kv: kv[1])[-MAX_SCOPES:]
+                    pairs = dict(newest)
+                self._index.set(key, pairs)
+
+    def drop_scopes(self, keep: Set[Digest], before: float) -> int:
+        keys = [k for k in self._index.iterkeys() if isinstance(k, str) and k.startswith("scope/")]
+        dropped = 0
+        with self._index.transact():
+            for key in keys:
+                digest = Digest.parse(key[len("scope/") :])
+                pairs = cast(dict[str, float] | None, self._index.get(key))
+                if digest in keep or (pairs and max(pairs.values()) >= before):
+                    continue
+                dropped += bool(self._index.delete(key))
+        return dropped
+
     # -- blob entries (the files are the store's) --------------------------------------
 
     async def blob_size(self, digest: Digest) -> int | None:
@@ -110,6 +153,7 @@ class DiskIndex:
         with self._index.transact():
             for digest in digests:
                 value = self._index.pop(_blob_key(digest), None)
+                self._index.delete(_scope_key(digest))
                 if value is not None:
                     dropped += 1
                     freed += _blob_value(value)[0]
@@ -204,6 +248,7 @@ class DiskIndex:
             for digest in digests:
                 dropped += bool(self._index.delete(_manifest_key(digest)))
                 self._index.delete(_atime_key(digest))
+                self._index.delete(_scope_key(digest))
         self._count(manifests=-dropped)
 
     def drop_tags(self, keys: list[TagKey]) -> None:

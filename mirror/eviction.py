@@ -112,6 +112,10 @@ class Evictor(Rounds):
         ttl_manifests = len(stale)
         for _ in stale:
             self._count("manifest", "ttl", 0)
+        # Scopes of what is no longer cached went with it; those of digests a manifest
+        # named but nobody pulled go once they are as old as unused content.
+        cached = {e.digest for e in scan.blobs} | {d for d, _ in scan.manifests}
+        store.drop_scopes(cached, now - self._content_ttl)
         old_tags = [key for key, stored_at in scan.tags if now - stored_at > self._tag_lifetime]
         store.drop_tags(old_tags)
         ttl_tags = len(old_tags)

@@ -56,6 +56,11 @@ class Checked:
     # Sizes its descriptors give (config, layers, child manifests): what a blob
     # fetched by one of these digests may weigh at most.
     sizes: dict[Digest, int]
+    # What a registry must hold in the same repository before it serves this manifest
+    # (config, layers, child manifests): known to be there once the manifest came.
+    # Never the `subject` (OCI 1.1 lets a manifest name one that does not exist) nor
+    # a descriptor with `urls` (non-distributable layers are not checked on push).
+    references: frozenset[Digest] = frozenset()
 
 
 def check(content_type: str | None, body: bytes) -> Checked:
@@ -87,10 +92,10 @@ def check(content_type: str | None, body: bytes) -> Checked:
             raise _refuse("upstream manifest names no media type")
         if resolved in SCHEMA1_TYPES:
             raise _refuse(SCHEMA1)
-        return Checked(resolved, _sizes(document))
+        return Checked(resolved, _sizes(document), _references(document))
     if declared is not None and declared != announced:
         raise _refuse("upstream manifest's mediaType contradicts its Content-Type")
-    return Checked(announced, _sizes(document))
+    return Checked(announced, _sizes(document), _references(document))
 
 
 def _sizes(document: dict[str, object]) -> dict[Digest, int]:
@@ -110,6 +115,23 @@ def _sizes(document: dict[str, object]) -> dict[Digest, int]:
             except RegistryError:
                 continue  # a descriptor the client cannot fetch through us anyway
     return sizes
+
+
+def _references(document: dict[str, object]) -> frozenset[Digest]:
+    descriptors: list[object] = [document.get("config")]
+    for key in ("layers", "manifests", "blobs"):
+        listed = document.get(key)
+        if isinstance(listed, list):
+            descriptors += listed
+    found = set()
+    for d in descriptors:
+        if not isinstance(d, dict) or "urls" in d or not isinstance(d.get("digest"), str):
+            continue
+        try:
+            found.add(Digest.parse(d["digest"]))
+        except RegistryError:
+            continue
+    return frozenset(found)
 
 
 def servable(media_type: str) -> bool:

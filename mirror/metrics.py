@@ -51,6 +51,8 @@ RefusalReason = Literal["limit", "header_timeout", "headers_too_large", "tls_on_
 Tier = Literal["l1", "shared"]
 S3Operation = Literal["get", "head", "put", "upload", "delete", "sign", "list"]
 LeaseEvent = Literal["acquired", "followed", "taken_over", "lost"]
+# A digest asked for through an (upstream, repository) pair not known to hold it.
+ScopeResult = Literal["confirmed", "refused", "error"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
 SOURCES: tuple[Source, ...] = get_args(Source)
@@ -162,6 +164,14 @@ class Metrics:
             "mirror_coalesced_requests",
             "Requests that joined an upstream fetch already in flight, by kind.",
             ["kind"],
+            registry=r,
+        )
+        self.scope_checks = Counter(
+            "mirror_scope_checks",
+            "Cached content requested through an upstream and repository not known to "
+            "hold it, by upstream and what that upstream said (confirmed: served; "
+            "refused: 404; error: not served).",
+            ["upstream", "result"],
             registry=r,
         )
         self.refused_connections = Counter(
@@ -348,6 +358,8 @@ class Metrics:
         self.upstream_bytes.labels(upstream)
         for result in ("ok", "refused", "error"):
             self.token_fetches.labels(upstream, result)
+        for scope_result in get_args(ScopeResult):
+            self.scope_checks.labels(upstream, scope_result)
         # Unknown until the upstream sends ratelimit-* headers (Docker Hub does): NaN,
         # never 0, which would read as "exhausted".
         for gauge in (self.ratelimit_limit, self.ratelimit_remaining):

@@ -24,11 +24,12 @@ from mirror.downloads import Downloads, OpenSource
 from mirror.errors import RegistryError, UpstreamError
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
-from mirror.mediatypes import AcceptSet
+from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
 from mirror.metrics import CacheResult, Metrics, Source
 from mirror.policy import RepoPolicy
 from mirror.ranges import ByteRange, RangeSpec
 from mirror.reference import Digest, Reference
+from mirror.scopes import Scopes
 from mirror.store import Body, OpenBlob, Store, StoredManifest, TagEntry, TagKey
 from mirror.upstream import RemoteStore
 
@@ -108,6 +109,8 @@ class Proxy:
         self._clock = clock
         self._max_blob = max_blob_size
         self._sizes = SizeHints()
+        # Which repositories of this upstream may be served a cached digest.
+        self.scopes = Scopes(store, upstream.name, metrics)
         # This upstream's downloads: isolation between upstreams is ownership.
         self.downloads = Downloads(
             store, upstream, metrics, commit_grace=commit_grace, source=source
@@ -129,6 +132,7 @@ class Proxy:
         await self._revalidations.aclose()
         await self._fetches.aclose()
         await self.downloads.aclose()
+        await self.scopes.aclose()
 
     # -- manifests --------------------------------------------------------------------
 
@@ -140,9 +144,11 @@ class Proxy:
         repo = self.repo(name)
         if ref.digest is not None:
             stored = await self._cached(ref.digest)
-            manifest = (
-                Manifest(stored, "hit") if stored else await self._shared_fetch(repo, ref, accept)
-            )
+            if stored is not None:
+                await self._may_serve_manifest(repo, stored)
+                manifest = Manifest(stored, "hit")
+            else:
+                manifest = await self._shared_fetch(repo, ref, accept)
         else:
             manifest = await self._tag(repo, ref, accept, max_age)
         self._metrics.cache.labels("manifest", manifest.result).inc()
@@ -274,7 +280,12 @@ class Proxy:
                     TagKey(self.name, repo, ref.tag, accept.cache_key)
                 )
                 digest = None if entry is None else entry.digest
-            return None if digest is None else await self._cached(digest)
+            if digest is None:
+                return None
+            if ref.digest is not None and not await self.scopes.known(digest, repo):
+                # Cached meanwhile for another pair, or by a holder whose fetch failed.
+                return None
+            return await self._cached(digest)
 
         name = f"fetch:{self.name}/{repo}@{ref}#{accept.cache_key}"
         return await self._cluster.once(name, work, done_elsewhere, self._revalidate_wait)
@@ -319,6 +330,8 @@ class Proxy:
             )
         stored = StoredManifest(actual, checked.media_type, remote.body)
         self._sizes.remember(repo, checked.sizes)
+        # Before the manifest itself: a replica that finds it cached finds its scopes.
+        await self.scopes.record([actual, *checked.references], repo)
         await self._cache_write(self._remember(stored, repo, ref.tag, accept, remote.age))
         return stored
 
@@ -331,6 +344,17 @@ class Proxy:
             await self._store.put_tag(
                 key, TagEntry(stored.digest, stored.media_type, self._clock() - age)
             )
+
+    async def _may_serve_manifest(self, repo: str, stored: StoredManifest) -> None:
+        """A cached manifest by digest, for `repo`: known there, or asked (a HEAD)."""
+        accept = ", ".join(dict.fromkeys([stored.media_type, *MANIFEST_TYPES]))
+        ref = Reference.parse(str(stored.digest))
+        await self.scopes.check(
+            "manifest",
+            stored.digest,
+            repo,
+            lambda: self._upstream.head_manifest(repo, ref, accept),
+        )
 
     async def _cache_write(self, write: Awaitable[None]) -> None:
         """Cache a manifest or tag; a full or read-only disk costs the cache, not the pull."""
@@ -345,16 +369,23 @@ class Proxy:
     async def blob(self, name: str, digest: Digest, spec: RangeSpec | None, *, head: bool) -> Blob:
         repo = self.repo(name)
         if not head and (url := await self._store.blob_url(digest)) is not None:
+            await self._may_serve_blob(repo, digest)
             self._metrics.cache.labels("blob", "hit").inc()
             self._store.touch_blob(digest)
             return Blob(None, None, None, "cache", url)
         if head and (size := await self._store.blob_size(digest)) is not None:
             # A HEAD needs the size only: a shared store's object is not opened for it.
+            await self._may_serve_blob(repo, digest)
             self._metrics.cache.labels("blob", "hit").inc()
             self._store.touch_blob(digest)
             return Blob(size, spec.resolve(size) if spec is not None else None, None, "cache")
         cached = await self._store.open_blob(digest)
         if cached is not None:
+            try:
+                await self._may_serve_blob(repo, digest)
+            except BaseException:
+                await cached.aclose()
+                raise
             self._metrics.cache.labels("blob", "hit").inc()
             self._store.touch_blob(digest)
             if spec is None and (source := cached.download()) is not None:
@@ -367,10 +398,30 @@ class Proxy:
         if head and self.downloads.active(digest) is None:
             # A HEAD must not start a multi-GB download: ask upstream for the size only.
             size = await self._upstream.head_blob(repo, digest)
+            await self.scopes.record([digest], repo)
             rng = spec.resolve(size) if spec is not None and size is not None else None
             return Blob(size, rng, None, "upstream")
+        # Our own GET for this repository confirms it; joining another repository's
+        # download, or (with replicas) following whichever replica leads it, does not.
+        active = self.downloads.active(digest)
+        direct = self._cluster is None and (active is None or active.repo == repo)
+        if not direct:
+            await self._may_serve_blob(repo, digest)
         limit = self._limit(repo, digest)
-        return await answer(await self.downloads.join(repo, digest, limit), spec, head, "upstream")
+        reader = await self.downloads.join(repo, digest, limit)
+        if direct:
+            try:
+                await self.scopes.record([digest], repo)
+            except BaseException:
+                await reader.aclose()
+                raise
+        return await answer(reader, spec, head, "upstream")
+
+    async def _may_serve_blob(self, repo: str, digest: Digest) -> None:
+        """A cached (or downloading) blob, for `repo`: known there, or asked (a HEAD)."""
+        await self.scopes.check(
+            "blob", digest, repo, lambda: self._upstream.head_blob(repo, digest)
+        )
 
     def _limit(self, repo: str, digest: Digest) -> int:
         # A descriptor's size only lowers the bound, and only for its own repository:

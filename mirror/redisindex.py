@@ -7,6 +7,7 @@ The one module that imports redis. Keys, all under the configured prefix::
     atime       zset  digest -> last access                 (LRU across replicas)
     manifests   hash  digest -> media type
     matime      zset  digest -> last access
+    scope:<d>   zset  "<upstream>/<repo>" -> when recorded  (pairs known to hold d)
     lease:<d>   str   the replica leading the download of d (expires unless renewed)
     lock:<name> str   a lifecycle lock (one replica evicts at a time)
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Set
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Pairs kept per digest (a popular base layer is in thousands of repositories); past
+# this, the least recently recorded go and are asked again with a HEAD when next used.
+MAX_SCOPES = 1024
 BACKOFF = 2.0  # seconds of failing fast after a failure, then the next call tries
 TIMEOUT = 2.0  # per command and per connect: a stopped Redis costs this, once
 
@@ -188,6 +192,53 @@ class RedisIndex:
 
         await self._run(add)
 
+    # -- scopes -----------------------------------------------------------------------
+
+    def _scope(self, digest: Digest) -> str:
+        return f"{self._p}scope:{digest}"
+
+    async def has_scope(self, digest: Digest, upstream: str, repo: str) -> bool:
+        member = f"{upstream}/{repo}"
+        score = await self._run(lambda: self._async.zscore(self._scope(digest), member))
+        return score is not None
+
+    async def add_scopes(
+        self, digests: Collection[Digest], upstream: str, repo: str, now: float
+    ) -> None:
+        member = f"{upstream}/{repo}"
+
+        async def add() -> None:
+            async with self._async.pipeline(transaction=False) as pipe:
+                for digest in digests:
+                    pipe.zadd(self._scope(digest), {member: now})
+                    pipe.zremrangebyrank(self._scope(digest), 0, -MAX_SCOPES - 1)
+                await pipe.execute()
+
+        if digests:
+            await self._run(add)
+
+    def drop_scopes(self, keep: Set[Digest], before: float) -> int:
+        """Worker thread: SCAN the scope keys, drop those of digests not in `keep`
+        whose newest pair was recorded before `before`."""
+        prefix = self._p + "scope:"
+
+        def drop() -> int:
+            keys = [
+                str(k) for k in self._sync.scan_iter(match=_glob_escape(prefix) + "*", count=1000)
+            ]
+            candidates = [k for k in keys if Digest.parse(k[len(prefix) :]) not in keep]
+            if not candidates:
+                return 0
+            pipe = self._sync.pipeline(transaction=False)
+            for key in candidates:
+                pipe.zrange(key, -1, -1, withscores=True)
+            newest = pipe.execute()
+            pairs = zip(candidates, newest, strict=True)
+            old = [k for k, top in pairs if not top or top[0][1] < before]
+            return int(self._sync.delete(*old)) if old else 0
+
+        return self._run_sync(drop)
+
     # -- blobs ------------------------------------------------------------------------
 
     async def blob_size(self, digest: Digest) -> int | None:
@@ -304,6 +355,7 @@ class RedisIndex:
                 pipe = self._sync.pipeline(transaction=True)
                 pipe.hdel(self._p + "blobs", *names)
                 pipe.zrem(self._p + "atime", *names)
+                pipe.delete(*(self._scope(d) for d in digests))
                 pipe.execute()
 
             self._run_sync(drop)
@@ -316,6 +368,7 @@ class RedisIndex:
                 pipe = self._sync.pipeline(transaction=True)
                 pipe.hdel(self._p + "manifests", *names)
                 pipe.zrem(self._p + "matime", *names)
+                pipe.delete(*(self._scope(d) for d in digests))
                 pipe.execute()
 
             self._run_sync(drop)
@@ -331,6 +384,11 @@ class RedisIndex:
         self._usage = CacheUsage(
             len(scan.blobs), sum(b.size for b in scan.blobs), len(scan.manifests), len(scan.tags)
         )
+
+
+def _glob_escape(text: str) -> str:
+    """A literal for a SCAN MATCH pattern (a prefix may hold glob characters)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _describe(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Set
 from pathlib import Path
 
 from mirror.diskstore import DiskBlob, DiskStore, DiskWrite
@@ -112,6 +112,22 @@ class SharedStore:
     async def put_tag(self, key: TagKey, entry: TagEntry) -> None:
         await self._shared(self.index.put_tag(key, entry))
         await self.l1.put_tag(key, entry)
+
+    # -- scopes: in Redis only. Without it a digest's pairs are unknown here (False),
+    # and what this replica confirms meanwhile lives in the proxy's bounded memory
+    # (mirror.scopes): never served unchecked.
+
+    async def has_scope(self, digest: Digest, upstream: str, repo: str) -> bool:
+        try:
+            return await self.index.has_scope(digest, upstream, repo)
+        except IndexUnavailable:
+            return False
+
+    async def add_scopes(self, digests: Collection[Digest], upstream: str, repo: str) -> None:
+        await self._shared(self.index.add_scopes(digests, upstream, repo, self._clock()))
+
+    def drop_scopes(self, keep: Set[Digest], before: float) -> int:
+        return self.index.drop_scopes(keep, before)
 
     # -- blobs ------------------------------------------------------------------------
 

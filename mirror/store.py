@@ -11,7 +11,7 @@ strings, so each implementation lays out its own keys.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -208,6 +208,16 @@ class Store(Protocol):
 
     def write_blob(self, digest: Digest) -> BlobWrite:
         """Begin writing a blob that is downloading: a local file readers tail."""
+        ...
+
+    # -- scopes: the (upstream, repository) pairs known to hold a digest (mirror.scopes)
+    async def has_scope(self, digest: Digest, upstream: str, repo: str) -> bool: ...
+
+    async def add_scopes(self, digests: Collection[Digest], upstream: str, repo: str) -> None: ...
+
+    def drop_scopes(self, keep: Set[Digest], before: float) -> int:
+        """Forget the scopes of digests not in `keep` (nothing cached under them) last
+        recorded before `before`: what manifests named but nobody pulled. How many."""
         ...
 
     # -- access tracking (no I/O on the request path) and lifecycle -------------------

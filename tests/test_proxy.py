@@ -107,10 +107,14 @@ async def test_content_by_digest_is_served_from_the_store_without_upstream(
 ) -> None:
     digest = setup.upstream.add_manifest(OCI, {"mediaType": OCI}, tag="v1")
     await setup.proxy.manifest("app", Reference(tag="v1"), ANY)
-    by_digest = await setup.proxy.manifest("other", Reference(digest=Digest.parse(digest)), ANY)
+    by_digest = await setup.proxy.manifest("app", Reference(digest=Digest.parse(digest)), ANY)
     assert by_digest.result == "hit"
     assert hashlib.sha256(by_digest.stored.body).hexdigest() == digest.removeprefix("sha256:")
     assert len(setup.upstream.requests) == 1
+    # Another repository is asked whether it holds the digest (tests/test_scopes.py).
+    other = await setup.proxy.manifest("other", Reference(digest=Digest.parse(digest)), ANY)
+    assert other.result == "hit"
+    assert [r.method for r in setup.upstream.requests] == ["GET", "HEAD"]
 
 
 async def test_a_client_that_cannot_read_an_index_never_gets_one(setup: Setup) -> None:

@@ -52,6 +52,7 @@ class FakeUpstream:
     realm: str = ""  # set by the test once the server's URL is known
     token_response: dict[str, Any] | None = None  # default: {"token": ..., "expires_in": 300}
     deny_repos: set[str] = field(default_factory=set)  # 404 (after 0.2 s) for these
+    hidden_repos: set[str] = field(default_factory=set)  # 404 at once for everything
     manifest_delay: float = 0.0  # seconds before answering a manifest request
     rate_limit: tuple[str, str] | None = None  # (ratelimit-limit, ratelimit-remaining)
 
@@ -102,6 +103,9 @@ class FakeUpstream:
             return
         parts = scope["path"].split("/")
         ref = parts[-1]
+        if scope["path"][4:].rsplit("/", 2)[0] in self.hidden_repos:
+            await _respond(send, 404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}', {})
+            return
         if "/manifests/" in scope["path"]:
             await asyncio.sleep(self.manifest_delay)
             if ref not in self.manifests:

@@ -115,6 +115,8 @@ class TokenServer:
         self.users = dict(DEFAULT_USERS if users is None else users)
         # False: a private registry, where pulling needs a valid user.
         self.anonymous_pull = anonymous_pull
+        # (user, repository) pairs granted nothing: a repository that user cannot read.
+        self.denied: set[tuple[str, str]] = set()
         self.issuer = issuer
         self.service = service
         self.expires_in = expires_in
@@ -220,6 +222,7 @@ class TokenServer:
         grants = self._grant(scopes, authenticated=user is not None)
         if user is None and not self.anonymous_pull:
             grants = []
+        grants = [g for g in grants if (user, g["name"]) not in self.denied]
         token = self.issue(grants, user or "")
         return 200, {
             "token": token,
