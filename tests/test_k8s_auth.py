@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
 import shutil
 import ssl
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 import bcrypt
 import jsonschema
 import pytest
+import yaml
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +37,7 @@ from mirror.config import Settings, host_port
 from mirror.loading import check_usable, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
 OVERLAY = "central-tls"
 
 
@@ -362,3 +365,21 @@ def test_mtls_turns_on_by_uncommenting_its_lines(
     assert settings.tls_client_ca is not None and settings.tls_cert_file is not None
     assert settings.tls_client_ca == settings.tls_cert_file.with_name("ca.crt")
     assert settings.tls_client_auth == "optional"
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_docs_rules_example_loads_with_the_base_settings() -> None:
+    """docs/deploy.md's robots-and-rules example, with the entry `mirror auth token`
+    prints pasted in, is valid next to base/mirror.yaml's upstreams."""
+    made = CliRunner().invoke(main, ["auth", "token", "ci-robot", "--group", "ci"])
+    assert made.exit_code == 0, made.output
+    [entry] = yaml.safe_load(made.stderr.split("add to the settings file:", 1)[1])["auth_tokens"]
+    section = (ROOT / "docs" / "deploy.md").read_text().split("## Authentication and TLS")[1]
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", section, re.S) if "auth_tokens" in b]
+    example = yaml.safe_load(re.sub(r"^ {3}", "", block, flags=re.M))
+    [robot] = example["auth_tokens"]
+    assert robot["name"] == entry["name"] and robot["groups"] == entry["groups"]
+    robot["sha256"] = entry["sha256"]
+    base = yaml.safe_load((K8S / "base" / "mirror.yaml").read_text())
+    settings = Settings.model_validate({**base, **example})
+    assert settings.access and settings.credentials_configured()
