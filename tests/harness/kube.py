@@ -12,12 +12,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
 from . import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ROOT / "deploy" / "kubernetes" / "overlays"
+SCHEMAS = ROOT / "tests" / "schemas"
+# Custom resources validated against their CRD's vendored schema (kubernetes-validate
+# knows only the built-in kinds): (apiVersion, kind) -> file under tests/schemas.
+CUSTOM_SCHEMAS = {("cert-manager.io/v1", "Certificate"): "cert-manager-certificate-v1.yaml"}
 
 Doc = dict[str, Any]
 
@@ -73,6 +78,32 @@ def overlay_without(overlay: str, component: str, root: Path) -> Path:
         ]
     (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return copy
+
+
+def strict_schema(schema: Any) -> Any:
+    """A CRD's structural schema as the API server applies it with strict field
+    validation (kubectl's default): a field no `properties` names is an error, where
+    plain JSON Schema would let it through (and the server would prune it)."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {k: strict_schema(v) for k, v in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        strict["additionalProperties"] = False
+    return strict
+
+
+def validate_custom(doc: Doc) -> None:
+    """Validate a custom resource against its CRD's vendored schema; raises
+    `jsonschema.ValidationError` naming the first problem."""
+    name = CUSTOM_SCHEMAS[(doc["apiVersion"], doc["kind"])]
+    schema = strict_schema(yaml.safe_load((SCHEMAS / name).read_text()))
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft4Validator)
 
 
 def quantity(value: str) -> int:
