@@ -366,7 +366,15 @@ class Proxy:
 
     # -- blobs ------------------------------------------------------------------------
 
-    async def blob(self, name: str, digest: Digest, spec: RangeSpec | None, *, head: bool) -> Blob:
+    async def blob(
+        self,
+        name: str,
+        digest: Digest,
+        spec: RangeSpec | None,
+        *,
+        head: bool,
+        checked: bool = False,
+    ) -> Blob:
         repo = self.repo(name)
         if not head and (url := await self._store.blob_url(digest)) is not None:
             await self._may_serve_blob(repo, digest)
@@ -394,6 +402,15 @@ class Proxy:
                 reader = await self.downloads.join(repo, digest, limit, source)
                 return await answer(reader, spec, head, "cache")
             return await answer(cached, spec, head, "cache")
+        active = self.downloads.active(digest)
+        # Our own GET for this repository confirms it; joining another repository's
+        # download, or (with replicas) following whichever replica leads it, does not.
+        direct = self._cluster is None and (active is None or active.repo == repo)
+        if not direct and not checked and (active is not None or not head):
+            await self._may_serve_blob(repo, digest)
+            # The check may have taken a HEAD's time: the download may have been
+            # committed meanwhile, and must then be read from the cache, not fetched again.
+            return await self.blob(name, digest, spec, head=head, checked=True)
         self._metrics.cache.labels("blob", "miss").inc()
         if head and self.downloads.active(digest) is None:
             # A HEAD must not start a multi-GB download: ask upstream for the size only.
@@ -401,12 +418,6 @@ class Proxy:
             await self.scopes.record([digest], repo)
             rng = spec.resolve(size) if spec is not None and size is not None else None
             return Blob(size, rng, None, "upstream")
-        # Our own GET for this repository confirms it; joining another repository's
-        # download, or (with replicas) following whichever replica leads it, does not.
-        active = self.downloads.active(digest)
-        direct = self._cluster is None and (active is None or active.repo == repo)
-        if not direct:
-            await self._may_serve_blob(repo, digest)
         limit = self._limit(repo, digest)
         reader = await self.downloads.join(repo, digest, limit)
         if direct:
