@@ -51,6 +51,8 @@ RefusalReason = Literal["limit", "header_timeout", "headers_too_large", "tls_on_
 Tier = Literal["l1", "shared"]
 S3Operation = Literal["get", "head", "put", "upload", "delete", "sign", "list"]
 LeaseEvent = Literal["acquired", "followed", "taken_over", "lost"]
+# A per-client limit that refused a request (mirror.fairness).
+Throttle = Literal["cold_fetch", "manifest"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
 SOURCES: tuple[Source, ...] = get_args(Source)
@@ -163,6 +165,14 @@ class Metrics:
             "headers_too_large: a request head over max_header_bytes; tls_on_plain_port: "
             "a TLS handshake on the plain-HTTP listener).",
             ["reason"],
+            registry=r,
+        )
+        self.client_throttled = Counter(
+            "mirror_client_throttled",
+            "Requests refused (429) by a per-client limit, by kind (cold_fetch: too many "
+            "blob downloads from upstream at once; manifest: too many upstream manifest "
+            "requests per minute; a tag then served stale counts too).",
+            ["kind"],
             registry=r,
         )
         self.resumes = Counter(
@@ -286,6 +296,8 @@ class Metrics:
             self.cache_write_failures.labels(kind)
             for result in CACHE_RESULTS:
                 self.cache.labels(kind, result)
+        for throttle in get_args(Throttle):
+            self.client_throttled.labels(throttle)
         for refusal in REFUSAL_REASONS:
             self.refused_connections.labels(refusal)
         for reason in EVICTION_REASONS:

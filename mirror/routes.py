@@ -13,10 +13,11 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from mirror import logs
+from mirror import identity, logs
 from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
 from mirror.errors import RegistryError
+from mirror.identity import Principal
 from mirror.mediatypes import AcceptSet
 from mirror.metrics import Metrics
 from mirror.proxy import Blob, answer
@@ -39,6 +40,12 @@ def _route(request: Request, name: str) -> Route:
     return route
 
 
+def _anonymous(request: Request) -> None:
+    # Placeholder until client authentication sets the principal: known by address.
+    if identity.current.get() is None and request.client is not None:
+        identity.current.set(Principal(None, request.client.host))
+
+
 def _components(request: Request) -> Components:
     built: Components = request.app.state.components
     return built
@@ -48,6 +55,7 @@ def _components(request: Request) -> Components:
 @router.api_route("/v2", methods=["GET", "HEAD"], include_in_schema=False)
 async def base(request: Request) -> Response:
     request.state.route = "/v2/"
+    _anonymous(request)  # TODO(auth): replaced by the authenticated principal
     if "ns" in request.query_params and hasattr(request.app.state, "components"):
         # A client configured for a registry this mirror does not serve learns it at
         # its first request (403), like it would on any other endpoint.
@@ -121,6 +129,7 @@ async def registry(request: Request, rest: str) -> Response:
         raise RegistryError(
             "UNSUPPORTED", "this mirror is read-only: push to the upstream", status=405
         )
+    _anonymous(request)  # TODO(auth): replaced by the authenticated principal
     path = parse_path(rest)
     request.state.route = path.route
     if (record := logs.current.get()) is not None:
