@@ -15,7 +15,8 @@ Only what a request makes the mirror ask upstream is charged: cache hits, and
 requests that join a fetch already in flight, cost nothing and are never refused.
 Over a limit the answer is immediate (429 `TOOMANYREQUESTS` with `Retry-After`):
 waiting would hold the client's connection and queue its work behind itself.
-Work without a principal (`mirror warm`, background fills) is never limited.
+Work without a principal (background downloads, peer requests between replicas) is
+never limited. `mirror warm` is an HTTP client like any other, limited as one.
 """
 
 from __future__ import annotations
