@@ -91,7 +91,7 @@ def test_concurrent_cold_fetches_are_counted_per_client_and_released_once() -> N
 def test_work_without_a_client_and_limits_of_zero_are_never_limited() -> None:
     limited = Fairness(max_cold_fetches=1, manifests_per_minute=1)
     unlimited = Fairness()
-    with as_client(None):  # mirror warm, background fills
+    with as_client(None):  # background downloads, replicas' peer requests
         for _ in range(5):
             limited.cold_fetch()
             limited.charge_manifest()
