@@ -22,6 +22,7 @@ from mirror.cluster import Cluster
 from mirror.config import Endpoint, Settings
 from mirror.diskstore import DiskStore
 from mirror.eviction import Evictor, SharedRounds
+from mirror.fairness import Fairness
 from mirror.metrics import Metrics
 from mirror.objects import Objects, ObjectStoreError
 from mirror.policy import RepoPolicy
@@ -167,6 +168,12 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     # upstream's own is refused (credentials never cross between them).
     urls = [c.base_url for c in configured] + [t.url for c in configured for t in c.mirrors]
     freshness = settings.freshness()
+    # One set of per-client limits for all upstreams: a client's share of the mirror.
+    fairness = Fairness(
+        max_cold_fetches=settings.client_max_cold_fetches,
+        manifests_per_minute=settings.client_manifest_requests_per_minute,
+        metrics=metrics,
+    )
     # Every secret is read before any client is opened: a missing one fails the start
     # with nothing to clean up.
     secrets = [config.secret() for config in configured]
@@ -233,6 +240,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             cluster=cluster,
             revalidate_wait=settings.fetch_timeout + 1,
             stale_after=settings.fetch_timeout / 2,
+            fairness=fairness,
         )
     router = Router(
         proxies,

@@ -395,6 +395,15 @@ class Settings(BaseSettings):
     auth_service: str = "mirror"
     # Authorization rules (YAML only); none: every authenticated client may pull all.
     access: list[AccessRule] = Field(default_factory=list)
+    # -- per-client limits (mirror/fairness.py; README, "Fairness"); 0: no limit ------
+    # Counted per user, or per address for anonymous clients. Opt-in: many clients may
+    # share one address (NAT), and a central tier sees each node's mirror as a client.
+    # Blob downloads from upstream a client's requests may have in progress at once
+    # (docker pulls 3 layers at a time, containerd and podman 5-7).
+    client_max_cold_fetches: int = Field(default=0, ge=0)
+    # Upstream manifest requests (GETs, tag revalidations, tag lists) a client may
+    # cause per minute; cache hits and requests joining a fetch in flight are free.
+    client_manifest_requests_per_minute: int = Field(default=0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
     access_log: bool = True  # one line per request (method, route, status, bytes, ...)

@@ -23,6 +23,10 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether a call for `key` is in flight: a caller joining it causes no work."""
+        return key in self._tasks
+
     async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Run `work` unless a call for `key` is in flight; returns (result, joined)."""
         task = self._tasks.get(key)

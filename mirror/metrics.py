@@ -53,6 +53,8 @@ S3Operation = Literal["get", "head", "put", "upload", "delete", "sign", "list"]
 LeaseEvent = Literal["acquired", "followed", "taken_over", "lost"]
 # A digest asked for through an (upstream, repository) pair not known to hold it.
 ScopeResult = Literal["confirmed", "refused", "error"]
+# A per-client limit that refused a request (mirror.fairness).
+Throttle = Literal["cold_fetch", "manifest"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 CACHE_RESULTS: tuple[CacheResult, ...] = get_args(CacheResult)
 SOURCES: tuple[Source, ...] = get_args(Source)
@@ -198,6 +200,14 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.client_throttled = Counter(
+            "mirror_client_throttled",
+            "Requests refused (429) by a per-client limit, by kind (cold_fetch: too many "
+            "blob downloads from upstream at once; manifest: too many upstream manifest "
+            "requests per minute; a tag then served stale counts too).",
+            ["kind"],
+            registry=r,
+        )
         self.resumes = Counter(
             "mirror_upstream_resumes",
             "Blob downloads resumed with Range after a failure.",
@@ -319,6 +329,8 @@ class Metrics:
             self.cache_write_failures.labels(kind)
             for result in CACHE_RESULTS:
                 self.cache.labels(kind, result)
+        for throttle in get_args(Throttle):
+            self.client_throttled.labels(throttle)
         for refusal in REFUSAL_REASONS:
             self.refused_connections.labels(refusal)
         for reason in EVICTION_REASONS:

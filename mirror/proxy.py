@@ -10,6 +10,7 @@ with a HEAD, and served stale while the upstream is in trouble.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import sqlite3
@@ -22,6 +23,7 @@ from typing import Protocol, TypeVar
 from mirror import dockerhub, manifests
 from mirror.downloads import Downloads, OpenSource
 from mirror.errors import RegistryError, UpstreamError
+from mirror.fairness import UNLIMITED, Fairness
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
 from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
@@ -95,7 +97,10 @@ class Proxy:
         cluster: Coordinator | None = None,
         revalidate_wait: float = 20.0,
         stale_after: float | None = None,
+        fairness: Fairness | None = None,
     ) -> None:
+        # Per-client limits, charged only where a request makes us go upstream.
+        self.fairness = fairness or Fairness()
         self._stale_after = stale_after
         self._cluster = cluster
         # How long replicas wait for another's revalidation (a HEAD's deadline).
@@ -189,6 +194,15 @@ class Proxy:
         ttl = self._freshness.ttl(repo, ref.tag)
         if age < (ttl if max_age is None else min(ttl, max_age)):
             return Manifest(stored, "hit", max(0.0, age))
+        # Charged before the flight, and only to the client that starts it: joining a
+        # revalidation in progress costs no upstream request, and must never fail
+        # because of another client's limit.
+        if key not in self._revalidations and (wait := self.fairness.try_manifest()) is not None:
+            if age >= self._freshness.max_stale:
+                raise self.fairness.refuse_manifest(wait)
+            # The answer we have is still servable: better than a 429.
+            self.fairness.throttled_stale()
+            return Manifest(stored, "stale", max(0.0, age))
         # N concurrent requests for an expired tag cause one revalidation; with
         # replicas, one for the whole cluster.
         return await self._coalesced(
@@ -258,10 +272,11 @@ class Proxy:
         # N concurrent misses for one manifest (a rollout) cause one upstream request;
         # with replicas, one for the whole cluster (manifest GETs are what Docker Hub's
         # rate limit counts).
+        key = (repo, str(ref), accept.cache_key)
+        if key not in self._fetches:  # joining a fetch in flight costs nothing
+            self.fairness.charge_manifest()
         stored = await self._coalesced(
-            self._fetches,
-            (repo, str(ref), accept.cache_key),
-            lambda: self._fetch_once(repo, ref, accept),
+            self._fetches, key, lambda: self._fetch_once(repo, ref, accept)
         )
         return Manifest(stored, "miss")
 
@@ -412,21 +427,38 @@ class Proxy:
             # committed meanwhile, and must then be read from the cache, not fetched again.
             return await self.blob(name, digest, spec, head=head, checked=True)
         self._metrics.cache.labels("blob", "miss").inc()
-        if head and self.downloads.active(digest) is None:
+        starts = self.downloads.active(digest) is None
+        if head and starts:
             # A HEAD must not start a multi-GB download: ask upstream for the size only.
-            size = await self._upstream.head_blob(repo, digest)
+            # It is an upstream request too, so it takes a cold-fetch slot while it runs
+            # (not a manifest token: registries do not count blob HEADs as pulls).
+            with self.fairness.cold_fetch():
+                size = await self._upstream.head_blob(repo, digest)
             await self.scopes.record([digest], repo)
             rng = spec.resolve(size) if spec is not None and size is not None else None
             return Blob(size, rng, None, "upstream")
+        # Only the client whose request starts the download is charged: joining one in
+        # progress costs the upstream nothing.
+        slot = self.fairness.cold_fetch() if starts else UNLIMITED
         limit = self._limit(repo, digest)
-        reader = await self.downloads.join(repo, digest, limit)
-        if direct:
-            try:
-                await self.scopes.record([digest], repo)
-            except BaseException:
-                await reader.aclose()
-                raise
-        return await answer(reader, spec, head, "upstream")
+        try:
+            reader = await self.downloads.join(repo, digest, limit)
+            if direct:
+                try:
+                    await self.scopes.record([digest], repo)
+                except BaseException:
+                    await reader.aclose()
+                    raise
+            blob = await answer(reader, spec, head, "upstream")
+        except BaseException:
+            slot.release()
+            raise
+        if blob.body is None:
+            slot.release()
+            return blob
+        # Held while the client reads: released at the body's end, or when the
+        # response closes it (a client gone mid-way).
+        return dataclasses.replace(blob, body=slot.hold(blob.body))
 
     async def _may_serve_blob(self, repo: str, digest: Digest) -> None:
         """A cached (or downloading) blob, for `repo`: known there, or asked (a HEAD)."""
@@ -443,7 +475,9 @@ class Proxy:
     # -- tags -------------------------------------------------------------------------
 
     async def tags(self, name: str, n: int | None, last: str | None) -> tuple[bytes, str | None]:
-        return await self._upstream.tags(self.repo(name), n, last, TAGS_LIST_MAX_BYTES)
+        repo = self.repo(name)
+        self.fairness.charge_manifest()  # never cached: every tag list goes upstream
+        return await self._upstream.tags(repo, n, last, TAGS_LIST_MAX_BYTES)
 
 
 async def answer(blob: OpenBlob, spec: RangeSpec | None, head: bool, source: Source) -> Blob:
