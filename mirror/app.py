@@ -15,7 +15,7 @@ from mirror.config import Settings
 from mirror.errors import install_handlers
 from mirror.metrics import Metrics
 from mirror.middleware import ObserveMiddleware
-from mirror.routes import router
+from mirror.routes import peer, router
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app.include_router(probes.health)
     if settings.admin_listen is None:
         app.include_router(probes.metrics)
+    app.include_router(peer)
     app.include_router(router)
     install_handlers(app)
     app.add_middleware(ObserveMiddleware, metrics=metrics, access_log=settings.access_log)
@@ -86,5 +87,6 @@ def create_admin_app(app: FastAPI) -> FastAPI:
     admin.state = app.state
     admin.include_router(probes.health)
     admin.include_router(probes.metrics)
+    admin.include_router(peer)
     install_handlers(admin)
     return admin

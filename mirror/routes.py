@@ -29,6 +29,10 @@ from mirror.sharedstore import SharedStore
 from mirror.tls import client_common_name
 
 router = APIRouter()
+# Replicas' peer endpoint: on the registry listener, and on the admin listener too (plain
+# HTTP inside the cluster), so peers need no TLS trust in a certificate that names the
+# Service rather than pod addresses.
+peer = APIRouter()
 
 READ_METHODS = ("GET", "HEAD")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
@@ -199,7 +203,7 @@ def _metrics(request: Request) -> Metrics:
     return metrics
 
 
-@router.get(PEER_PATH + "{digest}")
+@peer.get(PEER_PATH + "{digest}")
 async def peer_blob(request: Request, digest: str) -> Response:
     """Another replica following a download this one leads (mirror.cluster). Only
     with the shared secret; only what is in flight or cached here, never a fetch."""

@@ -271,9 +271,10 @@ def test_clients_use_443_and_prometheus_the_admin_port() -> None:
         assert mirror[probe]["httpGet"].get("scheme", "HTTP") == "HTTP"
     [endpoint] = _one(docs, "ServiceMonitor")["spec"]["endpoints"]
     assert endpoint["port"] == "admin" and endpoint["path"] == "/metrics"
+    # Peers use the admin port (plain HTTP on the pod network, behind the peer secret);
     # POD_IP is still defined before the peer URL that uses it.
     env = container_env(mirror, docs, pod_ip="10.0.0.7")
-    assert env["MIRROR_PEER_URL"] == f"https://10.0.0.7:{_port(mirror, 'https')}"
+    assert env["MIRROR_PEER_URL"] == f"http://10.0.0.7:{_port(mirror, 'admin')}"
 
 
 # -- the pod's configuration, as the kubelet gives it (needs the `tls` settings) ------
@@ -297,7 +298,7 @@ def test_central_tls_pod_serves_https_for_the_service_names(
     assert settings.admin_listen is not None
     assert host_port(settings.admin_listen)[1] == _port(mirror, "admin")
     assert settings.tls_client_ca is None  # mTLS is off in the example
-    assert settings.peer_url == f"https://10.0.0.7:{_port(mirror, 'https')}"
+    assert settings.peer_url == f"http://10.0.0.7:{_port(mirror, 'admin')}"
     tls = server_tls(settings)
     assert tls is not None
     assert settings.tls_cert_file is not None

@@ -9,10 +9,13 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
+from conftest import MirrorFactory
 from fakes.pki import CA
+from fakes.upstream import FakeUpstream
 
 from mirror.app import create_admin_app, create_app
 from mirror.cli import main
+from mirror.cluster import PEER_PATH
 from mirror.config import Settings
 
 
@@ -75,3 +78,17 @@ def test_unusable_tls_files_stop_serve_with_one_line(tmp_path: Path, no_mirror_e
         f"Error: tls_key_file {other.key} does not match the certificate in tls_cert_file "
         f"{server.cert}\n",
     )
+
+
+async def test_the_peer_endpoint_is_on_the_admin_listener_too(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    """Replicas behind a TLS registry port reach each other on the plain admin port: the
+    same handler, still behind the peer secret."""
+    _, url = fake
+    path = PEER_PATH + "sha256:" + "0" * 64
+    async with mirror(url, admin_listen="127.0.0.1:5001") as m:
+        r = await _get(create_admin_app(m.app), path)
+        assert r.status_code == 403
+        assert r.json()["errors"][0]["code"] == "DENIED"
+        assert "peer secret" in r.json()["errors"][0]["message"]
