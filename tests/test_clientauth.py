@@ -391,3 +391,29 @@ async def test_replicas_sharing_a_peer_secret_accept_each_others_tokens(tmp_path
     keyfile.write_text("short")
     with pytest.raises(ValueError, match="32 bytes or more"):
         token_key(keyed, None)
+
+
+async def test_per_client_limits_count_by_user_not_by_address(
+    upstream: tuple[FakeUpstream, str], mirror: MirrorFactory, users: Path
+) -> None:
+    """Behind one NAT address, alice exhausting her manifest budget leaves bob's intact."""
+    up, url = upstream
+    for tag in ("2", "3", "4"):
+        up.add_manifest(DOCKER_MANIFEST_V2, {**MANIFEST, "annotations": {"t": tag}}, tag=tag)
+    settings: dict[str, Any] = {"auth_htpasswd": users, "client_manifest_requests_per_minute": 2}
+    async with mirror(url, **settings) as m, httpx.AsyncClient(base_url=m.url) as c:
+        alice, bob = basic("alice", "wonderland"), basic("bob", "builder")
+        for tag in ("1", "2"):
+            assert (
+                await c.get(f"/v2/library/app/manifests/{tag}", headers=alice)
+            ).status_code == 200
+        refused = await c.get("/v2/library/app/manifests/3", headers=alice)
+        assert refused.status_code == 429
+        assert error_code(refused) == "TOOMANYREQUESTS"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert up.count("GET", "/library/app/manifests/3") == 0
+        # Same address, another user: a budget of its own.
+        assert (await c.get("/v2/library/app/manifests/3", headers=bob)).status_code == 200
+        assert (await c.get("/v2/library/app/manifests/4", headers=bob)).status_code == 200
+        # And alice's hits are never limited.
+        assert (await c.get("/v2/library/app/manifests/1", headers=alice)).status_code == 200
