@@ -53,6 +53,17 @@ S3Operation = Literal["get", "head", "put", "upload", "delete", "sign", "list"]
 LeaseEvent = Literal["acquired", "followed", "taken_over", "lost"]
 # A digest asked for through an (upstream, repository) pair not known to hold it.
 ScopeResult = Literal["confirmed", "refused", "error"]
+# Client authentication outcomes initialised at zero (mirror.clientauth).
+AUTH_SERIES = (
+    ("basic", "ok"),
+    ("basic", "invalid"),
+    ("bearer", "ok"),
+    ("bearer", "invalid"),
+    ("realm", "ok"),
+    ("realm", "invalid"),
+    ("anonymous", "denied"),
+    ("user", "denied"),
+)
 # A per-client limit that refused a request (mirror.fairness).
 Throttle = Literal["cold_fetch", "manifest"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
@@ -331,6 +342,10 @@ class Metrics:
                 self.cache.labels(kind, result)
         for throttle in get_args(Throttle):
             self.client_throttled.labels(throttle)
+        # The outcomes a panel or an alert reads: 0, not "no data", while all is well
+        # (and on a mirror without authentication).
+        for method, outcome in AUTH_SERIES:
+            self.client_auth.labels(method, outcome)
         for refusal in REFUSAL_REASONS:
             self.refused_connections.labels(refusal)
         for reason in EVICTION_REASONS:

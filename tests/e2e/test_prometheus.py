@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import RealUpstream
+from fakes.pki import CA
 from harness import free_port, require_root, require_tool
-from harness.mirror import MirrorProcess, skopeo_copy
+from harness.mirror import MirrorProcess, TLSMirror, skopeo_copy
 from harness.prometheus import Prometheus
 from harness.redisserver import RedisServer
 from harness.rgw import RadosGateway
@@ -78,15 +79,22 @@ def _split_top_level(expr: str, word: str) -> list[str]:
     return parts
 
 
-def alert_signals() -> list[tuple[str, str]]:
+# Their series exist only with TLS on the listener.
+TLS_ALERTS = {"MirrorTLSCertificateExpiringSoon", "MirrorTLSReloadFailing"}
+
+
+def alert_signals(*, tls: bool = False) -> list[tuple[str, str]]:
     """(alert, signal) with each term's threshold removed: `A > 0.2 and B > 1` -> A, B.
 
     An alert normally returns nothing (nothing is wrong); its signal must return data.
+    `tls`: the TLS alerts' signals only; else every other one.
     """
     rules = yaml.safe_load(ALERTS.read_text())
     signals = []
     for group in rules["groups"]:
         for rule in group["rules"]:
+            if (rule["alert"] in TLS_ALERTS) != tls:
+                continue
             for term in _split_top_level(" ".join(rule["expr"].split()), "and"):
                 signal, count = _THRESHOLD.subn("", term)
                 assert count == 1, f"{rule['alert']}: no threshold in {term!r}"
@@ -96,10 +104,11 @@ def alert_signals() -> list[tuple[str, str]]:
 
 def test_query_extraction_sees_every_panel_and_alert() -> None:
     panels = {title for title, _ in dashboard_queries()}
-    assert len(panels) == 17
+    assert len(panels) == 20
     shared = {title for title, _ in dashboard_queries(shared=True)}
     assert len(shared) == 7
     assert len({alert for alert, _ in alert_signals()}) == 9
+    assert {alert for alert, _ in alert_signals(tls=True)} == TLS_ALERTS
 
 
 def test_every_dashboard_and_alert_query_returns_data(
@@ -152,7 +161,7 @@ def test_every_dashboard_and_alert_query_returns_data(
         with urllib.request.urlopen(prom.url + "/api/v1/rules?type=alert") as resp:
             groups = json.load(resp)["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 9
+        assert len(rules) == 11
         assert all(r["health"] == "ok" for r in rules), rules
         assert [r["name"] for r in rules if r["state"] == "firing"] == []
         pending = {r["name"] for r in rules if r["state"] == "pending"}
@@ -230,3 +239,29 @@ def test_every_shared_store_panel_returns_data(real_upstream: RealUpstream, tmp_
             assert float(l1[0]["value"][1]) >= len(image.layer_digests)
             degraded = prom.query("max(mirror_shared_degraded)")["result"]
             assert float(degraded[0]["value"][1]) == 0
+
+
+def test_tls_alert_signals_return_data_from_a_tls_mirror(
+    real_upstream: RealUpstream, tmp_path: Path
+) -> None:
+    """The TLS alerts' series come from a mirror serving HTTPS, scraped on its plain
+    admin listener as the central-tls overlay has Prometheus do."""
+    require_tool("prometheus")
+    ca = CA(tmp_path / "ca")
+    server = ca.issue("mirror")
+    env = {"MIRROR_TLS_CERT_FILE": str(server.cert), "MIRROR_TLS_KEY_FILE": str(server.key)}
+    with (
+        TLSMirror(tmp_path / "m", real_upstream.registry.url, ca, env) as mirror,
+        Prometheus(
+            tmp_path / "prom", [f"127.0.0.1:{mirror.admin_port}"], rule_files=[ALERTS]
+        ) as prom,
+    ):
+        deadline = time.monotonic() + 30
+        while not prom.query("mirror_tls_certificate_expiry_seconds")["result"]:
+            assert time.monotonic() < deadline, "Prometheus never scraped the admin port"
+            time.sleep(0.25)
+        time.sleep(3)  # increase() needs two scrapes
+        empty = [f"{a}: {q}" for a, q in alert_signals(tls=True) if not prom.query(q)["result"]]
+        assert not empty, "queries without data:\n" + "\n".join(empty)
+        left = prom.query("min(mirror_tls_certificate_expiry_seconds - time())")["result"]
+        assert 3600 < float(left[0]["value"][1]) <= 86400  # the test CA's leaf: 1 day

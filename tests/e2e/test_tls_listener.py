@@ -23,7 +23,7 @@ from harness import require_root, require_tool
 from harness.containerd import Containerd
 from harness.daemon import NotReady, free_port
 from harness.images import Layout, push
-from harness.mirror import MirrorProcess
+from harness.mirror import MirrorProcess, TLSMirror
 from harness.throttle import ThrottledRelay
 
 pytestmark = pytest.mark.e2e
@@ -65,35 +65,6 @@ class SecretVolume:
         link.rename(self.root / "..data")
         self.serial = issued.serial
         return issued.serial
-
-
-class TLSMirror(MirrorProcess):
-    """`mirror serve` with TLS on its port, and /metrics on a plain admin listener."""
-
-    def __init__(self, workdir: Path, upstream: str | None, ca: CA, env: dict[str, str]) -> None:
-        self.admin_port = free_port()
-        env = {**env, "MIRROR_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}"}
-        super().__init__(workdir, upstream, env=env)
-        self.ca = ca
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def check_ready(self) -> None:
-        context = client_context(self.ca)
-        for url, ctx in ((f"{self.admin_url}/readyz", None), (f"{self.url}/v2/", context)):
-            with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
-                if resp.status != 200:
-                    raise NotReady(f"{url}: {resp.status}")
-
-    @property
-    def metrics_url(self) -> str:
-        return f"{self.admin_url}/metrics"
 
 
 @dataclass

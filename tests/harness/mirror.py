@@ -10,9 +10,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from fakes.pki import CA, client_context
 from prometheus_client.parser import text_string_to_metric_families
 
-from .daemon import Daemon, expect_status, free_port
+from .daemon import Daemon, NotReady, expect_status, free_port
 from .images import _skopeo, _skopeo_env
 
 
@@ -122,3 +123,32 @@ def skopeo_inspect_raw(ref: str) -> bytes:
     if result.returncode != 0:
         raise RuntimeError(f"skopeo inspect {ref} failed: {result.stderr.decode()}")
     return result.stdout
+
+
+class TLSMirror(MirrorProcess):
+    """`mirror serve` with TLS on its port, and /metrics on a plain admin listener."""
+
+    def __init__(self, workdir: Path, upstream: str | None, ca: CA, env: dict[str, str]) -> None:
+        self.admin_port = free_port()
+        env = {**env, "MIRROR_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}"}
+        super().__init__(workdir, upstream, env=env)
+        self.ca = ca
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def check_ready(self) -> None:
+        context = client_context(self.ca)
+        for url, ctx in ((f"{self.admin_url}/readyz", None), (f"{self.url}/v2/", context)):
+            with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
+                if resp.status != 200:
+                    raise NotReady(f"{url}: {resp.status}")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.admin_url}/metrics"
