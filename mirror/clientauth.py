@@ -51,7 +51,12 @@ ALGORITHM = "HS256"
 # password-guessing client cannot take every core.
 MAX_CONCURRENT_CHECKS = 2
 MAX_VERIFIED = 4096
-_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+# A whole bcrypt entry (modular crypt format): anything else makes bcrypt.checkpw
+# raise, which would answer that user's every login with a 500.
+_BCRYPT_RE = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# bcrypt reads at most this many bytes of a password. htpasswd (and bcrypt before 5.0)
+# silently used the first 72; bcrypt 5 raises instead, so they are cut here.
+_BCRYPT_MAX = 72
 _NAME_RE = re.compile(r"[^:\s]{1,256}")
 
 
@@ -104,7 +109,7 @@ class Htpasswd:
             if not line or line.startswith("#"):
                 continue
             user, sep, hashed = line.partition(":")
-            if not sep or not _NAME_RE.fullmatch(user) or not hashed.startswith(_BCRYPT_PREFIXES):
+            if not sep or not _NAME_RE.fullmatch(user) or not _BCRYPT_RE.fullmatch(hashed):
                 # MD5, SHA-1 and crypt entries are weak or unsalted: refused, by line.
                 log.warning(
                     "auth_htpasswd %s line %d ignored: only bcrypt entries (htpasswd -B)",
@@ -263,7 +268,8 @@ class ClientAuth:
         key = (user, hmac.new(self._salt, password.encode(), hashlib.sha256).digest())
         if self._verified.get(key) != entry:
             async with self._checks:
-                ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), entry)
+                secret = password.encode()[:_BCRYPT_MAX]
+                ok = await asyncio.to_thread(bcrypt.checkpw, secret, entry)
             if not ok:
                 raise AuthFailed("invalid username or password", "invalid_client")
             if len(self._verified) >= MAX_VERIFIED:
