@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import httpx
 import jwt
 import pytest
 from conftest import MirrorFactory
+from fakes.server import serve
 from fakes.upstream import FakeUpstream
 
 from mirror.mediatypes import DOCKER_MANIFEST_V2
@@ -296,3 +298,66 @@ async def test_the_peer_endpoint_needs_the_peer_secret(
             r = await c.get(f"/_mirror/peer/blobs/{digest}", headers=headers)
             assert (r.status_code, _code(r)) == (403, "DENIED")
             assert b"private bytes" not in r.content
+
+
+# -- another upstream's content ----------------------------------------------------------
+
+PRIVATE_LAYER = b"a private layer of regb " * 2048
+
+
+@pytest.fixture
+async def two() -> AsyncIterator[tuple[FakeUpstream, str, FakeUpstream, str]]:
+    a, b = FakeUpstream(), FakeUpstream()
+    async with serve(a) as url_a, serve(b) as url_b:
+        yield a, url_a, b, url_b
+
+
+async def test_a_user_allowed_one_upstream_reaches_no_other_by_prefix_ns_or_digest(
+    two: tuple[FakeUpstream, str, FakeUpstream, str], mirror: MirrorFactory, users: Path
+) -> None:
+    a, url_a, b, url_b = two
+    layer = b.add_blob(PRIVATE_LAYER)
+    manifest = b.add_manifest(DOCKER_MANIFEST_V2, MANIFEST, tag="1")
+    settings: dict[str, Any] = {
+        "upstreams": [
+            {"name": "rega.test", "url": url_a},
+            {"name": "regb.test:5000", "url": url_b, "path_prefix": "regb"},
+        ],
+        "default_upstream": "rega.test",
+        "auth_htpasswd": _htpasswd(
+            users, [_entry("alice", "wonderland"), _entry("bob", "builder")]
+        ),
+        "access": [
+            {"users": ["alice"]},
+            {"users": ["bob"], "upstreams": ["rega.test"]},
+        ],
+    }
+    alice, bob = _basic(b"alice:wonderland"), _basic(b"bob:builder")
+    async with mirror(None, **settings) as m, httpx.AsyncClient(base_url=m.url) as c:
+        # alice caches regb's private layer and manifest.
+        got = await c.get(f"/v2/regb/team/app/blobs/{layer}", headers=alice)
+        assert got.content == PRIVATE_LAYER
+        assert (await c.get("/v2/regb/team/app/manifests/1", headers=alice)).status_code == 200
+        b_requests = len(b.requests)
+        for path, params in [
+            (f"/v2/regb/team/app/blobs/{layer}", {}),
+            (f"/v2/team/app/blobs/{layer}", {"ns": "regb.test:5000"}),
+            (f"/v2/team/app/blobs/{layer}", {"ns": "REGB.test:5000"}),
+            (f"/v2/team/app/blobs/{layer}", {"ns": "regb.test:5000 "}),
+            ("/v2/regb/team/app/manifests/1", {}),
+            ("/v2/regb/team/app/tags/list", {}),
+            (f"/v2/team/app/manifests/{manifest}", {"ns": "regb.test:5000"}),
+        ]:
+            for method in ("GET", "HEAD"):
+                r = await c.request(method, path, params=params, headers=bob)
+                assert r.status_code == 403, (method, path, params)
+                assert PRIVATE_LAYER[:32] not in r.content
+        assert len(b.requests) == b_requests  # nothing asked of regb for bob
+        # Through the upstream bob may use, by digest: rega is asked, and says no.
+        for path in (f"/v2/team/app/blobs/{layer}", f"/v2/team/app/manifests/{manifest}"):
+            for method in ("GET", "HEAD"):
+                r = await c.request(method, path, headers=bob | {"Range": "bytes=0-9"})
+                assert r.status_code == 404, (method, path)
+                assert PRIVATE_LAYER[:10] not in r.content
+        assert a.count("HEAD", f"/v2/team/app/blobs/{layer}") == 2
+        assert not any(r.method == "GET" and layer in r.path for r in a.requests)
