@@ -126,6 +126,11 @@ class Htpasswd:
         self.load()
         return self._entries.get(user)
 
+    def decoy(self) -> bytes | None:
+        """Some user's entry, to check an unknown user's password against: the same
+        bcrypt cost, so the answer's time does not tell which user names exist."""
+        return next(iter(self._entries.values()), None)
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -264,18 +269,23 @@ class ClientAuth:
             raise AuthFailed("invalid username or password", "invalid_client")
         entry = self.htpasswd.entry(user) if self.htpasswd is not None else None
         if entry is None:
+            decoy = self.htpasswd.decoy() if self.htpasswd is not None else None
+            if decoy is not None:
+                await self._bcrypt(password, decoy)  # as slow as a wrong password
             raise AuthFailed("invalid username or password", "invalid_client")
         key = (user, hmac.new(self._salt, password.encode(), hashlib.sha256).digest())
         if self._verified.get(key) != entry:
-            async with self._checks:
-                secret = password.encode()[:_BCRYPT_MAX]
-                ok = await asyncio.to_thread(bcrypt.checkpw, secret, entry)
-            if not ok:
+            if not await self._bcrypt(password, entry):
                 raise AuthFailed("invalid username or password", "invalid_client")
             if len(self._verified) >= MAX_VERIFIED:
                 self._verified.clear()
             self._verified[key] = entry
         return "htpasswd", _fingerprint(entry)
+
+    async def _bcrypt(self, password: str, entry: bytes) -> bool:
+        async with self._checks:
+            secret = password.encode()[:_BCRYPT_MAX]
+            return await asyncio.to_thread(bcrypt.checkpw, secret, entry)
 
     def _principal(self, user: str | None, address: str, extra: Iterable[str] = ()) -> Principal:
         groups = self.access.groups_of(user) | frozenset(extra) if user else frozenset()

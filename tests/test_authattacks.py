@@ -101,6 +101,31 @@ async def test_a_malformed_htpasswd_entry_is_a_refused_login_not_a_500(
         assert (await c.get(PATH, headers=_basic(b"alice:wonderland"))).status_code == 200
 
 
+async def test_an_unknown_user_costs_a_bcrypt_check_like_a_wrong_password(
+    upstream: tuple[FakeUpstream, str],
+    mirror: MirrorFactory,
+    users: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answering an unknown user at once, and a known one after a bcrypt check, would
+    tell by timing which user names exist."""
+    _, url = upstream
+    checks: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def checkpw(password: bytes, hashed: bytes) -> bool:
+        checks.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr("mirror.clientauth.bcrypt.checkpw", checkpw)
+    async with mirror(url, auth_htpasswd=users) as m, httpx.AsyncClient(base_url=m.url) as c:
+        for user in (b"alice", b"mallory"):
+            r = await c.get(PATH, headers=_basic(user + b":guess"))
+            assert r.status_code == 401
+    assert len(checks) == 2
+    assert checks[0][:7] == checks[1][:7]  # the same algorithm and cost
+
+
 ODD_BASIC = {
     "not UTF-8": "Basic " + base64.b64encode(b"alice:\xff\xfe").decode(),
     "no colon": "Basic " + base64.b64encode(b"alicewonderland").decode(),
