@@ -51,7 +51,12 @@ ALGORITHM = "HS256"
 # password-guessing client cannot take every core.
 MAX_CONCURRENT_CHECKS = 2
 MAX_VERIFIED = 4096
-_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+# A whole bcrypt entry (modular crypt format): anything else makes bcrypt.checkpw
+# raise, which would answer that user's every login with a 500.
+_BCRYPT_RE = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# bcrypt reads at most this many bytes of a password. htpasswd (and bcrypt before 5.0)
+# silently used the first 72; bcrypt 5 raises instead, so they are cut here.
+_BCRYPT_MAX = 72
 _NAME_RE = re.compile(r"[^:\s]{1,256}")
 
 
@@ -104,7 +109,7 @@ class Htpasswd:
             if not line or line.startswith("#"):
                 continue
             user, sep, hashed = line.partition(":")
-            if not sep or not _NAME_RE.fullmatch(user) or not hashed.startswith(_BCRYPT_PREFIXES):
+            if not sep or not _NAME_RE.fullmatch(user) or not _BCRYPT_RE.fullmatch(hashed):
                 # MD5, SHA-1 and crypt entries are weak or unsalted: refused, by line.
                 log.warning(
                     "auth_htpasswd %s line %d ignored: only bcrypt entries (htpasswd -B)",
@@ -120,6 +125,11 @@ class Htpasswd:
     def entry(self, user: str) -> bytes | None:
         self.load()
         return self._entries.get(user)
+
+    def decoy(self) -> bytes | None:
+        """Some user's entry, to check an unknown user's password against: the same
+        bcrypt cost, so the answer's time does not tell which user names exist."""
+        return next(iter(self._entries.values()), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,17 +269,23 @@ class ClientAuth:
             raise AuthFailed("invalid username or password", "invalid_client")
         entry = self.htpasswd.entry(user) if self.htpasswd is not None else None
         if entry is None:
+            decoy = self.htpasswd.decoy() if self.htpasswd is not None else None
+            if decoy is not None:
+                await self._bcrypt(password, decoy)  # as slow as a wrong password
             raise AuthFailed("invalid username or password", "invalid_client")
         key = (user, hmac.new(self._salt, password.encode(), hashlib.sha256).digest())
         if self._verified.get(key) != entry:
-            async with self._checks:
-                ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), entry)
-            if not ok:
+            if not await self._bcrypt(password, entry):
                 raise AuthFailed("invalid username or password", "invalid_client")
             if len(self._verified) >= MAX_VERIFIED:
                 self._verified.clear()
             self._verified[key] = entry
         return "htpasswd", _fingerprint(entry)
+
+    async def _bcrypt(self, password: str, entry: bytes) -> bool:
+        async with self._checks:
+            secret = password.encode()[:_BCRYPT_MAX]
+            return await asyncio.to_thread(bcrypt.checkpw, secret, entry)
 
     def _principal(self, user: str | None, address: str, extra: Iterable[str] = ()) -> Principal:
         groups = self.access.groups_of(user) | frozenset(extra) if user else frozenset()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +47,7 @@ class BlobDownload:
         self.source: BlobSource | None = None  # given by the caller (a bucket read)
         self._changed = asyncio.Event()
         self._relay = Relay()
+        self._on_end: list[Callable[[], None]] = []
 
     # -- state changes (the download table's) -----------------------------------------
 
@@ -89,6 +90,22 @@ class BlobDownload:
     def _set(self, state: State) -> None:
         self.state = state
         self._notify()
+        if not self.running:
+            callbacks, self._on_end = self._on_end, []
+            for callback in callbacks:
+                callback()
+
+    @property
+    def running(self) -> bool:
+        """Still fetching from upstream (verified, committed and failed have ended)."""
+        return self.state in ("starting", "streaming")
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the download has ended (at once if it has)."""
+        if self.running:
+            self._on_end.append(callback)
+        else:
+            callback()
 
     def _notify(self) -> None:
         # Replace-then-set: every waiter that grabbed the old event wakes once.
@@ -107,7 +124,7 @@ class BlobDownload:
             raise UpstreamError("UNAVAILABLE", "upstream download failed", status=502)
 
     async def finished(self) -> None:
-        while self.state in ("starting", "streaming"):
+        while self.running:
             await self._changed.wait()
 
     # -- readers ----------------------------------------------------------------------
@@ -150,6 +167,10 @@ class DownloadReader:
     @property
     def size(self) -> int | None:
         return self._dl.size
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the download being read has ended."""
+        self._dl.when_finished(callback)
 
     async def wait_size(self, first: int | None) -> int | None:
         """The size, for a range request; a chunked upstream makes it wait for the end.

@@ -24,12 +24,11 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from mirror import identity
 from mirror.errors import RegistryError
 from mirror.metrics import Metrics, Throttle
-from mirror.store import Body
 
 # A cold-fetch slot frees when one of the client's downloads ends, which nobody can
 # predict: a client told to wait a second retries about when a small layer is done.
@@ -50,10 +49,6 @@ class Slot:
         release, self._release = self._release, None
         if release is not None:
             release()
-
-    def hold(self, body: Body) -> Body:
-        """`body`, releasing this slot when it ends or is closed."""
-        return _SlotBody(body, self)
 
     def __enter__(self) -> Slot:
         return self
@@ -197,34 +192,3 @@ class Fairness:
 def _client() -> str | None:
     principal = identity.current.get()
     return None if principal is None else principal.client_key
-
-
-class _SlotBody:
-    """A body that frees its cold-fetch slot at its last chunk, or when closed.
-
-    At the last chunk, not only at `aclose()`: the response sends its end after the
-    last chunk, and a client's next request (on the same connection, too) may be
-    handled before the response's own clean-up has run."""
-
-    def __init__(self, body: Body, slot: Slot) -> None:
-        self._body = body
-        self._slot = slot
-        self._chunks: AsyncIterator[bytes] | None = None
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        self._chunks = aiter(self._body)
-        return self
-
-    async def __anext__(self) -> bytes:
-        assert self._chunks is not None
-        try:
-            return await anext(self._chunks)
-        except StopAsyncIteration:
-            self._slot.release()
-            raise
-
-    async def aclose(self) -> None:
-        try:
-            await self._body.aclose()
-        finally:
-            self._slot.release()

@@ -10,7 +10,6 @@ with a HEAD, and served stale while the upstream is in trouble.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import sqlite3
@@ -23,7 +22,7 @@ from typing import Protocol, TypeVar
 from mirror import dockerhub, manifests
 from mirror.downloads import Downloads, OpenSource
 from mirror.errors import RegistryError, UpstreamError
-from mirror.fairness import UNLIMITED, Fairness
+from mirror.fairness import UNLIMITED, Fairness, Slot
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
 from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
@@ -369,7 +368,13 @@ class Proxy:
             stored.digest,
             repo,
             lambda: self._upstream.head_manifest(repo, ref, accept),
+            self._manifest_request,
         )
+
+    def _manifest_request(self) -> Slot:
+        """A token for one upstream manifest request by the current client, or 429."""
+        self.fairness.charge_manifest()
+        return UNLIMITED
 
     async def _cache_write(self, write: Awaitable[None]) -> None:
         """Cache a manifest or tag; a full or read-only disk costs the cache, not the pull."""
@@ -456,14 +461,20 @@ class Proxy:
         if blob.body is None:
             slot.release()
             return blob
-        # Held while the client reads: released at the body's end, or when the
-        # response closes it (a client gone mid-way).
-        return dataclasses.replace(blob, body=slot.hold(blob.body))
+        # Held until the download ends, not until this client hangs up: the download
+        # goes on without it (for the cache), so a client disconnecting from each
+        # could otherwise have any number running upstream at once.
+        reader.when_finished(slot.release)
+        return blob
 
     async def _may_serve_blob(self, repo: str, digest: Digest) -> None:
         """A cached (or downloading) blob, for `repo`: known there, or asked (a HEAD)."""
         await self.scopes.check(
-            "blob", digest, repo, lambda: self._upstream.head_blob(repo, digest)
+            "blob",
+            digest,
+            repo,
+            lambda: self._upstream.head_blob(repo, digest),
+            self.fairness.cold_fetch,  # as a cold HEAD: a slot while it runs
         )
 
     def _limit(self, repo: str, digest: Digest) -> int:

@@ -27,6 +27,7 @@ import logging
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 from mirror.errors import RegistryError, UpstreamError
 from mirror.inflight import SingleFlight
@@ -84,13 +85,23 @@ class Scopes:
             log.warning("cannot record scopes in the cache (%s)", exc)
 
     async def check(
-        self, kind: Kind, digest: Digest, repo: str, ask: Callable[[], Awaitable[object]]
+        self,
+        kind: Kind,
+        digest: Digest,
+        repo: str,
+        ask: Callable[[], Awaitable[object]],
+        charge: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> None:
         """Return if `digest` may be served for `repo`; else raise. `ask` is the HEAD
-        that confirms it (run once for concurrent checks of the same pair)."""
+        that confirms it (run once for concurrent checks of the same pair). `charge`
+        is held by the request that starts a check, never by one joining it: the
+        HEAD is an upstream request like any other (per-client limits, and a refusal
+        is not remembered), but one client's limit must not fail another's request."""
         if await self.known(digest, repo):
             return
-        await self._checks.run((kind, digest, repo), lambda: self._confirm(kind, digest, repo, ask))
+        key = (kind, digest, repo)
+        with charge() if key not in self._checks else nullcontext():
+            await self._checks.run(key, lambda: self._confirm(kind, digest, repo, ask))
 
     async def _confirm(
         self, kind: Kind, digest: Digest, repo: str, ask: Callable[[], Awaitable[object]]

@@ -136,38 +136,6 @@ def test_refusals_are_counted_by_kind() -> None:
     assert (throttled("cold_fetch"), throttled("manifest")) == (2.0, 1.0)
 
 
-class _Chunks:
-    def __init__(self) -> None:
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield b"a"
-        yield b"b"
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-async def test_a_held_body_frees_its_slot_at_its_last_chunk_or_when_closed() -> None:
-    limits = Fairness(max_cold_fetches=1)
-    key = f"addr:{GREEDY}"
-    with as_client(GREEDY):
-        body = limits.cold_fetch().hold(_Chunks())
-        chunks = aiter(body)
-        assert await anext(chunks) == b"a"
-        assert await anext(chunks) == b"b"
-        assert limits.fetching(key) == 1  # the last chunk may not have been sent yet
-        with pytest.raises(StopAsyncIteration):
-            await anext(chunks)
-        assert limits.fetching(key) == 0
-        await body.aclose()
-        inner = _Chunks()
-        unread = limits.cold_fetch().hold(inner)
-        assert limits.fetching(key) == 1
-        await unread.aclose()  # a client gone before the first byte
-        assert (inner.closed, limits.fetching(key)) == (True, 0)
-
-
 def test_a_flight_says_whether_a_key_is_in_flight() -> None:
     flight: SingleFlight[int] = SingleFlight()
     assert "k" not in flight
@@ -403,9 +371,12 @@ async def test_a_greedy_client_gets_429_for_cold_blobs_while_hits_and_joins_go_o
     assert fake.count("GET", f"/blobs/{shared}") == 1
 
 
-async def test_a_client_that_disconnects_mid_blob_gets_its_slot_back(
+async def test_a_client_that_disconnects_keeps_its_slot_until_the_download_ends(
     gated: tuple[GatedUpstream, str], mirror: MirrorFactory
 ) -> None:
+    """The download goes on without the client that started it (for the cache): if
+    hanging up freed the slot, a client could start any number of downloads at once
+    by disconnecting from each (review of issue 16)."""
     upstream, url = gated
     slow, other = (upstream.fake.add_blob(bytes([n]) * (1 << 20)) for n in range(2))
     gate = upstream.hold(slow)
@@ -415,9 +386,45 @@ async def test_a_client_that_disconnects_mid_blob_gets_its_slot_back(
             assert first.status_code == 200
             await gate.reached.wait()
             assert limits.fetching(f"addr:{GREEDY}") == 1
-        # Closed mid-body: the mirror sees the disconnect and frees the slot (the
-        # download itself goes on, for the cache).
+        # Closed mid-body: the download it started still runs upstream.
+        assert_too_many(await greedy.get(f"/v2/a/blobs/{other}"), "1")
+        assert upstream.fake.count("GET", f"/blobs/{other}") == 0
+        gate.open.set()
+        # The download ended (cached): the slot is free again.
         await until(lambda: limits.fetching(f"addr:{GREEDY}") == 0, "the slot to be freed")
         r = await greedy.get(f"/v2/a/blobs/{other}")
         assert (r.status_code, len(r.content)) == (200, 1 << 20)
-        gate.open.set()
+        hit = await greedy.get(f"/v2/a/blobs/{slow}")
+        assert (hit.headers["x-cache"], len(hit.content)) == ("HIT", 1 << 20)
+
+
+async def test_scope_checks_are_upstream_requests_and_charged_as_such(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    """A cached digest asked for under a repository it is not known in costs a HEAD
+    upstream (mirror.scopes), and a refusal is not remembered: without a charge, a
+    client could send the upstream any number of requests (review of issue 16)."""
+    upstream, url = fake
+    layer = upstream.add_blob(b"layer" * 1000)
+    manifest = upstream.add_manifest(DOCKER_MANIFEST_V2, {"schemaVersion": 2}, tag="t")
+    upstream.hidden_repos.add("nope/x")
+    async with (
+        mirror(url, client_manifest_requests_per_minute=2, client_max_cold_fetches=1) as m,
+        client(m, POLITE) as polite,
+        client(m, GREEDY) as greedy,
+    ):
+        assert (await polite.get(f"/v2/a/blobs/{layer}")).status_code == 200
+        assert (await polite.get("/v2/a/manifests/t", headers=ACCEPT)).status_code == 200
+        by_digest = f"/v2/nope/x/manifests/{manifest}"
+        for _ in range(2):
+            assert (await greedy.get(by_digest, headers=ACCEPT)).status_code == 404
+        assert_too_many(await greedy.get(by_digest, headers=ACCEPT), "30")
+        assert upstream.count("HEAD", by_digest) == 2
+        # A blob's check is a HEAD too: it takes a cold-fetch slot while it runs, and
+        # joins nobody's.
+        for _ in range(3):
+            assert (await greedy.get(f"/v2/nope/x/blobs/{layer}")).status_code == 404
+        assert upstream.count("HEAD", f"/v2/nope/x/blobs/{layer}") == 3
+        # The polite client is unaffected.
+        ok = await polite.get(f"/v2/b/manifests/{manifest}", headers=ACCEPT)
+        assert (ok.status_code, ok.headers["x-cache"]) == (200, "HIT")
