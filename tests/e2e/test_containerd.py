@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 # to the `server`, the pull would fail instead of reaching Docker Hub.
 UNREACHABLE = "http://127.0.0.1:9"
 
-_HARNESS_PATHS = ("/v2/", "/metrics")  # MirrorProcess's readiness probe and metric()
+_HARNESS_PATHS = ("/readyz", "/metrics")  # MirrorProcess's readiness probe and metric()
 
 
 def _mirror_requests(
