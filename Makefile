@@ -47,7 +47,8 @@ unit: install
 ## Measurements (results in docs/benchmarks.md): side by side with Distribution's
 ## proxy mode (rewrites its section and plots), upstream read path, pull times,
 ## replicas on S3 + Redis (as root: it runs Ceph; rewrites its tables), a fleet
-## rollout through mirror tiers (20 and 50 edges, about 4 minutes; rewrites its tables).
+## rollout through mirror tiers (20 and 50 edges, about 4 minutes; rewrites its tables),
+## and what client authentication costs on the hit path.
 bench: system-deps install
 	$(BIN)/python -m bench.compare --write-docs
 	$(BIN)/python bench/transport.py --size-mib 1024 --repeat 3
@@ -55,6 +56,7 @@ bench: system-deps install
 	$(BIN)/python bench/pull_times.py --repeat 3 --big-mib 256
 	$(BIN)/python bench/replicas.py --repeat 5 --write-docs
 	$(BIN)/python bench/fleet.py --edges 20,50 --repeat 2 --write-docs
+	$(BIN)/python bench/auth.py --requests 3000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

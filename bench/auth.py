@@ -1,8 +1,8 @@
 """What client authentication costs on the hit path.
 
-One process: the mirror app under uvicorn on 127.0.0.1 in front of the in-process fake
-upstream, and an httpx client asking for a cached manifest (a tag hit) and a cached
-4 KiB blob, N times each, sequentially, per mode:
+A real `mirror serve` process on 127.0.0.1 in front of the in-process fake upstream, and
+an httpx client asking for a cached manifest (a tag hit) and a cached 4 KiB blob, N
+times each, sequentially, per mode:
 
 - open: no authentication (the default);
 - basic: htpasswd Basic credentials on every request (bcrypt cost 10, verified once,
@@ -11,8 +11,8 @@ upstream, and an httpx client asking for a cached manifest (a tag hit) and a cac
 - robot: a static robot token (one SHA-256);
 - rules: bearer plus 20 access rules to match.
 
-CPU seconds of the whole process per request (the client's share is the same in every
-mode), reported as a ratio against `open` measured in the same run. Plus the first
+CPU seconds of the mirror process alone per request (from /proc), reported as a ratio
+against `open` measured in the same run. Plus the first
 bcrypt check of a login, which the cache then saves.
 
     .venv/bin/python bench/auth.py [--requests 3000]
@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import bcrypt
 import httpx
@@ -39,55 +42,75 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from fakes.server import serve  # noqa: E402
 from fakes.upstream import FakeUpstream  # noqa: E402
 
-from mirror.app import create_app  # noqa: E402
-from mirror.config import Settings  # noqa: E402
 from mirror.mediatypes import DOCKER_MANIFEST_V2  # noqa: E402
 
 ROBOT = "bench-robot-token-0123456789abcdef"
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc (the mirror's alone, not the client's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_mode(mode: str, upstream_url: str, tmp: Path, n: int) -> tuple[float, float]:
-    settings: dict[str, Any] = {"cache_dir": tmp / mode, "access_log": False}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")},
+        "MIRROR_ACCESS_LOG": "false",
+        "MIRROR_LOG_LEVEL": "warning",
+    }
     headers: dict[str, str] = {}
     if mode != "open":
-        htpasswd = tmp / "htpasswd"
-        settings["auth_htpasswd"] = htpasswd
-        settings["auth_tokens"] = [
-            {"name": "robot", "sha256": hashlib.sha256(ROBOT.encode()).hexdigest()}
-        ]
+        env["MIRROR_AUTH_HTPASSWD"] = str(tmp / "htpasswd")
+        robots = [{"name": "robot", "sha256": hashlib.sha256(ROBOT.encode()).hexdigest()}]
+        env["MIRROR_AUTH_TOKENS"] = json.dumps(robots)
     if mode == "rules":
-        settings["access"] = [
-            {"users": [f"user{i}"], "repositories": [f"team{i}/*"]} for i in range(19)
-        ] + [{"users": ["alice", "robot"], "repositories": ["library/*"]}]
-    app = create_app(Settings(upstream=upstream_url, **settings))
-    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
-        if mode == "basic":
-            headers["Authorization"] = (
-                "Basic " + __import__("base64").b64encode(b"alice:wonderland").decode()
-            )
-        elif mode in ("bearer", "rules"):
-            got = await c.get(
-                "/auth/token",
-                params={"scope": "repository:library/app:pull"},
-                auth=("alice", "wonderland"),
-            )
-            headers["Authorization"] = f"Bearer {got.json()['token']}"
-        elif mode == "robot":
-            headers["Authorization"] = f"Bearer {ROBOT}"
-        manifest = "/v2/library/app/manifests/1"
-        first = await c.get(manifest, headers=headers)
-        assert first.status_code == 200, first.text
-        blob = f"/v2/library/app/blobs/{BLOB_DIGEST}"
-        while (await c.get(blob, headers=headers)).headers.get("x-cache") != "HIT":
-            await asyncio.sleep(0.01)
-        results = []
-        for path in (manifest, blob):
-            cpu = time.process_time()
-            for _ in range(n):
-                r = await c.get(path, headers=headers)
-                assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
-            results.append((time.process_time() - cpu) / n)
-        return results[0], results[1]
+        rules = [{"users": [f"user{i}"], "repositories": [f"team{i}/*"]} for i in range(19)]
+        rules.append({"users": ["alice", "robot"], "repositories": ["library/*"]})
+        env["MIRROR_ACCESS"] = json.dumps(rules)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--cache-dir", str(tmp / mode), "--upstream", upstream_url]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            for _ in range(200):
+                try:
+                    if (await c.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+            if mode == "basic":
+                headers["Authorization"] = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+            elif mode in ("bearer", "rules"):
+                got = await c.get(
+                    "/auth/token",
+                    params={"scope": "repository:library/app:pull"},
+                    auth=("alice", "wonderland"),
+                )
+                headers["Authorization"] = f"Bearer {got.json()['token']}"
+            elif mode == "robot":
+                headers["Authorization"] = f"Bearer {ROBOT}"
+            manifest = "/v2/library/app/manifests/1"
+            first = await c.get(manifest, headers=headers)
+            assert first.status_code == 200, first.text
+            blob = f"/v2/library/app/blobs/{BLOB_DIGEST}"
+            while (await c.get(blob, headers=headers)).headers.get("x-cache") != "HIT":
+                await asyncio.sleep(0.01)
+            results = []
+            for path in (manifest, blob):
+                cpu = _cpu_seconds(proc.pid)
+                for _ in range(n):
+                    r = await c.get(path, headers=headers)
+                    assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
+                results.append((_cpu_seconds(proc.pid) - cpu) / n)
+            return results[0], results[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 BLOB = bytes(range(256)) * 16
