@@ -270,3 +270,36 @@ def test_an_edge_logs_in_to_an_authenticated_central_tier(
             assert central.metric("mirror_client_auth_total", method="bearer", result="ok") >= 3
             served = central.metric("mirror_cache_requests_total", kind="blob", result="miss")
             assert served == len(image.layer_digests)
+
+
+def test_containerd_logs_in_through_the_realm(
+    real_upstream: RealUpstream, mirror: MirrorProcess, tmp_path: Path
+) -> None:
+    """ctr with credentials: containerd answers the mirror's Bearer challenge at its
+    realm (OAuth2's password grant by POST first), then pulls with the token."""
+    from harness import require_root
+    from harness.containerd import Containerd
+
+    require_root("run containerd")
+    require_tool("containerd")
+    image = real_upstream.images["schema2"]
+    ref = f"docker.io/{image.repo}:{image.tag}"
+    hosts = tmp_path / "hosts" / "docker.io"
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        'server = "http://127.0.0.1:9"\n\n'
+        f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    with Containerd(tmp_path / "ctd") as containerd:
+        refused = containerd.pull(ref, tmp_path / "hosts")
+        assert refused.returncode != 0
+        wrong = containerd.pull(ref, tmp_path / "hosts", user="alice:nope")
+        assert wrong.returncode != 0
+        assert containerd.images() == {}
+        pulled = containerd.pull(ref, tmp_path / "hosts", user=f"alice:{USERS['alice']}")
+        assert pulled.returncode == 0, f"{pulled.stderr}\n{mirror.log_tail()}"
+        assert containerd.image_digest(ref) == image.digest
+    assert mirror.metric("mirror_client_auth_total", method="realm", result="ok") >= 1
+    assert mirror.metric("mirror_client_auth_total", method="bearer", result="ok") >= 2
+    realm_posts = [line for line in mirror.log().splitlines() if "POST /auth/token 200" in line]
+    assert realm_posts, "containerd did not use the password grant"

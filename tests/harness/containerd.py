@@ -231,15 +231,19 @@ disabled_plugins = [{disabled}]
         *,
         timeout: float = 60.0,
         http_dump: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """`ctr images pull` with unpack into the native snapshotter.
 
         `ref` is fully qualified (`docker.io/library/small:v1`); `hosts_dir` holds
         the `hosts.toml` files. With `http_dump`, ctr writes every request and
-        response to stderr.
+        response to stderr. `user` ("name:password") is offered to every host that
+        asks for credentials.
         """
         args = ["images", "pull", "--hosts-dir", str(hosts_dir), "--platform", platform]
         args += ["--snapshotter", SNAPSHOTTER]
+        if user is not None:
+            args += ["--user", user]
         if http_dump:
             args.append("--http-dump")
         return self.ctr(*args, ref, timeout=timeout)
