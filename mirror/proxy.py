@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from mirror import dockerhub, manifests
+from mirror import dockerhub, manifests, referrers
 from mirror.downloads import Downloads, OpenSource
 from mirror.errors import RegistryError, UpstreamError
 from mirror.fairness import UNLIMITED, Fairness, Slot
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
-from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
+from mirror.mediatypes import MANIFEST_TYPES, OCI_INDEX, AcceptSet
 from mirror.metrics import CacheResult, Metrics, Source
 from mirror.policy import RepoPolicy
 from mirror.ranges import ByteRange, RangeSpec
@@ -482,6 +482,68 @@ class Proxy:
         # another repository's manifest cannot make a blob unpullable here.
         hint = self._sizes.get(repo, digest)
         return self._max_blob if hint is None else min(hint, self._max_blob)
+
+    # -- referrers (mirror.referrers) ---------------------------------------------------
+
+    async def referrers(self, name: str, digest: Digest) -> Manifest:
+        """The referrers index of `digest` in this repository, unfiltered: cached like a
+        tag (its TTL rules, stale while the upstream is in trouble), never revalidated
+        by HEAD (the referrers API has no digest to compare)."""
+        repo = self.repo(name)
+        key = TagKey(self.name, repo, referrers.fallback_tag(digest), referrers.CACHE_KEY)
+        entry = await self._store.get_tag(key)
+        stored = await self._cached(entry.digest) if entry else None
+        age = 0.0
+        if entry is not None and stored is not None:
+            age = max(0.0, self._clock() - entry.stored_at)
+            # Kept as recently used, like the manifests clients pull, for eviction.
+            self._store.touch_manifest(stored.digest)
+            if age < self._freshness.ttl(repo, key.tag):
+                return Manifest(stored, "hit", age)
+        if key not in self._fetches:  # joining a fetch in flight costs nothing
+            self.fairness.charge_manifest()
+        stale_ok = stored is not None and age < self._freshness.max_stale
+        try:
+            # With a stale answer at hand, the upstream gets `stale_after` (as for tags).
+            async with asyncio.timeout(self._stale_after if stale_ok else None):
+                fresh = await self._coalesced(
+                    self._fetches, key, lambda: self._fetch_referrers(key, digest)
+                )
+        except TimeoutError:
+            if stored is None:
+                raise
+            log.warning("serving referrers of %s@%s stale: upstream too slow", repo, digest)
+            return Manifest(stored, "stale", age)
+        except UpstreamError as exc:
+            if stored is None or not stale_ok or not _upstream_trouble(exc):
+                raise
+            log.warning("serving referrers of %s@%s stale: %s", repo, digest, exc.message)
+            return Manifest(stored, "stale", age)
+        return Manifest(fresh, "miss" if stored is None else "revalidated", 0.0)
+
+    async def _fetch_referrers(self, key: TagKey, digest: Digest) -> StoredManifest:
+        body = await self._upstream.referrers(key.repo, digest, self._manifest_max)
+        if body is None:  # no referrers API: the referrers tag schema
+            try:
+                remote = await self._upstream.get_manifest(
+                    key.repo, Reference(tag=key.tag), OCI_INDEX, self._manifest_max
+                )
+                body = remote.body
+            except UpstreamError as exc:
+                if exc.upstream_status != 404:
+                    raise
+                body = referrers.EMPTY  # neither: nothing refers to it
+        index = referrers.index(referrers.descriptors(body))
+        stored = StoredManifest(
+            Digest("sha256", hashlib.sha256(index).hexdigest()), OCI_INDEX, index
+        )
+
+        async def remember() -> None:
+            await self._store.put_manifest(stored)
+            await self._store.put_tag(key, TagEntry(stored.digest, OCI_INDEX, self._clock()))
+
+        await self._cache_write(remember())
+        return stored
 
     # -- tags -------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ NAME_MAX = 255
 # Only algorithms we can verify; the hex length is fixed per algorithm.
 ALGORITHMS = {"sha256": 64, "sha512": 128}
 
-Kind = Literal["manifests", "blobs", "tags"]
+Kind = Literal["manifests", "blobs", "tags", "referrers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ class Reference:
 
 @dataclass(frozen=True, slots=True)
 class RegistryPath:
-    """A parsed `/v2/<name>/(manifests|blobs)/<ref>` or `/v2/<name>/tags/list` path."""
+    """A parsed `/v2/<name>/(manifests|blobs|referrers)/<ref>` or `/v2/<name>/tags/list` path."""
 
     name: str
     kind: Kind
@@ -110,10 +110,12 @@ class RegistryPath:
             return "/v2/{name}/tags/list"
         if self.kind == "blobs":
             return "/v2/{name}/blobs/{digest}"
+        if self.kind == "referrers":
+            return "/v2/{name}/referrers/{digest}"
         return "/v2/{name}/manifests/{reference}"
 
 
-_PATH_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)")
+_PATH_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
 
 
 def parse_path(rest: str) -> RegistryPath:
@@ -131,9 +133,11 @@ def parse_path(rest: str) -> RegistryPath:
     if m is None:
         raise RegistryError("NAME_UNKNOWN", "no such API endpoint", status=404)
     name = validate_name(m["name"])
-    kind: Kind = "manifests" if m["kind"] == "manifests" else "blobs"
+    kind: Kind = "blobs"
+    if m["kind"] in ("manifests", "referrers"):
+        kind = "manifests" if m["kind"] == "manifests" else "referrers"
     ref = m["ref"]
-    if kind == "blobs":
+    if kind != "manifests":
         Digest.parse(ref)
     else:
         Reference.parse(ref)

@@ -12,13 +12,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from mirror import identity, logs
+from mirror import identity, logs, referrers
 from mirror.clientauth import AuthFailed, ClientAuth, parse_scopes
 from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
 from mirror.errors import RegistryError
 from mirror.identity import Principal
-from mirror.mediatypes import AcceptSet
+from mirror.mediatypes import OCI_INDEX, AcceptSet
 from mirror.metrics import Metrics
 from mirror.proxy import Blob, answer
 from mirror.ranges import parse_length, parse_range
@@ -243,6 +243,8 @@ async def registry(request: Request, rest: str) -> Response:
         return await _manifest(request, path.name, Reference.parse(path.reference), head)
     if path.kind == "blobs":
         return await _blob(request, path.name, Digest.parse(path.reference), head)
+    if path.kind == "referrers":
+        return await _referrers(request, path.name, Digest.parse(path.reference), head)
     return await _tags(request, path.name)
 
 
@@ -268,6 +270,22 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
         _metrics(request).served_bytes.labels(manifest.source).inc(len(stored.body))
     # uvicorn drops the body of a HEAD response but keeps our Content-Length.
     return Response(stored.body, media_type=stored.media_type, headers=headers)
+
+
+async def _referrers(request: Request, name: str, digest: Digest, head: bool) -> Response:
+    """The OCI referrers API (mirror.referrers): per upstream and repository, through
+    the same authorization as a pull of that repository."""
+    route = _route(request, name)
+    found = await route.proxy.referrers(route.name, digest)
+    headers = {"X-Cache": found.result.upper()}
+    body = found.stored.body
+    artifact_type = request.query_params.get("artifactType")
+    if artifact_type is not None:
+        body = referrers.only(body, artifact_type)
+        headers[referrers.FILTERS_HEADER] = "artifactType"
+    if not head:
+        _metrics(request).served_bytes.labels(found.source).inc(len(body))
+    return Response(body, media_type=OCI_INDEX, headers=headers)
 
 
 async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Response:

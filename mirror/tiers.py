@@ -224,6 +224,9 @@ class Tiers:
     ) -> tuple[bytes, str | None]:
         return await self._first(lambda t: t.upstream.tags(repo, n, last, max_bytes))
 
+    async def referrers(self, repo: str, digest: Digest, max_bytes: int) -> bytes | None:
+        return await self._first(lambda t: t.upstream.referrers(repo, digest, max_bytes))
+
     async def open_blob(
         self, repo: str, digest: Digest, max_bytes: int, start: int = 0
     ) -> TieredBlob:

@@ -26,6 +26,7 @@ import httpx
 from mirror import dockerhub, logs
 from mirror.auth import Credentials, UpstreamAuth, parse_www_authenticate
 from mirror.errors import RegistryError, UpstreamError
+from mirror.mediatypes import OCI_INDEX
 from mirror.metrics import Metrics, UpstreamKind
 from mirror.ranges import parse_length
 from mirror.reference import Digest, Reference
@@ -120,6 +121,10 @@ class RemoteStore(Protocol):
     async def tags(
         self, repo: str, n: int | None, last: str | None, max_bytes: int
     ) -> tuple[bytes, str | None]: ...
+
+    async def referrers(self, repo: str, digest: Digest, max_bytes: int) -> bytes | None:
+        """The referrers index of `digest` (unfiltered); None: no referrers API."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -304,6 +309,21 @@ class Upstream:
             resp = await self._request("GET", path, repo, "tags")
             body = await read_bounded(resp, max_bytes, too_big)
         return body, resp.headers.get("link")
+
+    async def referrers(self, repo: str, digest: Digest, max_bytes: int) -> bytes | None:
+        """The upstream's referrers index for `digest`, or None where it answers 404:
+        it has no referrers API (Distribution 2.x), and the tag schema applies."""
+        too_big = UpstreamError("MANIFEST_INVALID", "referrers index too large", status=502)
+        async with self._deadline():
+            try:
+                resp = await self._request(
+                    "GET", f"/v2/{repo}/referrers/{digest}", repo, "manifest", OCI_INDEX
+                )
+            except UpstreamError as exc:
+                if exc.upstream_status == 404:
+                    return None
+                raise
+            return await read_bounded(resp, max_bytes, too_big)
 
     # -- requests ---------------------------------------------------------------------
 

@@ -109,6 +109,13 @@ def test_a_malformed_digest_reference_is_a_client_error(text: str) -> None:
         (f"alpine/manifests/{SHA256}", "alpine", "manifests", "/v2/{name}/manifests/{reference}"),
         (f"x/blobs/{SHA512}", "x", "blobs", "/v2/{name}/blobs/{digest}"),
         ("a/b/tags/list", "a/b", "tags", "/v2/{name}/tags/list"),
+        (f"a/b/referrers/{SHA256}", "a/b", "referrers", "/v2/{name}/referrers/{digest}"),
+        (
+            f"referrers/manifests/{SHA256}",
+            "referrers",
+            "manifests",
+            "/v2/{name}/manifests/{reference}",
+        ),
         # A repository may itself be called "manifests" or "blobs".
         ("manifests/manifests/v1", "manifests", "manifests", "/v2/{name}/manifests/{reference}"),
     ],
@@ -122,6 +129,7 @@ def test_parse_path(rest: str, name: str, kind: str, route: str) -> None:
     ("rest", "code"),
     [
         pytest.param("a/blobs/latest", "DIGEST_INVALID", id="blob-by-tag"),
+        pytest.param("a/referrers/latest", "DIGEST_INVALID", id="referrers-of-a-tag"),
         pytest.param("a/blobs/uploads/", "NAME_UNKNOWN", id="upload-endpoint"),
         pytest.param("a/other/x", "NAME_UNKNOWN", id="unknown-endpoint"),
         pytest.param("../../x/manifests/latest", "NAME_INVALID", id="traversal"),

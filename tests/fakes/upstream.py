@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
 
@@ -55,6 +56,9 @@ class FakeUpstream:
     hidden_repos: set[str] = field(default_factory=set)  # 404 at once for everything
     manifest_delay: float = 0.0  # seconds before answering a manifest request
     rate_limit: tuple[str, str] | None = None  # (ratelimit-limit, ratelimit-remaining)
+    # The referrers API: subject digest -> descriptors. None: no such API (404, as
+    # Distribution 2.x). A fault keyed "referrers:<digest>" applies to it.
+    referrers: dict[str, list[dict[str, Any]]] | None = None
 
     def add_blob(self, data: bytes) -> str:
         digest = sha256(data)
@@ -106,6 +110,9 @@ class FakeUpstream:
         if scope["path"][4:].rsplit("/", 2)[0] in self.hidden_repos:
             await _respond(send, 404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}', {})
             return
+        if "/referrers/" in scope["path"]:
+            await self._referrers(send, ref, seen.query)
+            return
         if "/manifests/" in scope["path"]:
             await asyncio.sleep(self.manifest_delay)
             if ref not in self.manifests:
@@ -130,6 +137,23 @@ class FakeUpstream:
             await self._blob(scope, send, ref, headers)
             return
         await _respond(send, 404, b"{}", {})
+
+    async def _referrers(self, send: Send, digest: str, query: str) -> None:
+        fault = self.faults.get(f"referrers:{digest}") or Fault()
+        if fault.status is not None:
+            await _respond(send, fault.status, b'{"errors":[{"code":"UNAVAILABLE"}]}', {})
+            return
+        if self.referrers is None:
+            await _respond(send, 404, b"404 page not found", {})
+            return
+        listed = self.referrers.get(digest, [])
+        hdrs = {"content-type": "application/vnd.oci.image.index.v1+json"}
+        wanted = dict(parse_qsl(query)).get("artifactType")
+        if wanted is not None:  # as a registry that filters does
+            listed = [d for d in listed if d.get("artifactType") == wanted]
+            hdrs["oci-filters-applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": hdrs["content-type"], "manifests": listed}
+        await _respond(send, 200, json.dumps(index).encode(), hdrs)
 
     async def _blob(self, scope: Scope, send: Send, digest: str, headers: dict[str, str]) -> None:
         fault = self.faults.get(digest) or Fault()
