@@ -343,6 +343,12 @@ def prune(config_file: Path | None, cache_dir: Path | None) -> None:
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="PEM CAs to trust for an https:// mirror.",
 )
+@click.option(
+    "--with-referrers",
+    is_flag=True,
+    help="Also warm what refers to each image (signatures, attestations, SBOMs: the "
+    "referrers API and cosign's .sig/.att/.sbom tags), for admission checks.",
+)
 def warm(
     images: tuple[str, ...],
     mirror_url: str,
@@ -351,6 +357,7 @@ def warm(
     user: str | None,
     password_file: Path | None,
     ca_bundle: Path | None,
+    with_referrers: bool,
 ) -> None:
     """Pre-pull IMAGES ([registry/]name[:tag] or ...@digest) through the mirror's cache.
 
@@ -363,7 +370,7 @@ def warm(
     import httpx
 
     from mirror.errors import RegistryError
-    from mirror.warm import WarmError, fetch_blobs, plan
+    from mirror.warm import WarmError, add_referrers, fetch_blobs, plan
 
     if not mirror_url.startswith(("http://", "https://")):
         raise click.UsageError(f"--mirror must be a URL such as http://{mirror_url}")
@@ -392,6 +399,8 @@ def warm(
         for image in images:
             try:
                 p = plan(c, image, wanted)
+                if with_referrers:
+                    add_referrers(c, p)
                 total = sum(p.blobs.values())
                 with click.progressbar(length=total, label=image, file=sys.stderr) as bar:
                     fetch_blobs(c, image, p.blobs, bar.update)
@@ -409,6 +418,12 @@ def warm(
                 f"{image}{chosen}: {len(p.manifests)} manifests, {len(p.blobs)} blobs, "
                 f"{total} bytes warm"
             )
+            if with_referrers:
+                found = [*p.referrers, *p.cosign_tags]
+                click.echo(
+                    f"{image}: {len(p.referrers)} referrers, {len(p.cosign_tags)} cosign tags"
+                    + (f": {', '.join(found)}" if found else "")
+                )
     if failed:
         raise SystemExit(1)
 

@@ -27,6 +27,8 @@ class Plan:
     manifests: list[str] = field(default_factory=list)  # digests fetched
     blobs: dict[str, int] = field(default_factory=dict)  # digest -> size
     platforms: list[str] = field(default_factory=list)
+    referrers: list[str] = field(default_factory=list)  # referrer manifests fetched
+    cosign_tags: list[str] = field(default_factory=list)  # `sha256-<hex>.sig` etc. found
 
 
 def parse_image(image: str) -> tuple[str | None, str, str]:
@@ -180,3 +182,58 @@ def fetch_blobs(
                 _check(r)
             for chunk in r.iter_raw(1 << 20):
                 on_bytes(len(chunk))
+
+
+# cosign's own tags next to an image (`sha256-<hex>.sig`): ordinary tags, which
+# verifiers ask for where the registry has no referrers API.
+COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+
+
+def add_referrers(client: httpx.Client, result: Plan) -> None:
+    """Add what refers to the image's manifests (signatures, attestations, SBOMs) to
+    `result`: each referrer's manifest is fetched through the mirror now (cached there,
+    with the referrers index of each digest) and its blobs join the plan. cosign's tags
+    for the image's own digest are fetched too, where they exist."""
+    registry, name, _ = parse_image(result.image)
+    params = ns_params(registry)
+
+    def fetch(reference: str, accept: str = ACCEPT) -> dict[str, object] | None:
+        r = client.get(
+            f"/v2/{name}/manifests/{reference}", headers={"Accept": accept}, params=params
+        )
+        if r.status_code == 404:
+            return None
+        _check(r)
+        document = json.loads(r.content)
+        _collect_blobs(document, result.blobs)
+        return document if isinstance(document, dict) else None
+
+    seen = set(result.manifests)
+    for digest in list(result.manifests):
+        r = client.get(f"/v2/{name}/referrers/{digest}", params=params)
+        _check(r)
+        listed = r.json().get("manifests")
+        for desc in listed if isinstance(listed, list) else []:
+            referrer = desc.get("digest") if isinstance(desc, dict) else None
+            if not isinstance(referrer, str) or referrer in seen:
+                continue
+            seen.add(referrer)
+            media_type = str(desc.get("mediaType") or "")
+            types = [media_type] if media_type else []
+            accept = ", ".join(dict.fromkeys([*types, *sorted(MANIFEST_TYPES)]))
+            fetch(referrer, accept)
+            result.referrers.append(referrer)
+    top = result.manifests[0]
+    for suffix in COSIGN_SUFFIXES:
+        tag = top.replace(":", "-") + suffix
+        if fetch(tag) is not None:
+            result.cosign_tags.append(tag)
+
+
+def _collect_blobs(document: object, blobs: dict[str, int]) -> None:
+    if not isinstance(document, dict):
+        return
+    config, layers = document.get("config"), document.get("layers")
+    for desc in [config, *(layers if isinstance(layers, list) else [])]:
+        if isinstance(desc, dict) and "digest" in desc and not desc.get("urls"):
+            blobs[str(desc["digest"])] = int(desc.get("size", 0))

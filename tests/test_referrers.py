@@ -4,15 +4,19 @@ filtering, caching like a tag, and artifacts pulled like images."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import httpx
+from click.testing import CliRunner
 from conftest import MirrorFactory
 from fakes.clock import Clock
 from fakes.upstream import FakeUpstream, Fault, sha256
 
+from mirror.cli import main
 from mirror.mediatypes import OCI_INDEX, OCI_MANIFEST
+from mirror.warm import ACCEPT
 
 EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 SIG = "application/vnd.dev.cosign.artifact.sig.v1+json"
@@ -298,3 +302,49 @@ async def test_artifacts_are_pulled_and_cached_like_images(
     assert (config.status_code, config.content) == (200, b"{}")
     assert again.headers["x-cache"] == "HIT"
     assert upstream.count("GET", f"/manifests/{sig['digest']}") == manifest_gets
+
+
+async def test_warm_with_referrers_leaves_signatures_served_with_the_upstream_gone(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    clock = Clock()
+    subject = _image(upstream)
+    sig = _artifact(upstream, subject, SIG, b"signature")
+    sbom = _artifact(upstream, subject, SBOM, b"{}")
+    upstream.referrers = {subject: [sig, sbom]}
+    cosign_tag = _fallback_tag(subject) + ".sig"
+    upstream.manifests[cosign_tag] = upstream.manifests[sig["digest"]]
+    layers = [
+        json.loads(upstream.manifests[d["digest"]][1])["layers"][0]["digest"] for d in (sig, sbom)
+    ]
+    async with mirror(url, clock=clock, tag_ttl="1m") as m:
+        result = await asyncio.to_thread(
+            CliRunner().invoke, main, ["warm", "--mirror", m.url, "--with-referrers", "app:v1"]
+        )
+        assert result.exit_code == 0, result.output
+        assert (
+            f"app:v1: 2 referrers, 1 cosign tags: {sig['digest']}, {sbom['digest']}, {cosign_tag}"
+            in result.output
+        )
+        upstream.faults[f"referrers:{subject}"] = Fault(status=503)
+        for key in (subject, sig["digest"], sbom["digest"], cosign_tag, *layers):
+            upstream.faults[key] = Fault(status=503)
+        before = len(upstream.requests)
+        clock.now += 30  # within the TTL: nothing at all goes upstream
+        async with httpx.AsyncClient(base_url=m.url) as c:
+            listed = await c.get(f"/v2/app/referrers/{subject}")
+            assert (listed.headers["x-cache"], listed.json()["manifests"]) == ("HIT", [sig, sbom])
+            accept = {"Accept": OCI_MANIFEST}
+            for d in (sig, sbom):
+                got = await c.get(f"/v2/app/manifests/{d['digest']}", headers=accept)
+                assert (got.status_code, sha256(got.content)) == (200, d["digest"])
+            for layer in layers:
+                assert (await c.get(f"/v2/app/blobs/{layer}")).status_code == 200
+            # A tag's answer is cached per Accept set: the one warm sends.
+            tagged = await c.get(f"/v2/app/manifests/{cosign_tag}", headers={"Accept": ACCEPT})
+            assert tagged.headers["docker-content-digest"] == sig["digest"]
+            assert len(upstream.requests) == before
+            clock.now += 60  # past it: served stale
+            stale = await c.get(f"/v2/app/referrers/{subject}")
+            assert (stale.status_code, stale.headers["x-cache"]) == (200, "STALE")
