@@ -5,17 +5,20 @@ filtering, caching like a tag, and artifacts pulled like images."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import Any
 
 import httpx
 from click.testing import CliRunner
 from conftest import MirrorFactory
+from fakes.chain import tier_chain
 from fakes.clock import Clock
 from fakes.upstream import FakeUpstream, Fault, sha256
 
 from mirror.cli import main
 from mirror.mediatypes import OCI_INDEX, OCI_MANIFEST
+from mirror.reference import Digest
 from mirror.warm import ACCEPT
 
 EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
@@ -348,3 +351,53 @@ async def test_warm_with_referrers_leaves_signatures_served_with_the_upstream_go
             clock.now += 60  # past it: served stale
             stale = await c.get(f"/v2/app/referrers/{subject}")
             assert (stale.status_code, stale.headers["x-cache"]) == (200, "STALE")
+
+
+async def test_the_same_authentication_and_access_rules_as_a_pull(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    subject = _image(upstream)
+    upstream.referrers = {}
+    token = "robot-token-0123456789abcdef"
+    robot = {"name": "ci", "sha256": hashlib.sha256(token.encode()).hexdigest()}
+    settings: dict[str, Any] = {
+        "auth_anonymous": True,
+        "auth_tokens": [robot],
+        "access": [
+            {"anonymous": True, "repositories": ["public/*"]},
+            {"users": ["ci"], "repositories": ["team/*"]},
+        ],
+    }
+    path = f"referrers/{subject}"
+    async with mirror(url, **settings) as m, httpx.AsyncClient(base_url=m.url) as c:
+        anonymous = await c.get(f"/v2/team/app/{path}")
+        assert anonymous.status_code == 401
+        assert 'scope="repository:team/app:pull"' in anonymous.headers["www-authenticate"]
+        denied = await c.get(f"/v2/other/app/{path}", headers={"Authorization": f"Bearer {token}"})
+        assert (denied.status_code, denied.json()["errors"][0]["code"]) == (403, "DENIED")
+        assert _referrer_gets(upstream) == 0
+        robot_ok = await c.get(f"/v2/team/app/{path}", headers={"Authorization": f"Bearer {token}"})
+        assert (robot_ok.status_code, robot_ok.json()) == (200, EMPTY_INDEX)
+        assert (await c.get(f"/v2/public/app/{path}")).status_code == 200
+
+
+async def test_through_tiers_the_tier_answers_and_the_registry_backs_it_up() -> None:
+    async with tier_chain() as chain:
+        subject = sha256(b"image")
+        listed = [{"mediaType": OCI_MANIFEST, "digest": sha256(b"sig"), "size": 3}]
+        chain.tier.referrers = {subject: listed}
+        chain.registry.referrers = {subject: []}
+        digest = Digest.parse(subject)
+        assert json.loads(await chain.tiers.referrers("app", digest, 1 << 20) or b"") == {
+            **EMPTY_INDEX,
+            "manifests": listed,
+        }
+        assert _referrer_gets(chain.registry) == 0
+        chain.tier.faults[f"referrers:{subject}"] = Fault(status=502)
+        from_registry = await chain.tiers.referrers("app", digest, 1 << 20)
+        assert json.loads(from_registry or b"")["manifests"] == []
+        # A tier without the API (an older mirror) is no answer: the tag schema applies.
+        chain.tier.referrers = None
+        chain.tier.faults.clear()
+        assert await chain.tiers.referrers("app", digest, 1 << 20) is None
