@@ -221,8 +221,8 @@ def add_referrers(client: httpx.Client, result: Plan) -> None:
             media_type = str(desc.get("mediaType") or "")
             types = [media_type] if media_type else []
             accept = ", ".join(dict.fromkeys([*types, *sorted(MANIFEST_TYPES)]))
-            fetch(referrer, accept)
-            result.referrers.append(referrer)
+            if fetch(referrer, accept) is not None:  # listed, but gone since: skipped
+                result.referrers.append(referrer)
     top = result.manifests[0]
     for suffix in COSIGN_SUFFIXES:
         tag = top.replace(":", "-") + suffix
