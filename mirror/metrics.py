@@ -33,6 +33,7 @@ ROUTES = (
     "/v2/{name}/manifests/{reference}",
     "/v2/{name}/blobs/{digest}",
     "/v2/{name}/tags/list",
+    "/v2/_catalog",
     "/metrics",
     "/healthz",
     "/readyz",

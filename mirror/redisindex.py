@@ -347,6 +347,18 @@ class RedisIndex:
         ]
         return Scan(blobs, manifests, tags)
 
+    def repositories(self) -> list[tuple[str, str]]:
+        # HSCAN rather than HKEYS: Redis answers other replicas between the batches
+        # instead of blocking on one hash of every tag.
+        def read() -> set[tuple[str, str]]:
+            pairs = set()
+            for field, _ in self._sync.hscan_iter(self._p + "tags", count=1000):
+                tag = parse_tag_field(field)
+                pairs.add((tag.upstream, tag.repo))
+            return pairs
+
+        return sorted(self._run_sync(read))
+
     def drop_blobs(self, digests: list[Digest]) -> None:
         if digests:
             names = [str(d) for d in digests]

@@ -1,0 +1,105 @@
+"""`GET /v2/_catalog`: the repositories this mirror has cached, as clients name them.
+
+The source is the store's tag entries (a repository is listed while any of its tags is
+cached; once eviction drops the last one it disappears). Names are what a client would
+pull: with `?ns=<upstream>` that upstream's repositories as the upstream names them;
+without, the default upstream's plainly and another's under its path prefix (an
+upstream with neither is listed only with `ns`). Docker Hub's official images keep
+their stored `library/` form, which pulls the same image.
+
+Pagination follows the distribution spec (`n`, `last`, `Link: <...>; rel="next"`),
+with Distribution's default page (100) and its cap (1000) — a larger `n` is lowered to
+the cap rather than refused: the spec lets a registry return fewer than `n`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import Callable
+from urllib.parse import urlencode
+
+from mirror.access import Access
+from mirror.errors import RegistryError
+from mirror.identity import Principal
+from mirror.routing import Router
+from mirror.store import Store
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+# Pages of one listing read the same scan: a client paging through 10k repositories
+# must not make the mirror walk the index once per page.
+CACHE_SECONDS = 5.0
+
+
+class Catalog:
+    def __init__(
+        self, store: Store, clock: Callable[[], float] = time.monotonic, ttl: float = CACHE_SECONDS
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._ttl = ttl
+        self._pairs: list[tuple[str, str]] = []
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def pairs(self) -> list[tuple[str, str]]:
+        """(upstream, repository) pairs with a cached tag, sorted; read at most once per
+        `ttl` (concurrent callers wait for the one scan)."""
+        async with self._lock:
+            now = self._clock()
+            if self._read_at is None or now - self._read_at >= self._ttl:
+                # A scan of the index blocks: never in the event loop.
+                self._pairs = await asyncio.to_thread(self._store.repositories)
+                self._read_at = now
+            return self._pairs
+
+    async def names(
+        self, router: Router, access: Access, who: Principal, ns: str | None
+    ) -> list[str]:
+        """Every name `who` may pull, sorted; `ns` (containerd's) selects one upstream."""
+        only = None if ns is None else router.for_ns(ns).name
+        names = set()
+        for upstream, repo in await self.pairs():
+            if only is not None and upstream != only:
+                continue
+            proxy = router.proxy(upstream)
+            if proxy is None:  # an upstream no longer configured
+                continue
+            name = repo if only is not None else router.address(upstream, repo)
+            if name is None or not access.allows(who, upstream, repo):
+                continue
+            try:
+                proxy.repo(repo)  # the upstream's allow/deny lists, as for a pull
+            except RegistryError:
+                continue
+            names.add(name)
+        return sorted(names)
+
+
+def parse_n(text: str | None) -> int:
+    """The page size a client asked for; PAGINATION_NUMBER_INVALID for anything but a
+    non-negative integer."""
+    if not text:  # absent or empty: the default, as Distribution does
+        return DEFAULT_PAGE
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise RegistryError(
+            "PAGINATION_NUMBER_INVALID",
+            "n must be a non-negative integer",
+            detail={"n": text[:20]},
+        )
+    return min(int(text), MAX_PAGE)
+
+
+def page(names: list[str], n: int, last: str | None) -> tuple[list[str], bool]:
+    """At most `n` names after `last` (lexically), and whether more follow."""
+    start = 0 if last is None else bisect.bisect_right(names, last)
+    return names[start : start + n], len(names) > start + n
+
+
+def next_link(n: int, last: str, ns: str | None) -> str:
+    params = {"n": str(n), "last": last}
+    if ns is not None:
+        params["ns"] = ns
+    return f'</v2/_catalog?{urlencode(params)}>; rel="next"'
