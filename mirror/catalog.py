@@ -28,8 +28,9 @@ from mirror.store import Store
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-# Pages of one listing read the same scan: a client paging through 10k repositories
-# must not make the mirror walk the index once per page.
+# Pages after the first (`last` given) read the scan the listing began with, up to this
+# old: a client paging through 10k repositories must not make the mirror walk the index
+# once per page. A first page rescans as soon as the store's tag count changed.
 CACHE_SECONDS = 5.0
 
 
@@ -42,26 +43,31 @@ class Catalog:
         self._ttl = ttl
         self._pairs: list[tuple[str, str]] = []
         self._read_at: float | None = None
+        self._tags = -1  # the store's tag count at the last scan
         self._lock = asyncio.Lock()
 
-    async def pairs(self) -> list[tuple[str, str]]:
-        """(upstream, repository) pairs with a cached tag, sorted; read at most once per
-        `ttl` (concurrent callers wait for the one scan)."""
+    async def pairs(self, first_page: bool = True) -> list[tuple[str, str]]:
+        """(upstream, repository) pairs with a cached tag, sorted. Concurrent callers
+        wait for one scan."""
         async with self._lock:
-            now = self._clock()
-            if self._read_at is None or now - self._read_at >= self._ttl:
+            now, tags = self._clock(), self._store.usage().tags
+            if (
+                self._read_at is None
+                or now - self._read_at >= self._ttl
+                or (first_page and tags != self._tags)
+            ):
                 # A scan of the index blocks: never in the event loop.
                 self._pairs = await asyncio.to_thread(self._store.repositories)
-                self._read_at = now
+                self._read_at, self._tags = now, tags
             return self._pairs
 
     async def names(
-        self, router: Router, access: Access, who: Principal, ns: str | None
+        self, router: Router, access: Access, who: Principal, ns: str | None, first_page: bool
     ) -> list[str]:
         """Every name `who` may pull, sorted; `ns` (containerd's) selects one upstream."""
         only = None if ns is None else router.for_ns(ns).name
         names = set()
-        for upstream, repo in await self.pairs():
+        for upstream, repo in await self.pairs(first_page):
             if only is not None and upstream != only:
                 continue
             proxy = router.proxy(upstream)

@@ -181,7 +181,10 @@ class RedisIndex:
 
     async def put_tag(self, key: TagKey, entry: TagEntry) -> None:
         value = f"{entry.digest} {entry.media_type} {entry.stored_at!r}"
-        await self._run(lambda: self._async.hset(self._p + "tags", tag_field(key), value))
+        added = await self._run(lambda: self._async.hset(self._p + "tags", tag_field(key), value))
+        if added:  # a new tag: the catalog (mirror.catalog) sees the count change
+            u = self._usage
+            self._usage = CacheUsage(u.blobs, u.blob_bytes, u.manifests, u.tags + 1)
 
     async def add_manifest(self, digest: Digest, media_type: str, now: float) -> None:
         async def add() -> None:

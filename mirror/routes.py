@@ -242,7 +242,9 @@ async def catalog(request: Request) -> Response:
     params = request.query_params
     n = parse_n(params.get("n"))
     last, ns = params.get("last"), params.get("ns")
-    names = await built.catalog.names(built.router, built.auth.access, who, ns)
+    names = await built.catalog.names(
+        built.router, built.auth.access, who, ns, first_page=last is None
+    )
     shown, more = catalog_page(names, n, last)
     headers = {}
     if more and shown:

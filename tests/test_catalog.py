@@ -20,7 +20,7 @@ from harness.redisserver import RedisServer
 from mirror.catalog import MAX_PAGE, Catalog, page, parse_n
 from mirror.diskstore import DiskStore
 from mirror.errors import RegistryError
-from mirror.metrics import Metrics
+from mirror.metrics import CacheUsage, Metrics
 from mirror.redisindex import RedisIndex
 from mirror.reference import Digest
 from mirror.store import TagEntry, TagKey
@@ -283,18 +283,27 @@ class CountingStore:
         self.scans += 1
         return list(self.pairs)
 
+    def usage(self) -> CacheUsage:
+        return CacheUsage(0, 0, 0, len(self.pairs))  # the tag count: the change signal
 
-async def test_catalog_reads_the_store_once_per_ttl() -> None:
+
+async def test_catalog_rescans_for_a_first_page_only_when_tags_changed() -> None:
     store = CountingStore()
     now = [0.0]
     catalog = Catalog(store, clock=lambda: now[0], ttl=5.0)  # type: ignore[arg-type]
     assert await catalog.pairs() == [("a.test", "x")]
+    assert await catalog.pairs() == [("a.test", "x")] and store.scans == 1
     store.pairs.append(("b.test", "y"))
     now[0] = 4.9
-    assert await catalog.pairs() == [("a.test", "x")]  # pages of one listing: one scan
-    now[0] = 5.0
+    # The next page of a listing: the scan the listing began with.
+    assert await catalog.pairs(first_page=False) == [("a.test", "x")]
+    # A new listing: the new tag at once.
     assert await catalog.pairs() == [("a.test", "x"), ("b.test", "y")]
     assert store.scans == 2
+    store.pairs.append(("c.test", "z"))
+    now[0] = 9.9
+    assert len(await catalog.pairs(first_page=False)) == 3  # older than the TTL
+    assert store.scans == 3
 
 
 def test_page_size_and_pages() -> None:
