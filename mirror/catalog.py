@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import time
 from collections.abc import Callable
 from urllib.parse import urlencode
@@ -34,6 +35,10 @@ MAX_PAGE = 1000
 CACHE_SECONDS = 5.0
 
 
+# One listed repository: (name as the client pulls it, upstream, upstream's repository).
+Entry = tuple[str, str, str]
+
+
 class Catalog:
     def __init__(
         self, store: Store, clock: Callable[[], float] = time.monotonic, ttl: float = CACHE_SECONDS
@@ -45,6 +50,9 @@ class Catalog:
         self._read_at: float | None = None
         self._tags = -1  # the store's tag count at the last scan
         self._lock = asyncio.Lock()
+        # Per scan: the entries by name, per `ns` upstream (None: no ns), built once.
+        self._named: dict[str | None, list[Entry]] = {}
+        self._named_from: list[tuple[str, str]] | None = None
 
     async def pairs(self, first_page: bool = True) -> list[tuple[str, str]]:
         """(upstream, repository) pairs with a cached tag, sorted. Concurrent callers
@@ -61,27 +69,70 @@ class Catalog:
                 self._read_at, self._tags = now, tags
             return self._pairs
 
-    async def names(
-        self, router: Router, access: Access, who: Principal, ns: str | None, first_page: bool
-    ) -> list[str]:
-        """Every name `who` may pull, sorted; `ns` (containerd's) selects one upstream."""
+    async def page(
+        self,
+        router: Router,
+        access: Access,
+        who: Principal,
+        ns: str | None,
+        n: int,
+        last: str | None,
+    ) -> tuple[list[str], bool]:
+        """At most `n` names after `last` that `who` may pull, in lexical order, and
+        whether more follow; `ns` (containerd's) selects one upstream."""
         only = None if ns is None else router.for_ns(ns).name
-        names = set()
-        for upstream, repo in await self.pairs(first_page):
-            if only is not None and upstream != only:
-                continue
-            proxy = router.proxy(upstream)
-            if proxy is None:  # an upstream no longer configured
-                continue
-            name = repo if only is not None else router.address(upstream, repo)
-            if name is None or not access.allows(who, upstream, repo):
-                continue
-            try:
-                proxy.repo(repo)  # the upstream's allow/deny lists, as for a pull
-            except RegistryError:
-                continue
-            names.add(name)
-        return sorted(names)
+        pairs = await self.pairs(first_page=last is None)
+        if self._named_from is not pairs:  # a new scan
+            self._named, self._named_from = {}, pairs
+        if (entries := self._named.get(only)) is None:
+            entries = await asyncio.to_thread(_entries, router, pairs, only)
+            self._named[only] = entries
+        # Naming, sorting and checking are pure CPU, but a caller allowed little of a
+        # large cache walks all of it: in a worker thread, as the scan.
+        return await asyncio.to_thread(_visible, router, access, who, entries, n, last)
+
+
+def _entries(router: Router, pairs: list[tuple[str, str]], only: str | None) -> list[Entry]:
+    entries = []
+    for upstream, repo in pairs:
+        if router.proxy(upstream) is None:  # an upstream no longer configured
+            continue
+        if only is not None:
+            name: str | None = repo if upstream == only else None
+        else:
+            name = router.address(upstream, repo)
+        if name is not None:
+            entries.append((name, upstream, repo))
+    entries.sort()
+    return entries
+
+
+def _visible(
+    router: Router,
+    access: Access,
+    who: Principal,
+    entries: list[Entry],
+    n: int,
+    last: str | None,
+) -> tuple[list[str], bool]:
+    start = 0 if last is None else bisect.bisect_right(entries, last, key=lambda e: e[0])
+    shown: list[str] = []
+    for name, upstream, repo in itertools.islice(entries, start, None):
+        if not access.allows(who, upstream, repo) or not _policy_allows(router, upstream, repo):
+            continue
+        if len(shown) == n:
+            return shown, True
+        shown.append(name)
+    return shown, False
+
+
+def _policy_allows(router: Router, upstream: str, repo: str) -> bool:
+    """The upstream's allow/deny lists, as for a pull (they may have changed since)."""
+    proxy = router.proxy(upstream)
+    try:
+        return proxy is not None and bool(proxy.repo(repo))
+    except RegistryError:
+        return False
 
 
 def parse_n(text: str | None) -> int:
@@ -96,12 +147,6 @@ def parse_n(text: str | None) -> int:
             detail={"n": text[:20]},
         )
     return min(int(text), MAX_PAGE)
-
-
-def page(names: list[str], n: int, last: str | None) -> tuple[list[str], bool]:
-    """At most `n` names after `last` (lexically), and whether more follow."""
-    start = 0 if last is None else bisect.bisect_right(names, last)
-    return names[start : start + n], len(names) > start + n
 
 
 def next_link(n: int, last: str, ns: str | None) -> str:

@@ -14,7 +14,6 @@ from starlette.responses import Response
 
 from mirror import identity, logs
 from mirror.catalog import next_link, parse_n
-from mirror.catalog import page as catalog_page
 from mirror.clientauth import AuthFailed, ClientAuth, parse_scopes
 from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
@@ -242,10 +241,7 @@ async def catalog(request: Request) -> Response:
     params = request.query_params
     n = parse_n(params.get("n"))
     last, ns = params.get("last"), params.get("ns")
-    names = await built.catalog.names(
-        built.router, built.auth.access, who, ns, first_page=last is None
-    )
-    shown, more = catalog_page(names, n, last)
+    shown, more = await built.catalog.page(built.router, built.auth.access, who, ns, n, last)
     headers = {}
     if more and shown:
         headers["Link"] = next_link(n, shown[-1], ns)

@@ -17,7 +17,7 @@ from fakes.server import serve
 from fakes.upstream import FakeUpstream
 from harness.redisserver import RedisServer
 
-from mirror.catalog import MAX_PAGE, Catalog, page, parse_n
+from mirror.catalog import MAX_PAGE, Catalog, parse_n
 from mirror.diskstore import DiskStore
 from mirror.errors import RegistryError
 from mirror.metrics import CacheUsage, Metrics
@@ -306,14 +306,9 @@ async def test_catalog_rescans_for_a_first_page_only_when_tags_changed() -> None
     assert store.scans == 3
 
 
-def test_page_size_and_pages() -> None:
+def test_page_size() -> None:
     assert parse_n(None) == 100
     assert parse_n("7") == 7
     assert parse_n(str(MAX_PAGE * 10)) == MAX_PAGE  # lowered to the cap, not refused
     with pytest.raises(RegistryError):
         parse_n("9" * 40)
-    names = ["a", "b", "c"]
-    assert page(names, 2, None) == (["a", "b"], True)
-    assert page(names, 2, "b") == (["c"], False)
-    assert page(names, 2, "aa") == (["b", "c"], False)
-    assert page(names, 0, None) == ([], True)
