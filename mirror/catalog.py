@@ -49,6 +49,7 @@ class Catalog:
         self._pairs: list[tuple[str, str]] = []
         self._read_at: float | None = None
         self._tags = -1  # the store's tag count at the last scan
+        self._scan_seconds = 0.0  # how long it took
         self._lock = asyncio.Lock()
         # Per scan: the entries by name, per `ns` upstream (None: no ns), built once.
         self._named: dict[str | None, list[Entry]] = {}
@@ -59,14 +60,18 @@ class Catalog:
         wait for one scan."""
         async with self._lock:
             now, tags = self._clock(), self._store.usage().tags
+            age = None if self._read_at is None else now - self._read_at
             if (
-                self._read_at is None
-                or now - self._read_at >= self._ttl
-                or (first_page and tags != self._tags)
+                age is None
+                or age >= self._ttl
+                # A busy mirror adds tags all the time: clients asking for first pages
+                # keep the scans to a third of one worker thread's time at most.
+                or (first_page and tags != self._tags and age >= 2 * self._scan_seconds)
             ):
                 # A scan of the index blocks: never in the event loop.
                 self._pairs = await asyncio.to_thread(self._store.repositories)
                 self._read_at, self._tags = now, tags
+                self._scan_seconds = self._clock() - now
             return self._pairs
 
     async def page(

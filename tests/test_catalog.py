@@ -306,6 +306,24 @@ async def test_catalog_rescans_for_a_first_page_only_when_tags_changed() -> None
     assert store.scans == 3
 
 
+async def test_slow_scans_are_not_repeated_back_to_back() -> None:
+    store = CountingStore()
+    now = [0.0]
+
+    def slow_scan() -> list[tuple[str, str]]:
+        now[0] += 1.0  # each scan takes a second
+        return CountingStore.repositories(store)
+
+    store.repositories = slow_scan  # type: ignore[method-assign]
+    catalog = Catalog(store, clock=lambda: now[0], ttl=5.0)  # type: ignore[arg-type]
+    await catalog.pairs()  # read at 0, done at 1
+    store.pairs.append(("b.test", "y"))
+    assert len(await catalog.pairs()) == 1  # changed, but only 1 s after a 1 s scan
+    now[0] = 2.0
+    assert len(await catalog.pairs()) == 2
+    assert store.scans == 2
+
+
 def test_page_size() -> None:
     assert parse_n(None) == 100
     assert parse_n("7") == 7
