@@ -13,10 +13,11 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mirror import dockerhub
 from mirror.access import Access
+from mirror.catalog import Catalog
 from mirror.clientauth import ClientAuth, token_key
 from mirror.cluster import Cluster
 from mirror.config import Endpoint, Settings
@@ -133,6 +134,10 @@ class Components:
     upstreams: list[RemoteStore]
     auth: ClientAuth
     cluster: Cluster | None = None
+    catalog: Catalog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.catalog = Catalog(self.store)
 
     async def aclose(self) -> None:
         await self.router.aclose()  # downloads and flights first: they use the upstreams

@@ -218,6 +218,15 @@ class DiskIndex:
         atimes = [(Digest.parse(d), None if t is None else float(t)) for d, t in manifest_atimes]
         return Scan(blobs, atimes, tags)
 
+    def repositories(self) -> list[tuple[str, str]]:
+        # diskcache has no prefix query: one pass over the keys, no values read.
+        pairs = set()
+        for key in self._index.iterkeys():
+            if isinstance(key, str) and key.startswith("tag/"):
+                tag = _parse_tag_key(key)
+                pairs.add((tag.upstream, tag.repo))
+        return sorted(pairs)
+
     def reconcile(self, scan: Scan) -> None:
         with self._usage_lock:
             self._usage = CacheUsage(

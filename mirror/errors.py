@@ -53,6 +53,7 @@ _CODES = [
     # Not in the spec, but used by Distribution and understood by clients.
     ErrorCode("TAG_INVALID", 400, "manifest tag did not match URI"),
     ErrorCode("RANGE_INVALID", 416, "requested range not satisfiable"),
+    ErrorCode("PAGINATION_NUMBER_INVALID", 400, "invalid number of results requested"),
     ErrorCode("UNAVAILABLE", 503, "service unavailable"),
     ErrorCode("UNKNOWN", 500, "unknown error"),
 ]

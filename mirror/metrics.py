@@ -34,6 +34,7 @@ ROUTES = (
     "/v2/{name}/blobs/{digest}",
     "/v2/{name}/tags/list",
     "/v2/{name}/referrers/{digest}",
+    "/v2/_catalog",
     "/metrics",
     "/healthz",
     "/readyz",

@@ -181,7 +181,10 @@ class RedisIndex:
 
     async def put_tag(self, key: TagKey, entry: TagEntry) -> None:
         value = f"{entry.digest} {entry.media_type} {entry.stored_at!r}"
-        await self._run(lambda: self._async.hset(self._p + "tags", tag_field(key), value))
+        added = await self._run(lambda: self._async.hset(self._p + "tags", tag_field(key), value))
+        if added:  # a new tag: the catalog (mirror.catalog) sees the count change
+            u = self._usage
+            self._usage = CacheUsage(u.blobs, u.blob_bytes, u.manifests, u.tags + 1)
 
     async def add_manifest(self, digest: Digest, media_type: str, now: float) -> None:
         async def add() -> None:
@@ -346,6 +349,18 @@ class RedisIndex:
             for field, value in tags_raw.items()
         ]
         return Scan(blobs, manifests, tags)
+
+    def repositories(self) -> list[tuple[str, str]]:
+        # HSCAN rather than HKEYS: Redis answers other replicas between the batches
+        # instead of blocking on one hash of every tag.
+        def read() -> set[tuple[str, str]]:
+            pairs = set()
+            for field, _ in self._sync.hscan_iter(self._p + "tags", count=1000):
+                tag = parse_tag_field(field)
+                pairs.add((tag.upstream, tag.repo))
+            return pairs
+
+        return sorted(self._run_sync(read))
 
     def drop_blobs(self, digests: list[Digest]) -> None:
         if digests:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from mirror import identity, logs, referrers
+from mirror.catalog import next_link, parse_n
 from mirror.clientauth import AuthFailed, ClientAuth, parse_scopes
 from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
@@ -225,6 +226,27 @@ async def peer_blob(request: Request, digest: str) -> Response:
     blob = await answer(opened, spec, False, "cache")
     headers = {"Docker-Content-Digest": str(wanted), "Content-Type": "application/octet-stream"}
     return _blob_response(blob, headers, cluster.metrics.peer_bytes.labels("sent").inc)
+
+
+@router.api_route("/v2/_catalog", methods=["GET", "HEAD"])
+async def catalog(request: Request) -> Response:
+    """The cached repositories the caller may pull (mirror.catalog). Authorization is
+    the access rules alone: a realm token's repository list is for pulls, and Docker
+    asks the catalog with `registry:catalog:*`, which the realm never grants."""
+    request.state.route = "/v2/_catalog"
+    who = await _authenticate(request, None)
+    built = _components(request)
+    if who.anonymous and not built.auth.access.may_pull_anything(who):
+        raise _unauthorized(request, built.auth, None, "authentication required")
+    params = request.query_params
+    n = parse_n(params.get("n"))
+    last, ns = params.get("last"), params.get("ns")
+    shown, more = await built.catalog.page(built.router, built.auth.access, who, ns, n, last)
+    headers = {}
+    if more and shown:
+        headers["Link"] = next_link(n, shown[-1], ns)
+    body = json.dumps({"repositories": shown}).encode()
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.api_route("/v2/{rest:path}", methods=[*READ_METHODS, *WRITE_METHODS])

@@ -63,6 +63,22 @@ class Router:
             return Route(self._prefixes[first], rest, first + "/")
         return Route(self._default, name, "")
 
+    def proxy(self, upstream: str) -> Proxy | None:
+        """The proxy of a configured upstream, by its name."""
+        return self._proxies.get(upstream)
+
+    def address(self, upstream: str, repo: str) -> str | None:
+        """How a client sending no `ns` names `repo` of `upstream` (the inverse of
+        `route`): the default's repositories plainly, another's under its path prefix;
+        None where no such name reaches it (no prefix, or a name a prefix shadows)."""
+        if self._default.name == upstream:
+            first, sep, _ = repo.partition("/")
+            return None if sep and first in self._prefixes else repo
+        for prefix, proxy in self._prefixes.items():
+            if proxy.name == upstream:
+                return f"{prefix}/{repo}"
+        return None
+
     def downloads(self) -> list[Downloads]:
         """Every upstream's download table."""
         return [proxy.downloads for proxy in self._proxies.values()]

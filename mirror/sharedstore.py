@@ -299,6 +299,13 @@ class SharedStore:
     def scan(self) -> Scan:
         return self.index.scan()
 
+    def repositories(self) -> list[tuple[str, str]]:
+        try:
+            return self.index.repositories()
+        except IndexUnavailable:
+            # What this replica cached itself: a partial list beats none.
+            return self.l1.repositories()
+
     def drop_blobs(self, digests: list[Digest]) -> None:
         # Redis first: no replica finds them from here on; then the objects. Replicas
         # streaming one now may be cut (the next request fetches it anew); L1 copies

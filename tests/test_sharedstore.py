@@ -184,3 +184,21 @@ async def test_a_blob_committed_while_redis_was_down_is_found_and_indexed(
     # against max_size and is evicted like the rest).
     assert await asyncio.to_thread(b.reconcile_bucket) == 1
     assert {e.digest for e in b.scan().blobs} == {orphan, unasked}
+
+
+async def test_the_catalog_lists_every_replicas_tags_and_its_own_without_redis(
+    stores: tuple[SharedStore, SharedStore], redis_server: RedisServer
+) -> None:
+    a, b = stores
+    digest = Digest("sha256", "1" * 64)
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    await a.put_tag(TagKey("r.test", "team/app", "1", accept), TagEntry(digest, accept, 1.0))
+    await b.put_tag(TagKey("r.test", "base", "1", accept), TagEntry(digest, accept, 1.0))
+    assert a.repositories() == [("r.test", "base"), ("r.test", "team/app")]
+    assert a.usage().tags == 1  # this replica's new tags move the catalog's change signal
+    redis_server.stop()
+    try:
+        # Alone, a replica lists what it cached itself rather than failing.
+        assert a.repositories() == [("r.test", "team/app")]
+    finally:
+        redis_server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -123,6 +124,16 @@ def skopeo_inspect_raw(ref: str) -> bytes:
     if result.returncode != 0:
         raise RuntimeError(f"skopeo inspect {ref} failed: {result.stderr.decode()}")
     return result.stdout
+
+
+def skopeo_list_tags(ref: str) -> list[str]:
+    cmd = [_skopeo(), "list-tags", "--tls-verify=false", ref]
+    with tempfile.TemporaryDirectory(prefix="skopeo-") as home:
+        result = subprocess.run(cmd, capture_output=True, timeout=60, env=_skopeo_env(home))
+    if result.returncode != 0:
+        raise RuntimeError(f"skopeo list-tags {ref} failed: {result.stderr.decode()}")
+    tags: list[str] = json.loads(result.stdout)["Tags"]
+    return tags
 
 
 class TLSMirror(MirrorProcess):
