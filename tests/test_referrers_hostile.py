@@ -4,14 +4,22 @@ referrers requests may leave in the cache for others to see."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
+import pytest
 from conftest import MirrorFactory
+from fakes.server import serve
 from fakes.upstream import FakeUpstream
+from starlette.types import Send
 from test_referrers import SIG, _artifact, _image
 
-from mirror.mediatypes import OCI_MANIFEST
+from mirror.mediatypes import OCI_INDEX, OCI_MANIFEST
 
 
 async def test_descriptors_a_client_cannot_fetch_are_dropped_from_the_index(
@@ -67,3 +75,138 @@ async def test_the_synthesised_index_is_not_a_manifest_of_the_repository(
                 headers={"Accept": f"{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"},
             )
             assert got.status_code == 404, (repo, got.status_code)
+
+
+@dataclass
+class RawReferrers(FakeUpstream):
+    """An upstream whose referrers endpoint answers exactly these bytes, in `chunks`
+    pieces `delay` seconds apart (a trickle)."""
+
+    raw: bytes = b""
+    raw_type: str = OCI_INDEX
+    chunks: int = 1
+    delay: float = 0.0
+
+    async def _referrers(self, send: Send, digest: str, query: str) -> None:
+        hdrs = [(b"content-type", self.raw_type.encode())]
+        hdrs.append((b"content-length", str(len(self.raw)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+        step = -(-len(self.raw) // self.chunks)
+        for i in range(0, len(self.raw), step):
+            await asyncio.sleep(self.delay)
+            more = i + step < len(self.raw)
+            await send(
+                {"type": "http.response.body", "body": self.raw[i : i + step], "more_body": more}
+            )
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[tuple[RawReferrers, str]]:
+    upstream = RawReferrers()
+    async with serve(upstream) as url:
+        yield upstream, url
+
+
+def _index(manifests: object) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}).encode()
+
+
+async def test_answers_that_are_no_index_are_a_502_never_a_500(
+    raw: tuple[RawReferrers, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = raw
+    subject = _image(upstream)
+    good = _artifact(upstream, subject, SIG, b"signature")
+    cases = [
+        b"<html>not json</html>",
+        b"\xff\xfe\x00garbage",
+        b"[" * 100_000 + b"]" * 100_000,  # nesting deep enough to break a recursive parser
+        b'["manifests"]',
+        b'{"manifests": {"0": 1}}',
+        b"null",
+        _index([good] * 60_000),  # over manifest_max_bytes (4 MiB)
+    ]
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        for body in cases:
+            upstream.raw = body
+            r = await c.get(f"/v2/app/referrers/{subject}")
+            assert r.status_code == 502, (body[:30], r.status_code)
+            assert r.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+        # A Content-Type lie (text/html) over a real index is just bytes: parsed, and
+        # answered as an OCI index.
+        upstream.raw, upstream.raw_type = _index([good, "junk", {"digest": 1}]), "text/html"
+        r = await c.get(f"/v2/app/referrers/{subject}")
+    assert (r.status_code, r.headers["content-type"]) == (200, OCI_INDEX)
+    assert r.json()["manifests"] == [good]
+
+
+async def test_a_trickling_answer_is_cut_at_fetch_timeout(
+    raw: tuple[RawReferrers, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = raw
+    subject = _image(upstream)
+    upstream.raw = _index([_artifact(upstream, subject, SIG, b"signature")])
+    upstream.chunks, upstream.delay = 20, 0.25  # 5 s in all
+    async with mirror(url, fetch_timeout="1s") as m, httpx.AsyncClient(base_url=m.url) as c:
+        started = time.monotonic()
+        r = await c.get(f"/v2/app/referrers/{subject}", timeout=10)
+        took = time.monotonic() - started
+    assert r.status_code >= 500 and "errors" in r.json()
+    assert r.status_code != 500
+    assert took < 3
+
+
+async def test_hostile_client_requests(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    subject = _image(upstream)
+    sig = _artifact(upstream, subject, SIG, b"signature")
+    upstream.referrers = {subject: [sig]}
+    path = f"/v2/app/referrers/{subject}"
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        # CRLF and a long value in artifactType: a filter value, echoed nowhere.
+        for wanted in (f"{SIG}\r\nX-Evil: 1", "x" * 6000):
+            r = await c.get(path, params={"artifactType": wanted})
+            assert r.status_code == 200
+            assert r.json()["manifests"] == []
+            assert "x-evil" not in r.headers
+            assert r.headers["oci-filters-applied"] == "artifactType"
+        # Digest tricks: uppercase, unknown algorithm, traversal, a trailing segment.
+        hexes = subject.partition(":")[2]
+        for bad in (f"sha256:{hexes.upper()}", f"sha1:{hexes[:40]}", f"sha256:{hexes}/.."):
+            r = await c.get(f"/v2/app/referrers/{bad}")
+            assert r.status_code in (400, 404), (bad, r.status_code)
+            assert "errors" in r.json()
+        traversal = await c.get(f"/v2/app/referrers/..%2F..%2F{subject}")
+        assert traversal.status_code in (400, 404) and "errors" in traversal.json()
+        # sha512 subjects have a tag-schema tag longer than a tag may be: still answered.
+        long = await c.get(f"/v2/app/referrers/sha512:{'a' * 128}")
+        assert (long.status_code, long.json()["manifests"]) == (200, [])
+        # Another repository, the same digest: asked of the upstream, not app's entry.
+        assert (await c.get(f"/v2/other/referrers/{subject}")).headers["x-cache"] == "MISS"
+    assert sum(1 for s in upstream.requests if s.path == f"/v2/other/referrers/{subject}") == 1
+
+
+async def test_catalog_parameters_from_a_hostile_client(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    _image(upstream)
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        for name in ("a", "b", "c"):
+            assert (await c.get(f"/v2/{name}/manifests/v1")).status_code == 200
+        for n in ("-1", "1.5", "\u0661", "\u00b2", "0x10", "9" * 13, " 1"):
+            r = await c.get("/v2/_catalog", params={"n": n})
+            assert r.status_code == 400, (n, r.status_code)
+            assert r.json()["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
+        # `last` comes back in Link only as the last name shown, and encoded.
+        evil = 'a\r\nSet-Cookie: x=1"><https://evil.test/>'
+        r = await c.get("/v2/_catalog", params={"n": "1", "last": evil})
+        assert r.status_code == 200 and "set-cookie" not in r.headers
+        assert r.json() == {"repositories": ["b"]}
+        assert r.headers["link"] == '</v2/_catalog?n=1&last=b>; rel="next"'
+        big = await c.get("/v2/_catalog", params={"n": "99999"})  # lowered to the cap
+        assert (big.json(), big.headers.get("link")) == ({"repositories": ["a", "b", "c"]}, None)
+        bad_ns = await c.get("/v2/_catalog", params={"ns": "x\r\nY: 1"})
+        assert bad_ns.status_code in (400, 403) and "errors" in bad_ns.json()
