@@ -10,16 +10,21 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from conftest import MirrorFactory
 from fakes.server import serve
-from fakes.upstream import FakeUpstream
+from fakes.upstream import FakeUpstream, Fault
 from starlette.types import Send
 from test_referrers import SIG, _artifact, _image
 
+from mirror.cli import main
 from mirror.mediatypes import OCI_INDEX, OCI_MANIFEST
+from mirror.upstream import REFERRERS_MAX_PAGES
 
 
 async def test_descriptors_a_client_cannot_fetch_are_dropped_from_the_index(
@@ -210,3 +215,81 @@ async def test_catalog_parameters_from_a_hostile_client(
         assert (big.json(), big.headers.get("link")) == ({"repositories": ["a", "b", "c"]}, None)
         bad_ns = await c.get("/v2/_catalog", params={"ns": "x\r\nY: 1"})
         assert bad_ns.status_code in (400, 403) and "errors" in bad_ns.json()
+
+
+async def test_warm_reports_a_referrer_failing_verification_and_does_not_count_it(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    subject = _image(upstream)
+    sig = _artifact(upstream, subject, SIG, b"signature")
+    bad = _artifact(upstream, subject, SIG, b"tampered")
+    # A cycle: the signature names the image's manifest as a referrer of itself.
+    upstream.referrers = {subject: [bad, sig], sig["digest"]: [{**sig, "digest": subject}]}
+    upstream.faults[bad["digest"]] = Fault(wrong_bytes=True)
+    async with mirror(url) as m:
+        result = await asyncio.to_thread(
+            CliRunner().invoke, main, ["warm", "--mirror", m.url, "--with-referrers", "app:v1"]
+        )
+    assert result.exit_code == 1
+    assert f"app:v1: failed: the mirror answered 502 for /v2/app/manifests/{bad['digest']}" in (
+        result.output
+    )
+    assert "DIGEST_INVALID" in result.output
+    assert "referrers," not in result.output  # nothing claimed warm
+
+
+@dataclass
+class PagedReferrers(FakeUpstream):
+    """A referrers API that pages (`Link: <...>; rel="next"`, as the spec allows),
+    `page` descriptors at a time; `next_base` points the link elsewhere."""
+
+    page: int = 2
+    next_base: str = ""
+
+    async def _referrers(self, send: Send, digest: str, query: str) -> None:
+        listed = (self.referrers or {}).get(digest, [])
+        start = int(dict(parse_qsl(query)).get("page", "0"))
+        body = _index(listed[start : start + self.page])
+        hdrs = [(b"content-type", OCI_INDEX.encode()), (b"content-length", b"%d" % len(body))]
+        if start + self.page < len(listed):
+            link = f"<{self.next_base}/v2/app/referrers/{digest}?page={start + self.page}>"
+            hdrs.append((b"link", f'{link}; rel="next"'.encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_a_paged_upstream_answer_is_followed_to_the_end_on_the_upstream_only(
+    mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    upstream, elsewhere = PagedReferrers(), PagedReferrers()
+    subject = _image(upstream)
+    listed = [_artifact(upstream, subject, SIG, b"s%d" % i) for i in range(5)]
+    upstream.referrers = elsewhere.referrers = {subject: listed}
+    async with serve(upstream) as url, serve(elsewhere) as off_site:
+        async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+            r = await c.get(f"/v2/app/referrers/{subject}")
+            assert r.json()["manifests"] == listed
+            assert sum(1 for s in upstream.requests if "/referrers/" in s.path) == 3
+        # A link to another host is not followed: its answer is no upstream's.
+        upstream.next_base = off_site
+        async with (
+            mirror(url, cache_dir=tmp_path / "other") as m2,
+            httpx.AsyncClient(base_url=m2.url) as c,
+        ):
+            r = await c.get(f"/v2/app/referrers/{subject}")
+        assert r.status_code == 502
+        assert elsewhere.requests == []
+
+
+async def test_an_upstream_paging_without_end_is_cut_at_the_page_bound(
+    mirror: MirrorFactory,
+) -> None:
+    upstream = PagedReferrers(page=1)
+    subject = _image(upstream)
+    sig = _artifact(upstream, subject, SIG, b"s")
+    upstream.referrers = {subject: [sig] * (REFERRERS_MAX_PAGES + 10)}
+    async with serve(upstream) as url, mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        r = await c.get(f"/v2/app/referrers/{subject}")
+    assert (r.status_code, r.json()["errors"][0]["code"]) == (502, "MANIFEST_INVALID")
+    assert sum(1 for s in upstream.requests if "/referrers/" in s.path) == REFERRERS_MAX_PAGES
