@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,17 @@ from click.testing import CliRunner
 from conftest import MirrorFactory
 from fakes.server import serve
 from fakes.upstream import FakeUpstream, Fault
+from harness.redisserver import RedisServer
 from starlette.types import Send
 from test_referrers import SIG, _artifact, _image
 
 from mirror.cli import main
 from mirror.mediatypes import OCI_INDEX, OCI_MANIFEST
+from mirror.metrics import Metrics
+from mirror.redisindex import RedisIndex
+from mirror.reference import Digest
+from mirror.referrers import CACHE_KEY as REFERRERS
+from mirror.store import TagEntry, TagKey
 from mirror.upstream import REFERRERS_MAX_PAGES
 
 
@@ -293,3 +300,34 @@ async def test_an_upstream_paging_without_end_is_cut_at_the_page_bound(
         r = await c.get(f"/v2/app/referrers/{subject}")
     assert (r.status_code, r.json()["errors"][0]["code"]) == (502, "MANIFEST_INVALID")
     assert sum(1 for s in upstream.requests if "/referrers/" in s.path) == REFERRERS_MAX_PAGES
+
+
+async def test_the_redis_index_does_not_list_referrers_only_names(
+    redis_server: RedisServer,
+) -> None:
+    metrics = Metrics()
+    metrics.add_shared_store()
+    index = RedisIndex(redis_server.url, metrics, prefix=f"{uuid.uuid4().hex}:")
+    digest = Digest("sha256", "1" * 64)
+    try:
+        await index.put_tag(TagKey("r.test", "real", "v1", "-"), TagEntry(digest, OCI_INDEX, 1.0))
+        ghost = TagKey("r.test", "ghost", f"sha256-{'2' * 64}", REFERRERS)
+        await index.put_tag(ghost, TagEntry(digest, OCI_INDEX, 1.0))
+        assert index.repositories() == [("r.test", "real")]
+    finally:
+        await index.aclose()
+
+
+async def test_a_pull_of_the_tag_schema_tag_never_gets_the_cached_referrers_answer(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    subject = _image(upstream)
+    upstream.referrers = {subject: [_artifact(upstream, subject, SIG, b"signature")]}
+    tag = subject.replace(":", "-")
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c:
+        assert (await c.get(f"/v2/app/referrers/{subject}")).status_code == 200
+        for accept in ("referrers", OCI_INDEX, "*/*", ""):
+            r = await c.get(f"/v2/app/manifests/{tag}", headers={"Accept": accept})
+            assert r.status_code == 404, (accept, r.status_code)  # the upstream has no such tag
+    assert upstream.count("GET", f"/manifests/{tag}") == 4
