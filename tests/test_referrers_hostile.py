@@ -18,6 +18,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from conftest import MirrorFactory
+from fakes.clock import Clock
 from fakes.server import serve
 from fakes.upstream import FakeUpstream, Fault
 from harness.redisserver import RedisServer
@@ -331,3 +332,30 @@ async def test_a_pull_of_the_tag_schema_tag_never_gets_the_cached_referrers_answ
             r = await c.get(f"/v2/app/manifests/{tag}", headers={"Accept": accept})
             assert r.status_code == 404, (accept, r.status_code)  # the upstream has no such tag
     assert upstream.count("GET", f"/manifests/{tag}") == 4
+
+
+async def test_a_429_serves_the_stale_answer_and_a_manifest_tag_is_no_index(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    upstream, url = fake
+    clock = Clock()
+    subject = _image(upstream)
+    sig = _artifact(upstream, subject, SIG, b"signature")
+    upstream.referrers = {subject: [sig]}
+    path = f"/v2/app/referrers/{subject}"
+    async with (
+        mirror(url, clock=clock, tag_ttl="1m", max_stale="1h") as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        assert (await c.get(path)).status_code == 200
+        upstream.faults[f"referrers:{subject}"] = Fault(status=429)
+        clock.now += 61
+        stale = await c.get(path)
+        assert (stale.status_code, stale.headers["x-cache"]) == (200, "STALE")
+        assert stale.json()["manifests"] == [sig]
+        # Tag schema: a tag `sha256-<hex>` holding an image manifest, not an index.
+        upstream.referrers, upstream.faults = None, {}
+        other = _image(upstream)  # the same image: its digest is the subject's
+        upstream.manifests[subject.replace(":", "-")] = upstream.manifests[other]
+        r = await c.get(f"/v2/fresh/referrers/{subject}")
+    assert (r.status_code, r.json()["errors"][0]["code"]) == (502, "MANIFEST_INVALID")
