@@ -16,6 +16,7 @@ import diskcache
 
 from mirror.metrics import CacheUsage
 from mirror.reference import Digest
+from mirror.referrers import CACHE_KEY as REFERRERS
 from mirror.store import BlobEntry, Scan, StoredManifest, TagEntry, TagKey
 
 
@@ -224,7 +225,10 @@ class DiskIndex:
         for key in self._index.iterkeys():
             if isinstance(key, str) and key.startswith("tag/"):
                 tag = _parse_tag_key(key)
-                pairs.add((tag.upstream, tag.repo))
+                # A referrers answer is cached for whatever name a client asked about
+                # (an empty index for a repository that does not exist): no repository.
+                if tag.accept != REFERRERS:
+                    pairs.add((tag.upstream, tag.repo))
         return sorted(pairs)
 
     def reconcile(self, scan: Scan) -> None:

@@ -33,6 +33,7 @@ from redis.retry import Retry
 from mirror.health import Health
 from mirror.metrics import CacheUsage, Metrics
 from mirror.reference import Digest
+from mirror.referrers import CACHE_KEY as REFERRERS
 from mirror.store import BlobEntry, Scan, TagEntry, TagKey
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,8 @@ class RedisIndex:
             pairs = set()
             for field, _ in self._sync.hscan_iter(self._p + "tags", count=1000):
                 tag = parse_tag_field(field)
-                pairs.add((tag.upstream, tag.repo))
+                if tag.accept != REFERRERS:  # as DiskIndex.repositories
+                    pairs.add((tag.upstream, tag.repo))
             return pairs
 
         return sorted(self._run_sync(read))

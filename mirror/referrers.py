@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from mirror.errors import UpstreamError
+from mirror.errors import RegistryError, UpstreamError
 from mirror.mediatypes import OCI_INDEX
 from mirror.reference import Digest
 
@@ -48,12 +48,24 @@ def descriptors(body: bytes) -> list[dict[str, object]]:
 
 
 def _descriptor(value: object) -> bool:
+    # The digest must be one the mirror serves by: verifiers and `mirror warm` put it
+    # in a URL path as is, so an upstream's "../.." or "md5:..." must not reach them.
     return (
         isinstance(value, dict)
         and isinstance(value.get("mediaType"), str)
-        and isinstance(value.get("digest"), str)
+        and _digest(value.get("digest"))
         and type(value.get("size")) is int
+        and value["size"] >= 0
     )
+
+
+def _digest(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(Digest.parse(value)) == value
+    except RegistryError:
+        return False
 
 
 def index(listed: list[dict[str, object]]) -> bytes:

@@ -19,11 +19,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import httpx
 
-from mirror import dockerhub, logs
+from mirror import dockerhub, logs, referrers
 from mirror.auth import Credentials, UpstreamAuth, parse_www_authenticate
 from mirror.errors import RegistryError, UpstreamError
 from mirror.mediatypes import OCI_INDEX
@@ -49,6 +49,8 @@ MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Tokens are a few KB (a JWT); anything near this is not a token.
 TOKEN_MAX_BYTES = 1 << 20
+# Pages of one referrers answer followed at most (each within manifest_max_bytes overall).
+REFERRERS_MAX_PAGES = 50
 
 
 class InvalidResponse(UpstreamError):
@@ -314,16 +316,46 @@ class Upstream:
         """The upstream's referrers index for `digest`, or None where it answers 404:
         it has no referrers API (Distribution 2.x), and the tag schema applies."""
         too_big = UpstreamError("MANIFEST_INVALID", "referrers index too large", status=502)
+        first = f"/v2/{repo}/referrers/{digest}"
+        path: str | None = first
+        listed: list[dict[str, object]] = []
+        left = max_bytes
         async with self._deadline():
-            try:
-                resp = await self._request(
-                    "GET", f"/v2/{repo}/referrers/{digest}", repo, "manifest", OCI_INDEX
-                )
-            except UpstreamError as exc:
-                if exc.upstream_status == 404:
-                    return None
-                raise
-            return await read_bounded(resp, max_bytes, too_big)
+            # The spec lets a registry page its answer (`Link: <...>; rel="next"`): the
+            # mirror caches the whole list, so it follows the pages (on this upstream,
+            # within the one size bound) rather than keep the first as if complete.
+            for page in range(REFERRERS_MAX_PAGES):
+                assert path is not None
+                try:
+                    resp = await self._request("GET", path, repo, "manifest", OCI_INDEX)
+                except UpstreamError as exc:
+                    if exc.upstream_status == 404 and page == 0:
+                        return None
+                    raise
+                body = await read_bounded(resp, left, too_big)
+                left -= len(body)
+                listed += referrers.descriptors(body)
+                path = self._next_page(resp.headers.get("link"), first)
+                if path is None:
+                    return referrers.index(listed)
+        raise UpstreamError("MANIFEST_INVALID", "referrers answer has too many pages", status=502)
+
+    def _next_page(self, link: str | None, first: str) -> str | None:
+        """The path of the next page of a referrers answer, or None at the end. A link
+        off this upstream or off this referrers list is refused, not followed."""
+        if not link:
+            return None
+        target, sep, rest = link.strip().partition(">")
+        if not sep or 'rel="next"' not in rest.replace(" ", ""):
+            return None
+        url = urlsplit(urljoin(self.url + first, target.lstrip().removeprefix("<")))
+        if (url.scheme, url.netloc) != self.origin or url.path != urlsplit(self.url + first).path:
+            raise UpstreamError(
+                "MANIFEST_INVALID", "referrers answer links off its own list", status=502
+            )
+        # The upstream's own query (its cursor), minus the `ns` that _request adds.
+        query = urlencode([(k, v) for k, v in parse_qsl(url.query) if k != "ns"])
+        return first + (f"?{query}" if query else "")
 
     # -- requests ---------------------------------------------------------------------
 
