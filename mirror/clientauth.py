@@ -40,6 +40,7 @@ import jwt
 
 from mirror.access import Access
 from mirror.config import Settings, StaticToken
+from mirror.errors import RegistryError
 from mirror.identity import Principal
 from mirror.metrics import Metrics
 
@@ -50,6 +51,10 @@ ALGORITHM = "HS256"
 # bcrypt costs ~50-250 ms of CPU per check: at most this many run at once, so a
 # password-guessing client cannot take every core.
 MAX_CONCURRENT_CHECKS = 2
+# Checks queued behind those: past this many, a login is answered 429 at once rather
+# than queued (a flood of bad logins would otherwise make every new user's first login
+# wait behind it; users already verified are never queued).
+MAX_WAITING_CHECKS = 64
 MAX_VERIFIED = 4096
 # A whole bcrypt entry (modular crypt format): anything else makes bcrypt.checkpw
 # raise, which would answer that user's every login with a 500.
@@ -270,6 +275,7 @@ class ClientAuth:
         self._verified: dict[tuple[str, bytes], bytes] = {}
         self._salt = secrets.token_bytes(16)
         self._checks = asyncio.Semaphore(MAX_CONCURRENT_CHECKS)
+        self._waiting = 0  # logins queued for a check
 
     @property
     def required(self) -> bool:
@@ -301,9 +307,22 @@ class ClientAuth:
         return "htpasswd", _fingerprint(entry)
 
     async def _bcrypt(self, password: str, entry: bytes) -> bool:
-        async with self._checks:
+        if self._checks.locked() and self._waiting >= MAX_WAITING_CHECKS:
+            raise RegistryError(
+                "TOOMANYREQUESTS",
+                "too many logins are being checked; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        self._waiting += 1
+        try:
+            await self._checks.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             secret = password.encode()[:_BCRYPT_MAX]
             return await asyncio.to_thread(bcrypt.checkpw, secret, entry)
+        finally:
+            self._checks.release()
 
     def _principal(self, user: str | None, address: str, extra: Iterable[str] = ()) -> Principal:
         groups = self.access.groups_of(user) | frozenset(extra) if user else frozenset()

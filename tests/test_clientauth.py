@@ -3,6 +3,7 @@ mirror's token realm, htpasswd, robot tokens, access rules (against the fake ups
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -14,7 +15,7 @@ import bcrypt
 import httpx
 import jwt
 import pytest
-from conftest import MirrorFactory
+from conftest import MirrorFactory, until
 from fakes.clock import Clock
 from fakes.upstream import FakeUpstream, sha256
 
@@ -417,3 +418,49 @@ async def test_per_client_limits_count_by_user_not_by_address(
         assert (await c.get("/v2/library/app/manifests/4", headers=bob)).status_code == 200
         # And alice's hits are never limited.
         assert (await c.get("/v2/library/app/manifests/1", headers=alice)).status_code == 200
+
+
+async def test_a_flood_of_logins_is_answered_429_past_the_queue(
+    upstream: tuple[FakeUpstream, str],
+    mirror: MirrorFactory,
+    users: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bcrypt runs two at a time; logins queued past the bound get 429 at once instead of
+    making every new user's first login wait behind a password-guessing flood."""
+    import threading
+
+    import mirror.clientauth as clientauth
+
+    monkeypatch.setattr(clientauth, "MAX_WAITING_CHECKS", 1)
+    release, started = threading.Event(), threading.Semaphore(0)
+    real_checkpw = bcrypt.checkpw
+
+    def held_checkpw(password: bytes, hashed: bytes) -> bool:
+        started.release()
+        release.wait(10)
+        return bool(real_checkpw(password, hashed))
+
+    monkeypatch.setattr(bcrypt, "checkpw", held_checkpw)
+    path = "/v2/library/app/manifests/1"
+    async with (
+        mirror(upstream[1], auth_htpasswd=users) as m,
+        httpx.AsyncClient(base_url=m.url, timeout=20) as c,
+    ):
+        running = [
+            asyncio.create_task(c.get(path, headers=basic("alice", f"guess{i}"))) for i in range(2)
+        ]
+        for _ in range(2):  # both checks are in bcrypt now
+            assert await asyncio.to_thread(started.acquire, True, 10)
+        queued = asyncio.create_task(c.get(path, headers=basic("bob", "guess")))
+        await until(lambda: m.app.state.components.auth._waiting == 1, "a queued login")
+        flooded = await c.get(path, headers=basic("bob", "another guess"))
+        assert flooded.status_code == 429
+        assert error_code(flooded) == "TOOMANYREQUESTS"
+        assert flooded.headers["retry-after"] == "1"
+        release.set()
+        answers = await asyncio.gather(*running, queued)
+        assert [a.status_code for a in answers] == [401, 401, 401]
+        # A right password after the flood is checked and accepted as usual.
+        ok = await c.get(path, headers=basic("alice", "wonderland"))
+        assert ok.status_code == 200
