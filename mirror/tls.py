@@ -269,8 +269,13 @@ def client_common_name(scope: Mapping[str, Any]) -> str | None:
     (the user name for client certificate authentication)."""
     tls = scope.get("extensions", {}).get("tls") or {}
     subject = tls.get("client_cert_name")
-    if not subject:
-        return None
+    return _common_name(subject) if subject else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _common_name(subject: str) -> str | None:
+    # Asked on every request of a connection (and a fleet's nodes present few distinct
+    # certificates): parsed once per subject, not once per request.
     names = x509.Name.from_rfc4514_string(subject).get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else None
     return value if isinstance(value, str) else None
