@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 from mirror.errors import AbortResponse, RegistryError, UpstreamError
+from mirror.filespan import FileSpan
 from mirror.reference import Digest
 from mirror.relay import Cursor, Relay
-from mirror.store import READ_CHUNK, BlobSource
+from mirror.store import READ_CHUNK, BlobSource, Chunk
 
 State = Literal["starting", "streaming", "verified", "committed", "failed"]
 
@@ -140,16 +141,16 @@ class BlobDownload:
         if self.spilled:
             self._relay.moved(self.written)
 
-    def _read_at(self, fd: int | None, pos: int, want: int) -> bytes:
-        """Up to `want` bytes at `pos`: from the file below `on_disk`, else the relay."""
+    def _read_at(self, fd: int | None, pos: int, want: int) -> Chunk:
+        """Up to `want` bytes at `pos`: a span of the file below `on_disk` (sent with
+        sendfile where the server can), else bytes from the relay."""
         chunk: bytes | None
         if pos < self.on_disk:
             assert fd is not None
-            chunk = os.pread(fd, min(want, self.on_disk - pos), pos)
-        else:
-            chunk = self._relay.read(pos, want)
-            if chunk is None:
-                raise AbortResponse(f"client fell behind the uncached relay of {self.digest}")
+            return FileSpan(fd, pos, min(want, self.on_disk - pos))
+        chunk = self._relay.read(pos, min(want, READ_CHUNK))
+        if chunk is None:
+            raise AbortResponse(f"client fell behind the uncached relay of {self.digest}")
         if not chunk:
             raise AbortResponse(f"download of {self.digest} shrank")
         return chunk
@@ -217,7 +218,7 @@ class DownloadBody:
         self._start = start
         self._end = end
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
         dl, cursor, end = self._reader._dl, self._reader._cursor, self._end
         pos = cursor.pos = self._start
         while True:
@@ -238,8 +239,8 @@ class DownloadBody:
                 if stop is None or readable >= stop:
                     readable -= 1
             if pos < readable:
-                chunk = dl._read_at(self._reader._fd, pos, min(READ_CHUNK, readable - pos))
-                pos = cursor.pos = pos + len(chunk)
+                chunk = dl._read_at(self._reader._fd, pos, readable - pos)
+                pos = cursor.pos = pos + (len(chunk) if isinstance(chunk, bytes) else chunk.count)
                 dl._moved()
                 yield chunk
                 continue

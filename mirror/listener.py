@@ -12,7 +12,8 @@ connections cost 379 MiB). Each connection here is held to:
 
 Each refusal is counted in `mirror_client_connections_refused_total{reason}`. Over
 TLS, each request's scope also carries the ASGI TLS extension (the verified client
-certificate's subject, for authentication).
+certificate's subject, for authentication); over plain HTTP, the zero-copy extension
+(`mirror.zerocopy`), which sends cached bytes with sendfile(2).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mirror import zerocopy
 from mirror.metrics import Metrics, RefusalReason
 from mirror.tls import tls_extension
 
@@ -153,7 +155,10 @@ class GuardedProtocol(HttpToolsProtocol):
             # A later head of a pipelined read: the parser turns this into a 400.
             self.limits.metrics.refused_connections.labels("headers_too_large").inc()
             raise HeadTooLarge
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle and self._tls is None:
+            zerocopy.offer(self.cycle, self.transport)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -1,8 +1,10 @@
 """The blob response: status, headers, and a body streamed to the client.
 
 It knows nothing of files or downloads: the body (`mirror.store.Body`) does, and is
-closed here whatever happens. It watches for client disconnects itself (uvicorn drops
-writes to a gone client silently), so a departed client stops reading at once; and a
+closed here whatever happens. What the body has on disk (`FileSpan`s) is sent with
+sendfile(2) where the server offers zero-copy (`mirror.zerocopy`), else read.
+It watches for client disconnects itself (uvicorn drops writes to a gone client
+silently), so a departed client stops reading at once; and a
 body that fails mid-way (`AbortResponse`) propagates, so the connection is cut
 instead of ending a short, "successful" body.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from mirror import zerocopy
 from mirror.store import Body
 
 
@@ -49,7 +52,8 @@ class BlobResponse(Response):
             if self._body is None:
                 await send({"type": "http.response.body", "body": b""})
                 return
-            stream = asyncio.ensure_future(self._stream(self._body, send))
+            zero_copy = zerocopy.EXTENSION in scope.get("extensions", {})
+            stream = asyncio.ensure_future(self._stream(self._body, send, zero_copy))
             watch = asyncio.ensure_future(_wait_disconnect(receive))
             try:
                 await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -65,11 +69,30 @@ class BlobResponse(Response):
             if self._body is not None:
                 await self._body.aclose()
 
-    async def _stream(self, body: Body, send: Send) -> None:
+    async def _stream(self, body: Body, send: Send, zero_copy: bool) -> None:
         async for chunk in body:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            self._on_chunk(len(chunk))
+            if isinstance(chunk, bytes):
+                await self._send(send, chunk)
+            elif zero_copy:
+                async for window in chunk.windows():
+                    await send(
+                        {
+                            "type": zerocopy.MESSAGE,
+                            "file": window,
+                            "offset": window.offset,
+                            "count": window.count,
+                            "more_body": True,
+                        }
+                    )
+                    self._on_chunk(window.count)
+            else:
+                async for piece in chunk.pieces():
+                    await self._send(send, piece)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send(self, send: Send, chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        self._on_chunk(len(chunk))
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -16,14 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mirror.filespan import READ_CHUNK as READ_CHUNK  # where the body readers find it
+from mirror.filespan import FileSpan
 from mirror.metrics import CacheUsage
 from mirror.reference import Digest
-
-# 256 KiB per read and send: each stream holds about two chunks (ours, plus the
-# transport's copy of what the socket did not take yet), so 64 streams of 1 GiB peaked
-# at ~111 MiB RSS with 256 KiB vs ~265 MiB with 1 MiB, at the same throughput
-# (docs/benchmarks.md).
-READ_CHUNK = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +97,15 @@ class Stats:
         )
 
 
+# What a body yields: bytes in memory, or a span of an open file (sent with sendfile).
+Chunk = bytes | FileSpan
+
+
 class Body(Protocol):
     """A blob body being streamed: chunks, then `aclose()` releases what it holds
     (a file descriptor, a reader's place in a download) whether or not it finished."""
 
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
 
     async def aclose(self) -> None: ...
 

@@ -16,6 +16,7 @@ from fakes.upstream import FakeUpstream, Fault
 
 from mirror.diskstore import DiskStore
 from mirror.errors import RegistryError, UpstreamError
+from mirror.filespan import as_bytes
 from mirror.freshness import Freshness
 from mirror.mediatypes import AcceptSet
 from mirror.metrics import Metrics
@@ -63,7 +64,7 @@ async def setup(fake: tuple[FakeUpstream, str], tmp_path: Path) -> AsyncIterator
 async def _read(blob: Blob) -> bytes:
     assert blob.body is not None
     try:
-        return b"".join([chunk async for chunk in blob.body])
+        return b"".join([chunk async for chunk in as_bytes(blob.body)])
     finally:
         await blob.body.aclose()
 

@@ -25,6 +25,7 @@ from mirror import scopes
 from mirror.diskstore import DiskStore
 from mirror.errors import RegistryError
 from mirror.eviction import Evictor
+from mirror.filespan import as_bytes
 from mirror.freshness import Freshness
 from mirror.mediatypes import AcceptSet
 from mirror.metrics import Metrics
@@ -174,7 +175,7 @@ async def proxy(
 async def _body(blob: Any) -> bytes:
     assert blob.body is not None
     try:
-        return b"".join([chunk async for chunk in blob.body])
+        return b"".join([chunk async for chunk in as_bytes(blob.body)])
     finally:
         await blob.body.aclose()
 

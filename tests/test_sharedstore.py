@@ -16,6 +16,7 @@ from harness.redisserver import RedisServer
 from harness.rgw import RadosGateway
 
 from mirror.diskstore import DiskBlob, DiskStore
+from mirror.filespan import as_bytes
 from mirror.metrics import Metrics
 from mirror.objects import Objects
 from mirror.redisindex import RedisIndex
@@ -77,7 +78,7 @@ async def _put_blob(store: SharedStore, data: bytes) -> Digest:
 async def _read(blob: DiskBlob | ObjectBlob, start: int = 0, end: int | None = None) -> bytes:
     body = blob.body(start, end)
     try:
-        return b"".join([chunk async for chunk in body])
+        return b"".join([chunk async for chunk in as_bytes(body)])
     finally:
         await body.aclose()
 

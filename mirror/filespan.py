@@ -1,0 +1,136 @@
+"""Bytes of an open file, handed to the response instead of being read into memory.
+
+A blob body yields `FileSpan`s for what is on disk (a cached blob, the part of a
+download already written) and `bytes` for what is only in memory (a relay). The
+response sends a span with sendfile(2) where the server offers it (`mirror.zerocopy`),
+so hits and download followers cost no copy through Python; elsewhere (TLS, an ASGI
+test client) it is read in `READ_CHUNK` pieces.
+
+Either way the event loop never waits for the disk: before a window of a span is
+sent, two non-blocking probes (`preadv2(RWF_NOWAIT)` of its first and last byte) ask
+whether it is in the page cache. A window that is not is read into the page cache by a
+worker thread first; a warm window costs the two probes and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterable, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from mirror.errors import AbortResponse
+
+# Bytes per read (no zero-copy) and per sendfile message: each stream holds about two
+# chunks in memory (ours, plus the transport's copy of what the socket did not take
+# yet), so 64 streams of 1 GiB peaked at ~111 MiB RSS with 256 KiB vs ~265 MiB with
+# 1 MiB, at the same throughput (docs/benchmarks.md).
+READ_CHUNK = 256 << 10
+# Bytes per sendfile message: the residency probes and the byte counters run once
+# per window. Larger windows cost nothing in memory (the kernel moves the bytes).
+SEND_WINDOW = 8 << 20
+# Cold windows are faulted in by these threads, so a slow disk holds threads, never
+# the loop. Reads of one cold window each: enough for 16 cold streams at once.
+DISK_THREADS = 16
+FAULT_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpan:
+    """`count` bytes of the open file `fd` from `offset`. The descriptor stays open
+    for as long as the body that yielded the span (its owner closes it)."""
+
+    fd: int
+    offset: int
+    count: int
+
+    def fileno(self) -> int:
+        return self.fd  # the ASGI zerocopysend message's "file" needs a fileno()
+
+    async def windows(self) -> AsyncIterator[FileSpan]:
+        """The span in windows of at most SEND_WINDOW bytes, each resident when given."""
+        pos, end = self.offset, self.offset + self.count
+        while pos < end:
+            window = FileSpan(self.fd, pos, min(SEND_WINDOW, end - pos))
+            await window.resident()
+            yield window
+            pos += window.count
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The span's bytes, read in READ_CHUNK pieces (no zero-copy available)."""
+        async for window in self.windows():
+            pos, end = window.offset, window.offset + window.count
+            while pos < end:
+                chunk = os.pread(self.fd, min(READ_CHUNK, end - pos), pos)
+                if not chunk:
+                    raise AbortResponse(f"file shorter than expected ({pos} < {end})")
+                pos += len(chunk)
+                yield chunk
+
+    async def resident(self) -> None:
+        """Return once the span's bytes are (very likely) in the page cache."""
+        if _cached(self.fd, self.offset) and _cached(self.fd, self.offset + self.count - 1):
+            return
+        await asyncio.get_running_loop().run_in_executor(
+            _disk_threads(), _fault_in, self.fd, self.offset, self.count
+        )
+
+
+_probe = bytearray(1)  # the loop's thread only
+_probing = True  # False once the kernel or filesystem refused RWF_NOWAIT
+
+
+def _cached(fd: int, pos: int) -> bool:
+    """Whether the page holding byte `pos` is in the page cache, without blocking."""
+    global _probing
+    if not _probing:
+        return True
+    try:
+        os.preadv(fd, [_probe], pos, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        # EOPNOTSUPP/EINVAL (a filesystem without it, an old kernel): read in the loop
+        # as before; a bad descriptor shows up in the read itself.
+        _probing = False
+    return True
+
+
+_local = threading.local()
+
+
+def _fault_in(fd: int, offset: int, count: int) -> None:
+    """Read [offset, offset+count) once, so the loop's sendfile (or pread) finds it
+    in the page cache. The copy into a scratch buffer is the price of a cold page."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(FAULT_CHUNK)
+    view = memoryview(buf)
+    pos, end = offset, offset + count
+    while pos < end:
+        n = os.preadv(fd, [view[: min(FAULT_CHUNK, end - pos)]], pos)
+        if n <= 0:
+            return  # shorter than expected: the send itself reports it
+        pos += n
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _disk_threads() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="disk-read")
+    return _executor
+
+
+async def as_bytes(chunks: AsyncIterable[bytes | FileSpan]) -> AsyncIterator[bytes]:
+    """A body's chunks as bytes: spans read in READ_CHUNK pieces."""
+    async for chunk in chunks:
+        if isinstance(chunk, FileSpan):
+            async for piece in chunk.pieces():
+                yield piece
+        else:
+            yield chunk
