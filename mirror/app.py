@@ -42,6 +42,9 @@ def create_app(
         try:
             if recover:
                 log_recovery(built.store.recover())
+            else:
+                # The usage totals another process's recovery would have set.
+                built.store.reconcile(built.store.scan())
             collector = metrics.watch_cache(
                 built.store.usage, settings.max_size, settings.cache_dir
             )
