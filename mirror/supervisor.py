@@ -76,11 +76,16 @@ class Supervisor:
         sock: socket.socket,
         admin_sock: socket.socket | None,
     ) -> None:
-        self.settings = settings
+        # As a plain Settings: a --config file makes an instance of a class built at
+        # run time (mirror.loading), which pickle cannot name for the workers.
+        self.settings = Settings.model_construct(
+            _fields_set=settings.model_fields_set, **dict(settings)
+        )
         self.sock = sock
         self.admin_sock = admin_sock
         self.slots = [_Slot(i) for i in range(1, count + 1)]
         self.stopping = False
+        self._serving = False  # worker 1 was ready once: from then on, deaths restart
         self._signals = 0
         self._ctx = multiprocessing.get_context("spawn")
         self._wake_r, self._wake_w = socket.socketpair()
@@ -128,6 +133,9 @@ class Supervisor:
         slot.process, slot.ready = process, reader
         slot.started_at = time.monotonic()
         slot.restart_at = None
+        if self.stopping and process.pid is not None:
+            # The signal came while this one was being spawned: it was not told.
+            os.kill(process.pid, signal.SIGTERM)
 
     def _reap(self, slot: _Slot) -> None:
         process = slot.process
@@ -141,8 +149,8 @@ class Supervisor:
         from prometheus_client.multiprocess import mark_process_dead
 
         mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
-        if self.stopping:
-            return
+        if self.stopping or not self._serving:
+            return  # a stop, or a start-up failure (`_run` says so and stops)
         lived = time.monotonic() - slot.started_at
         slot.failures = 0 if lived >= STABLE_AFTER else slot.failures + 1
         delay = min(FIRST_BACKOFF * 2 ** max(0, slot.failures - 1), MAX_BACKOFF)
@@ -219,6 +227,7 @@ class Supervisor:
         if first.process is None and not self.stopping:
             log.error("worker 1 %s before it was ready: stopping", _how(first.exit_codes[-1]))
             return STARTUP_FAILURE
+        self._serving = True
         for slot in self.slots[1:]:
             if not self.stopping:
                 self._start(slot, recover=False)

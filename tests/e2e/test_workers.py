@@ -185,6 +185,20 @@ async def test_sigterm_drains_a_blob_in_flight_and_the_group_exits_0(tmp_path: P
     assert not any((mirror.cache_dir / "tmp").iterdir())
 
 
+def test_workers_from_a_config_file(tmp_path: Path) -> None:
+    # The settings of a --config file travel to the workers too (they are pickled).
+    config = tmp_path / "mirror.yaml"
+    config.write_text("workers: 2\nlog_format: json\n")
+    env = {"MIRROR_CONFIG": str(config)}
+    with MirrorProcess(tmp_path / "m", "http://127.0.0.1:1", env=env) as mirror:
+        wait_for_log(mirror, r"worker 2 ready")
+        assert sorted(mirror.worker_pids()) == [1, 2]
+        assert httpx.get(mirror.url + "/v2/", timeout=10).status_code == 200
+        code = mirror.terminate()
+    assert code == 0, mirror.log_tail()
+    assert '"worker": 2' in mirror.log()
+
+
 async def test_sigterm_during_start_up_stops_the_group_with_0(tmp_path: Path) -> None:
     # Started by hand: the signal comes before the group is ready, which start() awaits.
     mirror = MirrorProcess(tmp_path / "m", "http://127.0.0.1:1", workers=2)

@@ -67,7 +67,7 @@ class MirrorProcess(Daemon):
 
     def worker_pids(self) -> dict[int, int]:
         """Worker index -> pid of its latest start, from the supervisor's log lines."""
-        found = re.findall(r"mirror\.supervisor: worker (\d+) ready \(pid (\d+)\)", self.log())
+        found = re.findall(r"worker (\d+) ready \(pid (\d+)\)", self.log())
         return {int(index): int(pid) for index, pid in found}
 
     def environment(self) -> dict[str, str]:
