@@ -594,3 +594,15 @@ def test_workers_with_the_shared_store_is_refused_in_one_line(
         "Error: invalid settings: store s3 runs one worker per replica: set workers: 1 and "
         "run more replicas"
     ]
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch, no_mirror_env: None
+) -> None:
+    import mirror.cpus
+    from mirror.cli import _worker_count
+    from mirror.config import Settings
+
+    monkeypatch.setattr(mirror.cpus, "available_cpus", lambda: 3)
+    assert _worker_count(Settings(workers="auto")) == 3
+    assert _worker_count(Settings(workers=2)) == 2
