@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -16,12 +17,22 @@ from mirror.errors import install_handlers
 from mirror.metrics import Metrics
 from mirror.middleware import ObserveMiddleware
 from mirror.routes import peer, router
+from mirror.store import Recovery
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> FastAPI:
-    metrics = Metrics()
+def create_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    multiprocess_dir: Path | None = None,
+    recover: bool = True,
+) -> FastAPI:
+    """`multiprocess_dir` and `recover=False` for a worker of several (mirror.supervisor):
+    its metrics go to the group's files, and the supervisor recovered the cache once
+    before any worker started (a worker doing it would delete the others' downloads)."""
+    metrics = Metrics(multiprocess_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,16 +40,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         collector = None
         eviction = None
         try:
-            report = built.store.recover()
-            log.info(
-                "cache recovered in %.2f s: %d blobs; removed %d temp files and %d orphan "
-                "files, dropped %d entries without files",
-                report.seconds,
-                report.blobs,
-                report.temp_removed,
-                report.orphan_files_removed,
-                report.entries_dropped,
-            )
+            if recover:
+                log_recovery(built.store.recover())
+            else:
+                # The usage totals another process's recovery would have set.
+                built.store.reconcile(built.store.scan())
             collector = metrics.watch_cache(
                 built.store.usage, settings.max_size, settings.cache_dir
             )
@@ -66,7 +72,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 await asyncio.gather(eviction, return_exceptions=True)
             await built.aclose()
             if collector is not None:
-                metrics.registry.unregister(collector)
+                metrics.unwatch(collector)
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
@@ -78,6 +84,18 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     install_handlers(app)
     app.add_middleware(ObserveMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
+
+
+def log_recovery(report: Recovery) -> None:
+    log.info(
+        "cache recovered in %.2f s: %d blobs; removed %d temp files and %d orphan "
+        "files, dropped %d entries without files",
+        report.seconds,
+        report.blobs,
+        report.temp_removed,
+        report.orphan_files_removed,
+        report.entries_dropped,
+    )
 
 
 def create_admin_app(app: FastAPI) -> FastAPI:

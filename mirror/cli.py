@@ -92,6 +92,11 @@ def main() -> None:
 )
 @click.option("--tls-key-file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--admin-listen", help="HOST:PORT for /metrics and probes (plain HTTP).")
+@click.option(
+    "--workers",
+    help="Processes serving the listener: a number, or auto (the CPUs this process may "
+    "use) [default: 1].",
+)
 def serve(
     config_file: Path | None,
     listen: str | None,
@@ -101,6 +106,7 @@ def serve(
     tls_cert_file: Path | None,
     tls_key_file: Path | None,
     admin_listen: str | None,
+    workers: str | None,
 ) -> None:
     """Run the mirror. Credentials: MIRROR_UPSTREAM_USERNAME / MIRROR_UPSTREAM_PASSWORD."""
     from mirror.app import create_app
@@ -118,6 +124,7 @@ def serve(
         tls_cert_file=tls_cert_file,
         tls_key_file=tls_key_file,
         admin_listen=admin_listen,
+        workers=workers,
     )
     try:
         check_usable(settings)
@@ -134,8 +141,23 @@ def serve(
             sock.close()
             raise
     configure_logging(settings.log_level, settings.log_format)
+    count = _worker_count(settings)
+    if count > 1:
+        from mirror.supervisor import Supervisor
+
+        raise SystemExit(Supervisor(settings, count, sock, admin_sock).run())
     tune_malloc()
     serve_app(create_app(settings), settings, sock, admin_sock=admin_sock, tls=tls)
+
+
+def _worker_count(settings: Settings) -> int:
+    if settings.workers != "auto":
+        return settings.workers
+    from mirror.cpus import available_cpus
+
+    count = available_cpus()
+    click.echo(f"workers: auto = {count} (CPUs this process may use)", err=True)
+    return count
 
 
 def _bind(listen: str, option: str) -> socket.socket:

@@ -322,6 +322,10 @@ class Settings(BaseSettings):
     # On SIGTERM, responses in flight get this long to finish (keep it below the
     # orchestrator's grace period: Kubernetes' default is 30 s).
     shutdown_timeout: Duration = Field(default=25.0, ge=0)
+    # Processes serving the one listener on the one cache directory (README, "Workers");
+    # `auto`: the CPUs this process may use (affinity and cgroup quota). 1: one process,
+    # no supervisor, as a laptop or a CPU-limited DaemonSet pod wants.
+    workers: int | Literal["auto"] = 1
     # The listener's guard (mirror/listener.py): open client connections, the time a
     # client has to send a request head, and that head's size.
     max_connections: int = Field(default=4096, ge=1)
@@ -426,6 +430,22 @@ class Settings(BaseSettings):
             raise ValueError("l1_max_size needs a size, e.g. 20GiB (0: no local copies)")
         return size
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | str:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value == "auto":
+                return "auto"
+            if value.isascii() and value.isdigit():
+                value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+            raise ValueError(
+                f"workers is a number of processes from 1 to 1024, or auto; got {value!r}"
+            )
+        workers: int = value
+        return workers
+
     @field_validator("s3_endpoint", "peer_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
@@ -435,6 +455,12 @@ class Settings(BaseSettings):
     def _shared_store(self) -> Settings:
         if self.store != "s3":
             return self
+        if self.workers != 1:
+            # A worker's peer endpoint would need an address of its own: on the shared
+            # listener, a peer's request reaches any worker, not the one downloading.
+            raise ValueError(
+                "store s3 runs one worker per replica: set workers: 1 and run more replicas"
+            )
         missing = [
             name
             for name, value in (

@@ -24,6 +24,7 @@ access_log = logging.getLogger("mirror.access")
 # A client's id is kept if it is short and plain, so it can go into headers and logs.
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s [worker %(worker)s] %(name)s: %(message)s"
 
 
 @dataclass(slots=True)
@@ -90,6 +91,16 @@ def log_access(record: RequestLog, duration: float) -> None:
     access_log.info(message, extra={"access": fields})
 
 
+class _WorkerFilter(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._worker
+        return True
+
+
 class _JsonFormatter(JsonFormatter):
     def add_fields(
         self,
@@ -103,18 +114,24 @@ class _JsonFormatter(JsonFormatter):
             log_data.update(access)
 
 
-def configure(level: str, fmt: str) -> None:
-    """Root logging for `mirror serve`: one line per record on stderr."""
+def configure(level: str, fmt: str, worker: int | None = None) -> None:
+    """Root logging for `mirror serve`: one line per record on stderr. A worker of
+    several (`workers`) names itself in each line: `[worker 2]`, or `"worker": 2`."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(
             _JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                "%(asctime)s %(levelname)s %(name)s %(message)s"
+                + (" %(worker)s" if worker is not None else ""),
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )
+    elif worker is not None:
+        handler.setFormatter(logging.Formatter(WORKER_TEXT_FORMAT))
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    if worker is not None:
+        handler.addFilter(_WorkerFilter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

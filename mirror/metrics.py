@@ -3,6 +3,13 @@
 Names carry the `mirror_` prefix and unit suffixes; labels are route templates and
 small closed sets, never raw paths or repository names (unbounded cardinality).
 Each app gets its own CollectorRegistry so tests and embedded apps never collide.
+
+With `workers` > 1 (mirror.supervisor), every worker writes its values to files in a
+shared directory (prometheus_client's multiprocess mode, chosen by the environment
+before prometheus_client is first imported) and /metrics, answered by any worker,
+renders the whole group from those files: counters and histograms summed, each gauge
+by its `multiprocess_mode`. What is not a per-process value (the build, the cache's
+size read from the store at scrape time) is rendered once, by the worker answering.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from mirror import __version__
@@ -99,11 +108,23 @@ REQUEST_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
         # No `*_created` series: they double the series count for a timestamp that
         # `process_start_time_seconds` already gives (process-wide in the library).
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        # Where the metric objects live; `exposition` is what /metrics renders: the same
+        # registry in one process, the group's files plus the once-only collectors in a
+        # worker of several.
         self.registry = CollectorRegistry(auto_describe=True)
+        self.exposition = self.registry
+        if multiprocess_dir is not None:
+            if values.ValueClass.__name__ != "MmapedValue":
+                # Values kept in memory would make /metrics show a random worker's share.
+                raise RuntimeError(
+                    "PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported"
+                )
+            self.exposition = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self.exposition, str(multiprocess_dir))  # type: ignore[no-untyped-call]
         r = self.registry
         self.requests = Counter(
             "mirror_http_requests",
@@ -167,6 +188,7 @@ class Metrics:
         self.downloads_in_flight = Gauge(
             "mirror_downloads_in_flight",
             "Blob downloads from upstream in progress.",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.digest_mismatches = Counter(
@@ -211,6 +233,7 @@ class Metrics:
             "mirror_tls_certificate_expiry_seconds",
             "notAfter of the certificate the listener serves, as Unix time.",
             ["listener"],
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.client_throttled = Counter(
@@ -249,18 +272,21 @@ class Metrics:
             "mirror_upstream_ratelimit_limit",
             "Pull rate limit the upstream announced (Docker Hub ratelimit-limit).",
             ["upstream"],
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.ratelimit_remaining = Gauge(
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's window (Docker Hub ratelimit-remaining).",
             ["upstream"],
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.ratelimit_window = Gauge(
             "mirror_upstream_ratelimit_window_seconds",
             "Length of the upstream's rate-limit window.",
             ["upstream"],
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.tier_hits = Counter(
@@ -291,6 +317,7 @@ class Metrics:
             "mirror_shared_degraded",
             "1 while a shared dependency is unreachable, by dependency (redis, s3).",
             ["dependency"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.leases = Counter(
@@ -303,6 +330,7 @@ class Metrics:
         self.leases_held = Gauge(
             "mirror_download_leases_held",
             "Cluster download leases this replica holds now.",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.peer_bytes = Counter(
@@ -329,9 +357,14 @@ class Metrics:
             "mirror_tier_state",
             "A tier's circuit: 0 closed (used), 1 open (skipped), 2 half-open (one trial).",
             ["upstream", "tier"],
+            multiprocess_mode="livemax",
             registry=r,
         )
-        self.build_info = Info("mirror_build", "Version of mirror and Python.", registry=r)
+        # An Info has no multiprocess form: it is the same in every worker, so it is
+        # rendered once, by the worker answering the scrape.
+        self.build_info = Info(
+            "mirror_build", "Version of mirror and Python.", registry=self.exposition
+        )
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Initialise label values so dashboards see zeros instead of gaps.
         for route in ROUTES:
@@ -399,8 +432,12 @@ class Metrics:
     ) -> Collector:
         """Export the cache's size and its file system's space, read at scrape time."""
         collector = _CacheCollector(usage, limit, root)
-        self.registry.register(collector)
+        # Once per scrape, not once per worker: every worker reads the same store.
+        self.exposition.register(collector)
         return collector
+
+    def unwatch(self, collector: Collector) -> None:
+        self.exposition.unregister(collector)
 
     def upstream_request(
         self, upstream: str, kind: UpstreamKind, status: str, seconds: float
@@ -422,7 +459,7 @@ class Metrics:
                     self.ratelimit_window.labels(upstream).set(window)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposition)
 
 
 def parse_rate_limit(value: str | None) -> tuple[int, int | None] | None:

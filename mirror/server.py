@@ -9,6 +9,9 @@ process would "die" of the signal (exit 143) and look like a crash.
 With `admin_listen`, a second uvicorn server in the same event loop serves the probes
 and /metrics; it stops when the registry server has. With TLS, the registry server
 uses the context of `mirror.tls`, which a task in the same loop keeps fresh.
+
+A worker of several (`workers`, mirror.supervisor) runs the same, on sockets its
+supervisor bound, with a task beside the servers that reports to the supervisor.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -34,6 +38,18 @@ class GracefulServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and not self.should_exit:
             self.should_exit = True  # a clean stop, not re-raised; a second one forces
+            return
+        super().handle_exit(sig, frame)
+
+
+class WorkerServer(GracefulServer):
+    """A worker's server: its supervisor decides when the group stops. A ^C in a
+    terminal reaches every process of the group, and the supervisor turns it into one
+    SIGTERM per worker: the worker's own SIGINT would be a second signal, which forces
+    the exit instead of draining."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT:
             return
         super().handle_exit(sig, frame)
 
@@ -115,28 +131,48 @@ def serve_app(
     *,
     admin_sock: socket.socket | None = None,
     tls: ServerTLS | None = None,
-) -> None:
+    supervised: Callable[[uvicorn.Server], Coroutine[Any, Any, None]] | None = None,
+    admin_after_start: bool = False,
+) -> bool:
+    """Serve until stopped; whether the server had started (False: start-up failed).
+    `supervised`: a worker's link to its supervisor, run beside the servers;
+    `admin_after_start`: the admin listener accepts only once the registry one does."""
     metrics: Metrics = app.state.metrics
-    server = GracefulServer(uvicorn_config(app, settings, metrics, tls))
+    server_class = GracefulServer if supervised is None else WorkerServer
+    server = server_class(uvicorn_config(app, settings, metrics, tls))
     admin = None if admin_sock is None else AdminServer(admin_config(app, settings, metrics))
+
+    async def serve_admin(admin: AdminServer, admin_sock: socket.socket) -> None:
+        # uvicorn has no "started" event to await: its flag is polled, briefly.
+        while admin_after_start and not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.02)
+        await admin.serve(sockets=[admin_sock])
 
     async def serve() -> None:
         beside: list[asyncio.Task[None]] = []
         if admin is not None and admin_sock is not None:
-            beside.append(asyncio.create_task(admin.serve(sockets=[admin_sock])))
+            beside.append(asyncio.create_task(serve_admin(admin, admin_sock)))
         reload = None
         if tls is not None:
             reload = asyncio.create_task(tls.keep_fresh(metrics, settings.tls_reload_interval))
             beside.append(reload)
+        link: asyncio.Task[None] | None = None
+        if supervised is not None:
+            link = asyncio.create_task(supervised(server))
+            beside.append(link)
         try:
             await server.serve(sockets=[sock])
         finally:
             if admin is not None:
                 admin.should_exit = True  # it drains its own (short) requests first
-            if reload is not None:
-                reload.cancel()
+            for task in (reload, link):
+                if task is not None:
+                    task.cancel()
             await asyncio.gather(*beside, return_exceptions=True)
 
     # As uvicorn's Server.run, with the same loop (uvloop when installed).
     with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
         runner.run(serve())
+    return server.started

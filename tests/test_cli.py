@@ -557,3 +557,52 @@ def test_a_corrupt_index_is_refused_without_creating_anything(
     assert code == 2
     assert f"Error: cannot open the cache at {tmp_path}: " in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        pytest.param(["--workers", "0"], {}, id="zero"),
+        pytest.param(["--workers", "two"], {}, id="word"),
+        pytest.param([], {"MIRROR_WORKERS": "-1"}, id="env-negative"),
+    ],
+)
+def test_a_bad_workers_value_is_one_clear_line(
+    tmp_path: Path, no_mirror_env: None, args: list[str], env: dict[str, str]
+) -> None:
+    result = CliRunner().invoke(main, ["serve", "--cache-dir", str(tmp_path), *args], env=env)
+    assert result.exit_code == 2
+    problem = result.output.strip().splitlines()
+    assert len(problem) == 1, result.output
+    assert "workers is a number of processes from 1 to 1024, or auto" in problem[0]
+
+
+def test_workers_with_the_shared_store_is_refused_in_one_line(
+    tmp_path: Path, no_mirror_env: None
+) -> None:
+    env = {
+        "MIRROR_STORE": "s3",
+        "MIRROR_S3_BUCKET": "b",
+        "MIRROR_REDIS_URL": "redis://127.0.0.1:1",
+        "MIRROR_PEER_URL": "http://127.0.0.1:5000",
+        "MIRROR_PEER_SECRET": "x" * 16,
+    }
+    cmd = ["serve", "--cache-dir", str(tmp_path), "--workers", "2"]
+    result = CliRunner().invoke(main, cmd, env=env)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: invalid settings: store s3 runs one worker per replica: set workers: 1 and "
+        "run more replicas"
+    ]
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch, no_mirror_env: None
+) -> None:
+    import mirror.cpus
+    from mirror.cli import _worker_count
+    from mirror.config import Settings
+
+    monkeypatch.setattr(mirror.cpus, "available_cpus", lambda: 3)
+    assert _worker_count(Settings(workers="auto")) == 3
+    assert _worker_count(Settings(workers=2)) == 2

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from pathlib import Path
 
 import httpx
+import pytest
 from conftest import MirrorFactory, get_when_cached, until
 from fakes.upstream import FakeUpstream, Fault
+
+from mirror.metrics import Metrics
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 
@@ -100,3 +104,10 @@ def test_no_created_series_are_exported() -> None:
     from mirror.metrics import Metrics
 
     assert b"_created" not in Metrics().render()
+
+
+def test_multiprocess_metrics_refuse_values_kept_in_memory(tmp_path: Path) -> None:
+    # prometheus_client chose its in-memory values at import (no PROMETHEUS_MULTIPROC_DIR
+    # in the tests' environment): /metrics would show one worker's share, so refuse.
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
+        Metrics(multiprocess_dir=tmp_path)

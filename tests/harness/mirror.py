@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,8 +34,10 @@ class MirrorProcess(Daemon):
         env: dict[str, str] | None = None,
         port: int | None = None,
         argv: list[str] | None = None,
+        workers: int | str | None = None,
     ) -> None:
         super().__init__(workdir, "mirror.log")
+        self.workers = workers  # `--workers`; None: the setting's default (one process)
         self.upstream = upstream
         self.cache_dir = cache_dir or self.workdir / "cache"
         self.port = port or free_port()
@@ -58,7 +61,14 @@ class MirrorProcess(Daemon):
         cmd += ["--cache-dir", str(self.cache_dir)]
         if self.upstream is not None:  # else `upstreams` come from env or a config file
             cmd += ["--upstream", self.upstream]
+        if self.workers is not None:
+            cmd += ["--workers", str(self.workers)]
         return cmd
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker index -> pid of its latest start, from the supervisor's log lines."""
+        found = re.findall(r"worker (\d+) ready \(pid (\d+)\)", self.log())
+        return {int(index): int(pid) for index, pid in found}
 
     def environment(self) -> dict[str, str]:
         # The developer's own MIRROR_* settings must not leak into a test's mirror;
@@ -73,6 +83,12 @@ class MirrorProcess(Daemon):
     def check_ready(self) -> None:
         # Not /v2/: with client authentication on, it answers 401.
         expect_status(self.url + "/readyz", 200)
+        self.check_workers()
+
+    def check_workers(self) -> None:
+        """The group serves once one worker does; a test wants all of them."""
+        if isinstance(self.workers, int) and len(self.worker_pids()) < self.workers:
+            raise NotReady(f"{len(self.worker_pids())} of {self.workers} workers ready")
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send `sig` and wait for the process to exit by itself; its exit code."""
