@@ -51,6 +51,13 @@ def test_a_measured_goal_shows_its_value_and_the_figures_behind_it() -> None:
     ]
 
 
+def test_a_goal_in_units_shows_its_threshold_with_one_decimal_below_ten() -> None:
+    assert Goal("cpu", "\u2264", 1.0, "CPU-s/GB", 1.94).cells()[1:3] == [
+        "\u2264 1.0 CPU-s/GB",
+        "1.94 CPU-s/GB",
+    ]
+
+
 def _bench(tables: list[Table], notes: dict[str, str] | None = None) -> Bench:
     """A Bench with only what the goals read: its args, tables and step notes."""
     bench = object.__new__(Bench)

@@ -97,8 +97,8 @@ def cold_disk_latency(bench: Bench) -> None:
     bench.tables.append(
         Table(
             KEY,
-            f"Manifest by digest, latency while {n} clients read {n} distinct cached "
-            f"{mib} MiB blobs that are not in the page cache (ours only)",
+            f"Manifest latency while {n} clients read {n} distinct cached {mib} MiB blobs "
+            "not in the page cache (ours)",
             [
                 ours_only("p50 latency, ms", pct(kept, 50) * 1000),
                 Row("p99 latency, ms", None, p99, ratio=False, target="< 50 ms"),

@@ -31,7 +31,8 @@ class Goal:
     def goal(self) -> str:
         if self.unit == "\u00d7":
             return f"{self.op} {self.threshold:.1f}\u00d7"
-        return f"{self.op} {self.threshold:g} {self.unit}"
+        number = f"{self.threshold:.1f}" if self.threshold < 10 else f"{self.threshold:g}"
+        return f"{self.op} {number} {self.unit}"
 
     @property
     def met(self) -> bool | None:

@@ -159,10 +159,11 @@ def goals_plot(bench: Bench, out_dir: Path) -> Path:
             ax.set_yticks([])
             continue
         color = "#2a9d4b" if g.met else "#d33"
-        rect = ax.bar([0], [g.value], 0.5, color=color)
+        # The bar on the left half, the goal's label on the right: they never overlap.
+        rect = ax.bar([-0.25], [g.value], 0.4, color=color)
         ax.bar_label(rect, labels=[f"{g.value:.2f}"], fontsize=8, padding=2)
         ax.axhline(g.threshold, color="#333", linestyle="--", linewidth=1)
-        ax.text(0.42, g.threshold, f" goal {g.goal}", fontsize=7, va="bottom", ha="right")
+        ax.text(0.02, g.threshold, f"goal {g.goal}", fontsize=7, va="bottom", ha="left")
         ax.set_xlim(-0.6, 0.6)
         ax.set_ylim(0, max(g.value, g.threshold) * 1.3)
         ax.set_ylabel(g.unit, fontsize=7)
