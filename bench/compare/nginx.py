@@ -93,8 +93,9 @@ http {{
             proxy_cache_lock_timeout 1h;
             proxy_cache_lock_age 1h;
             # A storage driver that redirects blob GETs (S3): follow it here and cache
-            # the target's answer under the blob's URI. The filesystem driver used
-            # by this bench answers 200 itself.
+            # the target's answer under the blob's URI (a target named by host name
+            # would also need a `resolver`). The filesystem driver used by this bench
+            # answers 200 itself, so this path is not exercised here.
             proxy_intercept_errors on;
             error_page 301 302 307 = @redirected;
         }}
