@@ -113,9 +113,10 @@ def cold_disk_latency(bench: Bench) -> None:
                 "the page cache was "
                 + (why or "dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`)")
                 + " after the blobs were cached and before they were read; the clients "
-                "count bytes only; the probe is the one of the latency table below (one "
-                "keep-alive connection, sequential GETs); 'read from disk' is read_bytes "
+                "count bytes only; the probe is the manifest-by-digest latency table's "
+                "(one keep-alive connection, sequential GETs); 'read from disk' is read_bytes "
                 "of /proc/PID/io, what the mirror's reads made the block layer fetch"
             ],
+            ("metric", "Distribution proxy (not run)", "ours", "ours / ref", "target"),
         )
     )
