@@ -45,7 +45,7 @@ unit: install
 	$(BIN)/pytest -m "not e2e"
 
 ## Measurements (results in docs/benchmarks.md): side by side with Distribution's
-## proxy mode (rewrites its section and plots), upstream read path, pull times,
+## proxy mode and nginx (rewrites its section and plots), upstream read path, pull times,
 ## replicas on S3 + Redis (as root: it runs Ceph; rewrites its tables), a fleet
 ## rollout through mirror tiers (20 and 50 edges, about 4 minutes; rewrites its tables),
 ## and what client authentication costs on the hit path.

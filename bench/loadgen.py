@@ -2,7 +2,8 @@
 
 - `fetch_blobs`: N concurrent GETs of one blob, one thread and one raw socket each,
   `recv_into` a reused 1 MiB buffer and hashlib on each piece (both release the GIL, so
-  the threads use every core). Every body's sha256 is checked.
+  the threads use every core). Every body's sha256 is checked, unless the clients only
+  count bytes (`verify=False`, like curl): then the clients leave the CPU to the server.
 - `manifest_load`: C keep-alive connections on uvloop with a minimal HTTP/1.1 protocol,
   each sending requests back to back for a fixed time; latencies and checked digests.
 - `probe`: sequential requests on one keep-alive connection, paced, until a stop file
@@ -157,16 +158,21 @@ def fetch_blobs(
     headers: dict[str, str] | None = None,
     timeout: float = 300,
     verify: bool = True,
+    targets: list[tuple[str, str]] | None = None,
 ) -> BlobRun:
     """`clients` concurrent GETs of one blob; all connect first, then start together.
 
-    `verify=False` only counts bytes: for measuring the harness itself, never a mirror.
+    `verify=False` only counts bytes (every stream must still bring exactly `size`).
+    `targets`: (path, digest) per client, round robin, instead of the one blob; all of
+    `size` bytes.
     """
     barrier = threading.Barrier(clients)
     streams: list[Stream] = [Stream() for _ in range(clients)]
+    where = targets or [(path, digest)]
 
     def run(i: int) -> None:
-        streams[i] = _fetch_one(host, port, path, headers or {}, digest, barrier, timeout, verify)
+        p, d = where[i % len(where)]
+        streams[i] = _fetch_one(host, port, p, headers or {}, d, barrier, timeout, verify)
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
     before = _cpu_self()

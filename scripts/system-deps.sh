@@ -3,7 +3,8 @@
 # registry (the upstream), skopeo, podman and containerd (real clients), and Prometheus with
 # promtool (the dashboard's queries and the alert rules are checked against them), and
 # the shared store's engines: Ceph's RADOS Gateway (S3) and Redis, plus curl (the
-# harness signs S3 requests with it).
+# harness signs S3 requests with it), and nginx (bench/compare/'s third reference: it
+# starts its own nginx with its own config; the package's service stays stopped).
 # kubectl is not a Debian 12 package: `make kubectl` fetches it (scripts/fetch_kubectl.py).
 # Idempotent and quick when everything is present; needs root (or sudo) only when
 # something is missing.
@@ -21,6 +22,7 @@ command -v ceph-osd >/dev/null || need+=(ceph-osd)
 command -v ceph >/dev/null && command -v ceph-authtool >/dev/null || need+=(ceph-common)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v curl >/dev/null || need+=(curl)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -17,7 +17,9 @@ from . import REPO_ROOT
 from . import __doc__ as overview
 from .capacity import harness_capacity
 from .cold import cold_many, cold_single
+from .disk import cold_disk_latency
 from .manifests import latency_under_load, manifests_by_tag
+from .nginx import Nginx, nginx_binary
 from .plots import plots
 from .processes import OURS, Ours, Reference, export_mirror, worker_pool
 from .report import DOC, IMG_DIR, print_report, section, write_doc
@@ -25,6 +27,7 @@ from .runner import Bench
 from .sampling import disk_write_rate
 from .skopeo import skopeo
 from .warm import many_streams, warm
+from .workers import workers_scaling
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also measure ours with glibc's default mmap threshold in the many-streams step",
+    )
+    parser.add_argument(
+        "--disk-blob-mib",
+        type=int,
+        help="size of each distinct blob read uncached in the latency step [= --size-mib]",
     )
     parser.add_argument("--manifest-conns", type=int, default=64)
     parser.add_argument("--manifest-seconds", type=float, help="load phase [5; quick: 2]")
@@ -90,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    if args.disk_blob_mib is None:
+        args.disk_blob_mib = args.size_mib
     return args
 
 
@@ -101,12 +111,13 @@ def run(bench: Bench) -> None:
     bench.disk_gbs = disk_write_rate(bench.work)
     bench.log(f"disk: {bench.disk_gbs:.2f} GB/s writing 256 MiB and fsyncing it")
     bench.build()
-    fronts = [Front("127.0.0.1", bench.registry.port).start() for _ in range(2)]
+    fronts = [Front("127.0.0.1", bench.registry.port).start() for _ in range(3)]
     try:
         bench.subjects = [
             Reference(bench.work, fronts[0]),
             Ours(bench.work, fronts[1], env=bench.ours_env),
         ]
+        bench.nginx = Nginx(bench.work, fronts[2], bench.tokens, bench.nginx_repos())
         harness_capacity(bench, fronts[1])
         # In this order: warm and many_streams serve the blob a cold step before them cached.
         for workload in (
@@ -117,10 +128,12 @@ def run(bench: Bench) -> None:
             latency_under_load,
             many_streams,
             skopeo,
+            cold_disk_latency,
+            workers_scaling,
         ):
             workload(bench)
     finally:
-        for s in bench.subjects:
+        for s in bench.blob_subjects:
             with contextlib.suppress(Exception):
                 s.stop()
         for f in fronts:
@@ -136,6 +149,8 @@ def main() -> None:
     for tool in ("skopeo", "docker-registry"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not on PATH (bash scripts/system-deps.sh)")
+    if nginx_binary() is None:
+        sys.exit("nginx is not installed (bash scripts/system-deps.sh)")
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="compare-") as tmp,

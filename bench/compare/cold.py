@@ -7,8 +7,8 @@ from collections.abc import Callable
 import loadgen
 
 from . import GB
-from .processes import OURS, REF, Subject
-from .runner import Bench, Obs, gbs, load_rows, medians
+from .processes import OURS, Subject
+from .runner import Bench, Obs, gbs, med, peak
 from .tables import Row, Table
 
 Blobs = loadgen.BlobRun
@@ -21,13 +21,14 @@ def _cold_runs(
     repeat: int,
     what: str,
     seen: Callable[[Subject, int, Obs[Blobs]], None],
+    verify: bool,
 ) -> Runs:
-    """Each mirror `repeat` times, each time on an empty cache, until the blob is in it."""
-    runs: Runs = {REF: [], OURS: []}
+    """Each server `repeat` times, each time on an empty cache, until the blob is in it."""
+    runs: Runs = bench.runs()
     for i in range(repeat):
-        for s in bench.subjects:
+        for s in bench.blob_subjects:
             s.fresh()
-            obs = bench.observe_fetch(s, clients, settle=True)
+            obs = bench.observe_fetch(s, clients, settle=True, verify=verify)
             bench.check_blobs(obs.result, f"{what}, {s.label}")
             seen(s, i, obs)
             runs[s.label].append(obs)
@@ -35,7 +36,22 @@ def _cold_runs(
 
 
 def cold_single(bench: Bench) -> None:
-    bench.log("workload 2: cold miss, 1 client")
+    """One client, sha256-checking (as before), then counting bytes only (the goals')."""
+    _cold_single(bench, verify=True)
+    _cold_single(bench, verify=False)
+
+
+def cold_many(bench: Bench) -> None:
+    _cold_many(bench, verify=True)
+    _cold_many(bench, verify=False)
+
+
+def _kind(verify: bool) -> str:
+    return "" if verify else ", clients counting bytes only"
+
+
+def _cold_single(bench: Bench, verify: bool) -> None:
+    bench.log("workload 2: cold miss, 1 client" + _kind(verify))
     size, layer = bench.layer_size, bench.layer
 
     def seen(s: Subject, i: int, obs: Obs[Blobs]) -> None:
@@ -47,73 +63,77 @@ def cold_single(bench: Bench) -> None:
             f"{gets} upstream GET(s), RSS {obs.rss_mib:.0f} MiB"
         )
 
-    runs = _cold_runs(bench, 1, bench.args.repeat, "cold 1 client", seen)
+    runs = _cold_runs(bench, 1, bench.args.repeat, "cold 1 client" + _kind(verify), seen, verify)
 
     def first(o: Obs[Blobs]) -> loadgen.Stream:
         return o.result.streams[0]
 
     bench.tables.append(
         Table(
-            "cold1",
-            f"Cold miss, {bench.blob_name()}, 1 client",
+            "cold1" if verify else "cold1_bare",
+            f"Cold miss, {bench.blob_name()}, 1 client" + _kind(verify),
             [
                 Row(
                     "GB/s (median)",
-                    *medians(runs, lambda o: size / o.result.wall / GB),
+                    **med(runs, lambda o: size / o.result.wall / GB),
                     target="\u2265 1.0\u00d7",
                 ),
                 Row(
                     "time to response head, s",
-                    *medians(runs, lambda o: first(o).first_byte - first(o).start),
+                    **med(runs, lambda o: first(o).first_byte - first(o).start),
                     fmt="{:.3f}",
                 ),
                 Row(
                     "time to all but the last byte, s",
-                    *medians(runs, lambda o: first(o).all_but_last - first(o).start),
+                    **med(runs, lambda o: first(o).all_but_last - first(o).start),
                 ),
                 Row(
                     "last byte held back, s",
-                    *medians(runs, lambda o: first(o).end - first(o).all_but_last),
+                    **med(runs, lambda o: first(o).end - first(o).all_but_last),
                     ratio=False,
                 ),
                 Row(
                     "upstream GETs of the blob",
-                    *medians(runs, lambda o: len(o.blob_gets(layer))),
+                    **med(runs, lambda o: len(o.blob_gets(layer))),
                     fmt="{:.0f}",
                 ),
                 Row(
                     "upstream bytes / blob size",
-                    *medians(runs, lambda o: o.fetched(layer) / size),
+                    **med(runs, lambda o: o.fetched(layer) / size),
                 ),
                 Row(
                     "blob in the mirror's cache, s after the client finished",
-                    *medians(runs, lambda o: o.settle_s),
+                    **med(runs, lambda o: o.settle_s),
                     ratio=False,
                 ),
                 Row(
                     "mirror CPU s/GB until the client finished",
-                    *medians(runs, lambda o: o.cpu_step / (size / GB)),
+                    **med(runs, lambda o: o.cpu_step / (size / GB)),
                 ),
                 Row(
                     "mirror CPU s/GB, cache fill included",
-                    *medians(runs, lambda o: o.cpu / (size / GB)),
+                    **med(runs, lambda o: o.cpu / (size / GB)),
+                    target="" if verify else "ours \u2264 1.0",
                 ),
-                *load_rows(runs),
+                Row("machine CPU busy, %", **med(runs, lambda o: o.busy * 100), fmt="{:.0f}"),
+                Row("peak RSS, MiB", **peak(runs), fmt="{:.0f}"),
             ],
             [
                 f"median of {bench.args.repeat} runs, each on a fresh mirror with an empty "
                 "cache; ours holds the last byte of a response back until the download has "
                 "verified (docs/design.md, 'Blob path'); the reference streams the upstream "
-                "response straight through while a second upstream GET fills its cache"
+                "response straight through while a second upstream GET fills its cache; "
+                "nginx streams it through while writing its cache file, verifying nothing"
             ],
         )
     )
-    bench.note_rss("cold miss, 1 client", runs)
+    if verify:
+        bench.note_rss("cold miss, 1 client", runs)
 
 
-def cold_many(bench: Bench) -> None:
+def _cold_many(bench: Bench, verify: bool) -> None:
     n = bench.args.cold_clients
-    bench.log(f"workload 3: cold miss, {n} clients")
+    bench.log(f"workload 3: cold miss, {n} clients" + _kind(verify))
     size, layer = bench.layer_size, bench.layer
 
     def seen(s: Subject, i: int, obs: Obs[Blobs]) -> None:
@@ -125,24 +145,26 @@ def cold_many(bench: Bench) -> None:
             f"{fetched / size:.2f}\u00d7 blob fetched, machine busy {obs.busy:.0%}"
         )
 
-    runs = _cold_runs(bench, n, bench.args.repeat_cold_many, f"cold x{n}", seen)
+    runs = _cold_runs(
+        bench, n, bench.args.repeat_cold_many, f"cold x{n}" + _kind(verify), seen, verify
+    )
 
     def streams(o: Obs[Blobs]) -> list[loadgen.Stream]:
         return o.result.streams
 
     bench.tables.append(
         Table(
-            "cold16",
-            f"Cold miss, {bench.blob_name()}, {n} concurrent clients",
+            "cold16" if verify else "cold16_bare",
+            f"Cold miss, {bench.blob_name()}, {n} concurrent clients" + _kind(verify),
             [
                 Row(
                     "wall time until all finish, s",
-                    *medians(runs, lambda o: o.result.wall),
+                    **med(runs, lambda o: o.result.wall),
                     target="\u2264 0.5\u00d7",
                 ),
                 Row(
                     "until every client had all but the last byte, s",
-                    *medians(
+                    **med(
                         runs,
                         lambda o: (
                             max(st.all_but_last for st in streams(o))
@@ -152,39 +174,45 @@ def cold_many(bench: Bench) -> None:
                 ),
                 Row(
                     "fastest client, s",
-                    *medians(runs, lambda o: min(st.end - st.start for st in streams(o))),
+                    **med(runs, lambda o: min(st.end - st.start for st in streams(o))),
                 ),
-                Row("aggregate GB/s to clients", *medians(runs, lambda o: gbs(o.result))),
+                Row("aggregate GB/s to clients", **med(runs, lambda o: gbs(o.result))),
                 Row(
                     "upstream bytes / blob size",
-                    *medians(runs, lambda o: o.fetched(layer) / size),
+                    **med(runs, lambda o: o.fetched(layer) / size),
                     target="ours = 1.0",
                 ),
                 Row(
                     "upstream GETs of the blob",
-                    *medians(runs, lambda o: len(o.blob_gets(layer))),
+                    **med(runs, lambda o: len(o.blob_gets(layer))),
                     fmt="{:.0f}",
                 ),
                 Row(
                     "upstream 401 answers (token challenges)",
-                    *medians(runs, lambda o: o.challenges()),
+                    **med(runs, lambda o: o.challenges()),
                     fmt="{:.0f}",
                     ratio=False,
                 ),
-                Row("mirror CPU s", *medians(runs, lambda o: o.cpu)),
+                Row("mirror CPU s", **med(runs, lambda o: o.cpu)),
                 Row(
-                    "client CPU s (sha256 of every byte)",
-                    *medians(runs, lambda o: o.result.cpu),
+                    "client CPU s (sha256 of every byte)"
+                    if verify
+                    else "client CPU s (counting bytes only)",
+                    **med(runs, lambda o: o.result.cpu),
                 ),
-                Row("front CPU s", *medians(runs, lambda o: o.front_cpu)),
-                Row("upstream registry CPU s", *medians(runs, lambda o: o.upstream_cpu)),
-                *load_rows(runs),
+                Row("front CPU s", **med(runs, lambda o: o.front_cpu)),
+                Row("upstream registry CPU s", **med(runs, lambda o: o.upstream_cpu)),
+                Row("machine CPU busy, %", **med(runs, lambda o: o.busy * 100), fmt="{:.0f}"),
+                Row("peak RSS, MiB", **peak(runs), fmt="{:.0f}"),
             ],
             [
                 f"median of {bench.args.repeat_cold_many} run(s) per mirror, each on a fresh "
                 "empty cache; upstream figures from the counting front; every run of ours "
-                "was checked for exactly one upstream GET of exactly the blob's size"
+                "was checked for exactly one upstream GET of exactly the blob's size. nginx's "
+                "`proxy_cache_lock` sends one request upstream and holds the others until "
+                "the cache entry is complete (it checks every 500 ms), then serves them from it"
             ],
         )
     )
-    bench.note_rss(f"cold miss, {n} clients", runs)
+    if verify:
+        bench.note_rss(f"cold miss, {n} clients", runs)

@@ -1,4 +1,4 @@
-"""The processes of a run: the two mirrors under test, the worker pool and helper servers."""
+"""The processes of a run: the mirrors under test, the worker pool and helper servers."""
 
 from __future__ import annotations
 
@@ -88,6 +88,11 @@ class Subject:
     @property
     def pid(self) -> int:
         raise NotImplementedError
+
+    @property
+    def root_pid(self) -> int:
+        """The process whose tree's CPU time is the server's (nginx: the master)."""
+        return self.pid
 
     @property
     def host(self) -> str:

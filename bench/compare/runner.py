@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 import loadgen
 from front import Record
@@ -19,8 +19,9 @@ from harness import Registry, TestImage, TokenServer
 
 from . import GB, MiB
 from .images import build_image
+from .nginx import NGINX
 from .processes import OURS, REF, Subject, http_get
-from .sampling import PeakRss, cpu_times, median, proc_cpu, rss_mib
+from .sampling import PeakRss, cpu_times, median, proc_cpu, rss_mib, tree_cpu
 from .tables import Row, Table
 
 T = TypeVar("T")
@@ -35,7 +36,7 @@ class Obs(Generic[T]):
     upstream: list[Record]
     tokens: int
     rss_mib: float
-    cpu: float  # the mirror's CPU seconds
+    cpu: float  # the mirror's CPU seconds (all its processes)
     front_cpu: float
     busy: float  # share of all CPUs' time that was not idle during the step (0..1)
     upstream_cpu: float  # the upstream registry's CPU seconds
@@ -69,6 +70,31 @@ def each(by: dict[str, U], fn: Callable[[U], float]) -> tuple[float, float]:
 def medians(runs: dict[str, list[Obs[T]]], fn: Callable[[Obs[T]], float]) -> tuple[float, float]:
     """The median of fn over each mirror's runs: (reference, ours)."""
     return each(runs, lambda obs: median([fn(o) for o in obs]))
+
+
+class Cols(TypedDict):
+    """One figure per server: the keyword arguments of a Row."""
+
+    ref: float | None
+    ours: float | None
+    nginx: float | None
+
+
+def _cols(runs: dict[str, list[Obs[T]]], fn: Callable[[list[Obs[T]]], float]) -> Cols:
+    def get(label: str) -> float | None:
+        return fn(runs[label]) if runs.get(label) else None
+
+    return Cols(ref=get(REF), ours=get(OURS), nginx=get(NGINX))
+
+
+def med(runs: dict[str, list[Obs[T]]], fn: Callable[[Obs[T]], float]) -> Cols:
+    """The median of fn over each server's runs."""
+    return _cols(runs, lambda obs: median([fn(o) for o in obs]))
+
+
+def peak(runs: dict[str, list[Obs[T]]]) -> Cols:
+    """The highest peak RSS of each server's runs."""
+    return _cols(runs, lambda obs: max(o.rss_mib for o in obs))
 
 
 def peak_rss(runs: dict[str, list[Obs[T]]]) -> tuple[float, float]:
@@ -116,6 +142,10 @@ class Bench:
         self.multi: TestImage
         self.multi_size = 0
         self.subjects: list[Subject] = []
+        self.nginx: Subject | None = None
+        self.disk: TestImage | None = None
+        self.goal_notes: dict[str, str] = {}
+        self.goal_values: dict[str, float] = {}
         self.capacity: Table | None = None
         self.rss_rows: dict[str, tuple[float | None, float | None]] = {}
         self.disk_gbs = float("nan")
@@ -142,6 +172,18 @@ class Bench:
 
     def has_table(self, key: str) -> bool:
         return any(t.key == key for t in self.tables)
+
+    @property
+    def blob_subjects(self) -> list[Subject]:
+        """The servers the blob workloads run on: the mirrors, and nginx when it runs."""
+        return [*self.subjects, *([self.nginx] if self.nginx is not None else [])]
+
+    def runs(self) -> dict[str, list[Any]]:
+        return {s.label: [] for s in self.blob_subjects}
+
+    def nginx_repos(self) -> list[str]:
+        """The repositories nginx's one long-lived upstream token grants pulls of."""
+        return [self.big.repo, self.multi.repo]
 
     def blob_path(self) -> str:
         return f"/v2/{self.big.repo}/blobs/{self.layer}"
@@ -171,6 +213,8 @@ class Bench:
         path: str | None = None,
         digest: str | None = None,
         verify: bool = True,
+        targets: list[tuple[str, str]] | None = None,
+        size: int | None = None,
     ) -> loadgen.BlobRun:
         future = self.pool.submit(
             loadgen.fetch_blobs,
@@ -178,11 +222,12 @@ class Bench:
             port,
             path or self.blob_path(),
             digest or self.layer,
-            self.layer_size,
+            size or self.layer_size,
             clients,
             headers=headers,
             timeout=self.args.timeout,
             verify=verify,
+            targets=targets,
         )
         return future.result(self.args.timeout + 90)
 
@@ -219,19 +264,19 @@ class Bench:
         subject.front.reset()
         self.tokens.clear()
         registry_pid = self.registry._proc.pid if self.registry._proc else 0
-        cpu0, fcpu0 = proc_cpu(subject.pid), proc_cpu(subject.front.pid)
+        cpu0, fcpu0 = tree_cpu(subject.root_pid), proc_cpu(subject.front.pid)
         ucpu0, hcpu0 = proc_cpu(registry_pid), proc_cpu(os.getpid())
         rss_before = rss_mib(subject.pid)
         busy0, total0 = cpu_times()
         with PeakRss(subject.pid) as rss:
             result = step()
             busy1, total1 = cpu_times()
-            cpu_step = proc_cpu(subject.pid) - cpu0
+            cpu_step = tree_cpu(subject.root_pid) - cpu0
             stepped = time.monotonic()
             if settle:
                 subject.settle(self.layer, self.layer_size)
             settled = time.monotonic() - stepped
-        cpu, fcpu = proc_cpu(subject.pid) - cpu0, proc_cpu(subject.front.pid) - fcpu0
+        cpu, fcpu = tree_cpu(subject.root_pid) - cpu0, proc_cpu(subject.front.pid) - fcpu0
         ucpu, hcpu = proc_cpu(registry_pid) - ucpu0, proc_cpu(os.getpid()) - hcpu0
         busy = (busy1 - busy0) / max(total1 - total0, 1)
         time.sleep(0.2)  # the front records a request once its body is through
@@ -250,8 +295,10 @@ class Bench:
             settled,
         )
 
-    def observe_fetch(self, s: Subject, clients: int, settle: bool = False) -> Obs[loadgen.BlobRun]:
-        return self.observe(s, lambda: self.fetch(s.port, clients), settle)
+    def observe_fetch(
+        self, s: Subject, clients: int, settle: bool = False, verify: bool = True
+    ) -> Obs[loadgen.BlobRun]:
+        return self.observe(s, lambda: self.fetch(s.port, clients, verify=verify), settle)
 
     def note_rss(self, key: str, runs: dict[str, list[Obs[Any]]]) -> None:
         self.rss_rows[key] = peak_rss(runs)

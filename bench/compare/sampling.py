@@ -23,6 +23,40 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid`, from /proc/PID/task/*/children."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and all its live descendants, plus the children it reaped.
+
+    nginx's master and its workers, or a mirror's worker processes, count as one server.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime, stime, cutime, cstime: fields 14-17 of proc(5), [11:15] after the name.
+    own = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(tree_cpu(child) for child in children(pid))
+
+
+def tree_io_read(pid: int) -> int:
+    """Bytes a process and its live descendants made the block layer read (/proc/PID/io)."""
+    own = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                own = int(line.split()[1])
+    return own + sum(tree_io_read(child) for child in children(pid))
+
+
 def cpu_times() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs together, from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

@@ -1,4 +1,4 @@
-"""Result tables: one row per metric, the two mirrors side by side, as Markdown."""
+"""Result tables: one row per metric, the servers side by side, as Markdown."""
 
 from __future__ import annotations
 
@@ -21,15 +21,45 @@ class Row:
     fmt: str = "{:.2f}"
     target: str = ""  # e.g. ">= 1.5x" when a target is attached to the ratio
     ratio: bool = True
+    nginx: float | None = None
 
-    def cells(self) -> list[str]:
-        def show(value: float | None) -> str:
-            return "\u2013" if value is None or value != value else self.fmt.format(value)
+    def _show(self, value: float | None) -> str:
+        return "\u2013" if value is None or value != value else self.fmt.format(value)
 
-        ratio = "\u2013"
-        if self.ratio and self.ref and self.ours is not None and self.ours == self.ours:
-            ratio = f"{self.ours / self.ref:.2f}\u00d7"
-        return [self.metric, show(self.ref), show(self.ours), ratio, self.target]
+    def _ratio(self, base: float | None) -> str:
+        if self.ratio and base and self.ours is not None and self.ours == self.ours:
+            return f"{self.ours / base:.2f}\u00d7"
+        return "\u2013"
+
+    def cells(self, with_nginx: bool = False) -> list[str]:
+        if with_nginx:
+            return [
+                self.metric,
+                self._show(self.ref),
+                self._show(self.nginx),
+                self._show(self.ours),
+                self._ratio(self.ref),
+                self._ratio(self.nginx),
+                self.target,
+            ]
+        return [
+            self.metric,
+            self._show(self.ref),
+            self._show(self.ours),
+            self._ratio(self.ref),
+            self.target,
+        ]
+
+
+NGINX_COLUMNS = (
+    "metric",
+    "Distribution proxy",
+    "nginx proxy_cache",
+    "ours",
+    "ours / ref",
+    "ours / nginx",
+    "target",
+)
 
 
 @dataclass
@@ -44,9 +74,13 @@ class Table:
         return next(r for r in self.rows if r.metric == metric)
 
     def markdown(self) -> str:
+        """The table; with an nginx column when any of its rows has an nginx figure."""
+        with_nginx = any(r.nginx is not None for r in self.rows)
+        columns = NGINX_COLUMNS if with_nginx else self.columns
         out = [f"### {self.title}", ""]
-        out += ["| " + " | ".join(self.columns) + " |", "|---|---:|---:|---:|---|"]
-        out += ["| " + " | ".join(r.cells()) + " |" for r in self.rows]
+        align = ["---"] + ["---:"] * (len(columns) - 2) + ["---"]
+        out += ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
+        out += ["| " + " | ".join(r.cells(with_nginx)) + " |" for r in self.rows]
         if self.notes:
             out.append("")
             out += [wrap(note, bullet=True) for note in self.notes]

@@ -177,7 +177,10 @@ class TokenServer:
     ) -> None:
         self.stop()
 
-    def issue(self, access: list[dict[str, Any]], subject: str = "") -> str:
+    def issue(
+        self, access: list[dict[str, Any]], subject: str = "", expires_in: int | None = None
+    ) -> str:
+        """A signed token; `expires_in` overrides the server's TTL for this one token."""
         now = int(time.time())
         claims = {
             "iss": self.issuer,
@@ -186,7 +189,7 @@ class TokenServer:
             "iat": now,
             # Allow for clock skew between the test and the registry process.
             "nbf": now - 5,
-            "exp": now + self.expires_in,
+            "exp": now + (self.expires_in if expires_in is None else expires_in),
             "jti": uuid.uuid4().hex,
             "access": access,
         }

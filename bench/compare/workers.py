@@ -1,0 +1,89 @@
+"""Ours with `workers: 2` against `workers: 1`: aggregate warm throughput, 8 clients.
+
+Runs only when `mirror serve` has the setting (its --help names `--workers`); the goal
+table says "n/a (no workers setting)" otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import loadgen
+
+from . import GB
+from .processes import OURS, Ours
+from .runner import Bench, Obs, gbs
+from .sampling import median
+from .tables import Row, Table
+
+KEY = "workers"
+NO_SETTING = "n/a (no workers setting)"
+
+
+def has_workers_setting(env: dict[str, str]) -> bool:
+    """Whether the `mirror serve` under test (the tree, or --mirror-rev's) has --workers."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "mirror", "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--workers" in out
+
+
+def workers_scaling(bench: Bench) -> None:
+    n = bench.args.warm_clients
+    ours = next(s for s in bench.subjects if isinstance(s, Ours) and s.label == OURS)
+    if not has_workers_setting(ours.extra_env):
+        bench.log(f"workload 9: workers 2 vs 1: {NO_SETTING}")
+        bench.goal_notes[KEY] = NO_SETTING
+        return
+    bench.log(f"workload 9: ours with workers 1 and 2, {n} warm clients counting bytes")
+    rates: dict[int, float] = {}
+    cpus: dict[int, float] = {}
+    for workers in (1, 2):
+        alt = Ours(
+            bench.work,
+            ours.front,
+            env={**ours.extra_env, "MIRROR_WORKERS": str(workers)},
+            label=f"ours-workers{workers}",
+        )
+        runs: list[Obs[loadgen.BlobRun]] = []
+        try:
+            alt.fresh()
+            bench.check_blobs(bench.fetch(alt.port, 1), f"cache fill via {alt.label}")
+            alt.settle(bench.layer, bench.layer_size)
+            for _ in range(bench.args.repeat):
+                obs = bench.observe_fetch(alt, n, verify=False)
+                bench.check_blobs(obs.result, f"warm x{n} via {alt.label}")
+                runs.append(obs)
+        finally:
+            alt.stop()
+        for line, count in alt.findings.items():
+            bench.problem(f"{alt.label} log: {count} x {line}")
+        rates[workers] = median([gbs(o.result) for o in runs])
+        cpus[workers] = median([o.cpu / (o.result.total / GB) for o in runs])
+        bench.log(f"  workers {workers}: {rates[workers]:.2f} GB/s, {cpus[workers]:.2f} CPU-s/GB")
+    bench.goal_values[KEY] = rates[2] / rates[1]
+    bench.tables.append(
+        Table(
+            KEY,
+            f"Ours with several workers: warm hit, {bench.blob_name()}, {n} clients "
+            "counting bytes only",
+            [
+                Row(f"aggregate GB/s, {n} clients", rates[1], rates[2], target="> 1.0\u00d7"),
+                Row("CPU s/GB, all processes", cpus[1], cpus[2]),
+            ],
+            [
+                f"median of {bench.args.repeat} runs each; `MIRROR_WORKERS` in the "
+                "environment; each on its own fresh cache directory, filled by one GET first"
+            ],
+            ("metric", "workers: 1", "workers: 2", "2 / 1", "target"),
+        )
+    )
