@@ -240,7 +240,9 @@ class DownloadBody:
                     readable -= 1
             if pos < readable:
                 chunk = dl._read_at(self._reader._fd, pos, readable - pos)
-                pos = cursor.pos = pos + (len(chunk) if isinstance(chunk, bytes) else chunk.count)
+                pos = cursor.pos = pos + (
+                    chunk.count if isinstance(chunk, FileSpan) else len(chunk)
+                )
                 dl._moved()
                 yield chunk
                 continue

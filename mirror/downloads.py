@@ -165,6 +165,7 @@ class Downloads:
                 progressed,
                 lambda exc: self._spill(dl, write, exc),
                 dl.relayed,
+                size=body.size,
             )
             dl.streaming(body.size)
             async for chunk in body:

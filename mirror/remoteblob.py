@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 
+from mirror import rawbody
 from mirror.errors import UpstreamError
 from mirror.metrics import Metrics
 from mirror.ranges import parse_length
@@ -48,6 +49,8 @@ class RemoteBlob:
         self._max = max_bytes
         self._attempts = resume_attempts
         self._stall = stall_timeout
+        # A large body read off the socket shows progress at least this often.
+        self._flush = min(1.0, stall_timeout / 4)
         self._start = start  # where `resp` starts in the blob (a download taken over)
         # The bytes this body will yield (from `start` on).
         self.size = parse_length(resp.headers.get("content-length"))
@@ -61,7 +64,8 @@ class RemoteBlob:
         while True:
             try:
                 async with asyncio.timeout(self._stall) as watchdog:  # a delay, not a time
-                    async for chunk in self._resp.aiter_raw():
+                    body = rawbody.take(self._resp, self._flush) or self._resp.aiter_raw()
+                    async for chunk in body:
                         offset += len(chunk)
                         if offset > self._max:
                             raise _too_big(self._path, self._max)

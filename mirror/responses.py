@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from mirror import zerocopy
+from mirror.filespan import FileSpan
 from mirror.store import Body
 
 
@@ -71,8 +72,8 @@ class BlobResponse(Response):
 
     async def _stream(self, body: Body, send: Send, zero_copy: bool) -> None:
         async for chunk in body:
-            if isinstance(chunk, bytes):
-                await self._send(send, chunk)
+            if not isinstance(chunk, FileSpan):
+                await self._send(send, chunk)  # bytes-like: a relay's, perhaps a bytearray
             elif zero_copy:
                 async for window in chunk.windows():
                     await send(

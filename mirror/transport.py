@@ -201,6 +201,16 @@ class _MappedStream(httpx.AsyncByteStream):
             raise httpx.RemoteProtocolError(_describe(exc)) from exc
 
 
+def aiohttp_response(resp: httpx.Response) -> aiohttp.ClientResponse | None:
+    """The aiohttp response behind a streamed httpx response of `make_client`'s, if any
+    (`mirror.rawbody` takes its socket for large bodies)."""
+    stream = getattr(resp.stream, "_stream", None)  # httpx's BoundAsyncStream wraps ours
+    if isinstance(stream, _MappedStream) and isinstance(stream._inner, AiohttpResponseStream):
+        response: aiohttp.ClientResponse = stream._inner._aiohttp_response
+        return response
+    return None
+
+
 def _describe(exc: Exception) -> str:
     # Only the type and a bounded message: it may quote what the upstream sent, and a
     # URL's query (a CDN's pre-signed signature) is cut from it before it is logged.
