@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from mirror.diskstore import unlink_temp
 from mirror.download import BlobDownload, DownloadReader
 from mirror.errors import RegistryError, UpstreamError
 from mirror.hashing import HashingWriter
@@ -351,13 +352,18 @@ class Downloads:
 
     @staticmethod
     async def _abort(write: BlobWrite, lease: Leader | None, exc: BaseException) -> None:
-        """Remove the temp file, then end the lease: a next leader creates its file
-        under the same name, which must not be removed after it was."""
-        try:
+        """Remove the temp file. A leased one is first renamed away and its lease ended
+        at once: a next leader creates its file under the same name, which must not
+        be removed after it was, and must not wait for a multi-GB unlink either."""
+        if lease is None:
             await write.abort()
-        finally:
-            if lease is not None:
-                lease.failed(exc)
+            return
+        if lease.ended:
+            return  # removed already (at a spill), or committed
+        doomed = lease.detach()
+        lease.failed(exc)
+        if doomed is not None:
+            await asyncio.to_thread(unlink_temp, doomed)
 
     def _forget(self, dl: BlobDownload) -> None:
         """Drop `dl` from the table, but never a newer download of the same digest."""

@@ -37,6 +37,7 @@ import asyncio
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,16 @@ class Leader:
         line = json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n"
         # O_APPEND, one write: followers read whole lines or nothing of one.
         os.write(self.fd, line.encode())
+
+    def detach(self) -> Path | None:
+        """Rename the temp file to a random name (to remove it at leisure); None if
+        it is gone, or stays (then the next leader replaces it)."""
+        doomed = self.temp.with_name(uuid.uuid4().hex)
+        try:
+            os.rename(self.temp, doomed)
+        except OSError:
+            return None
+        return doomed
 
     def streaming(self, size: int | None) -> None:
         if not self.ended:
