@@ -324,7 +324,7 @@ def prune(config_file: Path | None, cache_dir: Path | None) -> None:
     every eviction_interval)."""
     settings = _settings(config_file, cache_dir=cache_dir)
     with _store(settings) as store:
-        r = components.evictor(settings, store, None).evict()
+        r = components.evictor(settings, store, None, wait=True).evict()
     click.echo(
         f"evicted {r.ttl_blobs + r.size_blobs} blobs ({r.ttl_blobs} unused for "
         f"{settings.content_ttl:.0f} s, {r.size_blobs} over max_size), "

@@ -31,6 +31,7 @@ from mirror.proxy import Proxy
 from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.routing import Router
 from mirror.sharedstore import SharedStore
+from mirror.sharing import Sharing, proc_fd_usable
 from mirror.store import Store
 from mirror.tiers import Tier, Tiers
 from mirror.upstream import Credentials, RemoteStore, Upstream, make_client
@@ -94,10 +95,17 @@ def evictor(
     store: DiskStore | SharedStore,
     metrics: Metrics | None,
     clock: Callable[[], float] = time.time,
+    *,
+    wait: bool = False,
 ) -> Evictor | SharedRounds:
+    """The eviction rounds; one process at a time per cache directory (the others skip
+    a round, or with `wait`, as `mirror cache prune`, wait for it)."""
     freshness = settings.freshness()
+    disk = store if isinstance(store, DiskStore) else store.l1
 
-    def one(target: Store, max_size: int | None, counted: Metrics | None) -> Evictor:
+    def one(
+        target: Store, max_size: int | None, counted: Metrics | None, local: bool = True
+    ) -> Evictor:
         return Evictor(
             target,
             counted,
@@ -106,13 +114,16 @@ def evictor(
             # A tag is kept as long as any upstream may still serve it stale.
             max_stale=max(u.freshness(freshness).max_stale for u in settings.resolved_upstreams()),
             clock=clock,
+            # The shared content's round has its lock in Redis (SharedRounds).
+            lock=disk.evicting if local else None,
+            wait=wait,
         )
 
     if isinstance(store, DiskStore):
         return one(store, settings.max_size, metrics)
     owner = f"{settings.peer_url} {uuid.uuid4().hex[:8]}"
     return SharedRounds(
-        one(store, settings.max_size, metrics),
+        one(store, settings.max_size, metrics, local=False),
         # L1 evictions are not counted: the metrics are the shared content's.
         one(store.l1, settings.l1_max_size, None),
         store,
@@ -182,6 +193,8 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     # Every secret is read before any client is opened: a missing one fails the start
     # with nothing to clean up.
     secrets = [config.secret() for config in configured]
+    # Replicas (store: s3) share downloads through their cluster leases instead.
+    disk = store if isinstance(store, DiskStore) and proc_fd_usable() else None
     upstreams = []
     proxies: dict[str, Proxy] = {}
     tier_secrets = [[tier.secret() for tier in config.mirrors] for config in configured]
@@ -246,6 +259,8 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             revalidate_wait=settings.fetch_timeout + 1,
             stale_after=settings.fetch_timeout / 2,
             fairness=fairness,
+            # Single flight across the processes sharing the cache directory.
+            sharing=None if disk is None else Sharing(disk, config.name),
         )
     router = Router(
         proxies,

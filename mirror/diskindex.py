@@ -139,6 +139,9 @@ class DiskIndex:
     # -- blob entries (the files are the store's) --------------------------------------
 
     async def blob_size(self, digest: Digest) -> int | None:
+        return self.indexed_size(digest)
+
+    def indexed_size(self, digest: Digest) -> int | None:
         value = self._index.get(_blob_key(digest))
         return None if value is None else _blob_value(value)[0]
 

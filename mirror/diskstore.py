@@ -4,7 +4,11 @@ Layout under the cache directory::
 
     index/                      the index (mirror.diskindex): tags, manifests, blob sizes
     blobs/<alg>/<hex[:2]>/<hex> one file per blob digest, shared by every repository
-    tmp/                        downloads in progress; renamed into blobs/ once verified
+    tmp/                        downloads in progress; renamed into blobs/ once verified:
+                                <alg>-<hex>-<upstream> for a leased download
+                                (mirror.sharing; the upstream's name hashed),
+                                a random name otherwise
+    locks/                      flock files of the processes sharing the cache (mirror.locks)
 
 Blobs live outside the index so that committing a multi-GB download is a rename,
 never a second copy. Anything that can take long (fsync, hashing) runs in worker
@@ -16,15 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from mirror import locks
 from mirror.diskindex import DiskIndex
 from mirror.filespan import FileSpan
 from mirror.reference import Digest
@@ -77,10 +84,10 @@ class FileBody:
 class DiskWrite:
     """A download's temp file in `tmp/`; a rename into `blobs/` commits it."""
 
-    def __init__(self, store: DiskStore, digest: Digest) -> None:
+    def __init__(self, store: DiskStore, digest: Digest, path: Path | None = None) -> None:
         self._store = store
         self._digest = digest
-        self.path = store.temp_path()
+        self.path = path or store.temp_path()
 
     def wrote(self, size: int) -> None:
         pass
@@ -113,10 +120,18 @@ class DiskStore(DiskIndex):
         self.root = root
         self.blob_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
+        self.lease_dir = root / "locks" / "blobs"
         # The index first: if it cannot be opened, nothing else is created.
         super().__init__(root / "index", clock)
-        for d in (self.blob_dir, self.tmp_dir):
+        for d in (self.blob_dir, self.tmp_dir, self.lease_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.serving = locks.FileLock(root / "locks" / "serving.lock")
+        self.evicting = locks.FileLock(root / "locks" / "evict.lock")
+
+    def close(self) -> None:
+        self.serving.close()
+        self.evicting.close()
+        super().close()
 
     def blob_path(self, digest: Digest) -> Path:
         # Digest.parse admitted only [0-9a-f] of a fixed length: no path tricks possible.
@@ -138,11 +153,41 @@ class DiskStore(DiskIndex):
     async def blob_url(self, digest: Digest) -> str | None:
         return None  # clients reach blobs only through the mirror
 
-    def write_blob(self, digest: Digest) -> DiskWrite:
-        return DiskWrite(self, digest)
+    def write_blob(self, digest: Digest, temp: Path | None = None) -> DiskWrite:
+        """Into `temp` (a leased download's own name), else a random temp name."""
+        return DiskWrite(self, digest, temp)
 
     def temp_path(self) -> Path:
         return self.tmp_dir / uuid.uuid4().hex
+
+    def leased_temp(self, digest: Digest, upstream: str) -> Path:
+        """The temp file of the download of `digest` from `upstream` that holds its
+        lease: one name, so that other processes find it. Per upstream, as downloads
+        are: one registry's wrong bytes never fail another's pulls."""
+        return self.tmp_dir / _leased_name(digest, upstream)
+
+    def lease_path(self, digest: Digest, upstream: str) -> Path:
+        return self.lease_dir / _leased_name(digest, upstream)
+
+    def _held(self, digest: Digest) -> bool:
+        """Whether a live process holds a lease on `digest` (from any upstream)."""
+        prefix = f"{digest.algorithm}-{digest.hex}-"
+        return any(locks.is_held(p) for p in self.lease_dir.glob(prefix + "*"))
+
+    def _remove_leased_temp(self, path: Path) -> bool:
+        """Remove a leased download's temp file unless a live process holds its lease.
+        Under the lease's lock: a leader claiming it meanwhile creates its file after
+        this one is gone, never before."""
+        lease = self.lease_dir / path.name
+        fd = os.open(lease, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if not locks.try_flock(fd, fcntl.LOCK_EX) or not locks.names_inode(lease, fd):
+                return False
+            path.unlink(missing_ok=True)
+            os.unlink(lease)
+            return True
+        finally:
+            os.close(fd)
 
     async def commit_blob(self, digest: Digest, temp: Path, size: int) -> Path:
         """Adopt a verified temp file: a rename, atomic on one file system."""
@@ -171,11 +216,17 @@ class DiskStore(DiskIndex):
         removed = 0
         for entry in os.scandir(self.tmp_dir):
             try:
-                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime >= cutoff:
+                    continue
+                if _LEASED.fullmatch(entry.name):
+                    # A leased download's: never while its leader lives, however slow.
+                    removed += self._remove_leased_temp(Path(entry.path))
+                else:
                     os.unlink(entry.path)
                     removed += 1
             except OSError:
                 continue  # gone meanwhile, or still not removable: next round
+        self._clear_leases()
         if removed:
             log.info("removed %d stale temp files", removed)
         return removed
@@ -198,6 +249,10 @@ class DiskStore(DiskIndex):
         self.drop_blobs([digest])
         return False
 
+    def _clear_leases(self) -> int:
+        """Remove lease files no live process holds (left by leaders that died)."""
+        return sum(locks.clear_if_free(Path(e.path)) for e in os.scandir(self.lease_dir))
+
     def recover(self) -> Recovery:
         """Make the cache consistent after a crash or `kill -9` at any moment.
 
@@ -206,16 +261,36 @@ class DiskStore(DiskIndex):
           (killed mid-commit): removed rather than trusted.
         - An index entry without its file (removed by hand, lost): dropped.
         Committed files were fsynced before their rename, so what remains is verified.
+
+        Other processes may be serving from this cache (workers, or a restarted one):
+        every server holds `locks/serving.lock` shared from here on. A process that can
+        take it exclusively is alone and recovers everything; otherwise it leaves
+        what live processes own: temp files of held leases, random-named temp files
+        (the hourly sweep takes those once old), and blob files being committed
+        under a held lease.
         """
         started = time.perf_counter()
+        alone = self.serving.try_exclusive()
+        try:
+            return self._recover(alone, started)
+        finally:
+            self.serving.shared()
+
+    def _recover(self, alone: bool, started: float) -> Recovery:
         temp_removed = 0
         for entry in self.tmp_dir.iterdir():
+            if not alone and entry.is_file() and _LEASED.fullmatch(entry.name):
+                temp_removed += self._remove_leased_temp(entry)
+                continue
+            if not alone:
+                continue  # random names: maybe a live process's; the sweep takes them
             with contextlib.suppress(FileNotFoundError):
                 if entry.is_dir():
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
                 temp_removed += 1
+        self._clear_leases()
         scan = self.scan()
         indexed = {str(b.digest): b for b in scan.blobs}
         on_disk = set()
@@ -225,6 +300,14 @@ class DiskStore(DiskIndex):
                 for file in os.scandir(prefix_dir.path):
                     digest = f"{algorithm_dir.name}:{file.name}"
                     if digest in indexed:
+                        on_disk.add(digest)
+                        continue
+                    if not alone and (
+                        self._held(Digest.parse(digest))
+                        or self.indexed_size(Digest.parse(digest)) is not None
+                    ):
+                        # Being committed (renamed, its entry comes next; the lease is
+                        # held until then), or committed since the scan.
                         on_disk.add(digest)
                         continue
                     with contextlib.suppress(FileNotFoundError):
@@ -259,3 +342,12 @@ class DiskStore(DiskIndex):
 
 def _subdirs(path: Path) -> list[os.DirEntry[str]]:
     return [e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+
+
+_LEASED = re.compile(r"[a-z0-9]+-[0-9a-f]+-[0-9a-f]{12}")  # random temp names: hex only
+
+
+def _leased_name(digest: Digest, upstream: str) -> str:
+    # Upstream names hold ":" and "."; a hash keeps file names plain.
+    tag = hashlib.sha256(upstream.encode()).hexdigest()[:12]
+    return f"{digest.algorithm}-{digest.hex}-{tag}"

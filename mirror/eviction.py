@@ -11,6 +11,11 @@ round runs in a worker thread every `interval` seconds (and on demand:
 
 Removing a blob someone is reading is safe (POSIX unlink keeps open files readable);
 downloads in flight are not in the index yet, so they are never evicted.
+
+Processes sharing a cache directory run rounds one at a time: a round needs the
+directory's `locks/evict.lock` (`mirror.locks`), and a process that finds it held
+skips the round's work, only flushing its own access times and re-reading the
+totals. `mirror cache prune` waits for it instead.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mirror.locks import FileLock
 from mirror.metrics import EvictionReason, Kind, Metrics
 from mirror.store import Store
 
@@ -73,7 +79,11 @@ class Evictor(Rounds):
         max_size: int | None,
         max_stale: float,
         clock: Callable[[], float] = time.time,
+        lock: FileLock | None = None,
+        wait: bool = False,
     ) -> None:
+        self._lock = lock
+        self._wait = wait
         self._store = store
         self._metrics = metrics
         self._content_ttl = content_ttl
@@ -82,6 +92,26 @@ class Evictor(Rounds):
         self._clock = clock
 
     def evict(self) -> Round:
+        if self._lock is None:
+            return self._evict()
+        with self._lock.exclusive(wait=self._wait) as mine:
+            if mine:
+                self._rounds("ran")
+                return self._evict()
+        self._rounds("skipped")
+        log.debug("eviction round skipped: another process sharing the cache runs one")
+        started = time.perf_counter()
+        # The access times are this process's own, and the totals may have changed.
+        self._store.flush_access()
+        self._store.reconcile(self._store.scan())
+        cached = self._store.usage().blob_bytes
+        return Round(0, 0, 0, 0, 0, cached, time.perf_counter() - started)
+
+    def _rounds(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.eviction_rounds.labels(result).inc()
+
+    def _evict(self) -> Round:
         started = time.perf_counter()
         store = self._store
         store.flush_access()

@@ -203,6 +203,19 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.downloads_followed = Counter(
+            "mirror_downloads_followed",
+            "Blob downloads read from another process's download of the same digest "
+            "(processes sharing one cache directory), instead of from the upstream.",
+            registry=r,
+        )
+        self.eviction_rounds = Counter(
+            "mirror_eviction_rounds",
+            "Eviction rounds, by result: ran, or skipped (another process sharing the "
+            "cache directory was running one).",
+            ["result"],
+            registry=r,
+        )
         self.scope_checks = Counter(
             "mirror_scope_checks",
             "Cached content requested through an upstream and repository not known to "
@@ -383,6 +396,8 @@ class Metrics:
             self.client_auth.labels(method, outcome)
         for refusal in REFUSAL_REASONS:
             self.refused_connections.labels(refusal)
+        for ran in ("ran", "skipped"):
+            self.eviction_rounds.labels(ran)
         for reason in EVICTION_REASONS:
             self.evicted_bytes.labels(reason)
             for kind in KINDS:

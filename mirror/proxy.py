@@ -31,6 +31,7 @@ from mirror.policy import RepoPolicy
 from mirror.ranges import ByteRange, RangeSpec
 from mirror.reference import Digest, Reference
 from mirror.scopes import Scopes
+from mirror.sharing import Sharing
 from mirror.store import Body, OpenBlob, Store, StoredManifest, TagEntry, TagKey
 from mirror.upstream import RemoteStore
 
@@ -97,6 +98,7 @@ class Proxy:
         revalidate_wait: float = 20.0,
         stale_after: float | None = None,
         fairness: Fairness | None = None,
+        sharing: Sharing | None = None,
     ) -> None:
         # Per-client limits, charged only where a request makes us go upstream.
         self.fairness = fairness or Fairness()
@@ -117,7 +119,7 @@ class Proxy:
         self.scopes = Scopes(store, upstream.name, metrics)
         # This upstream's downloads: isolation between upstreams is ownership.
         self.downloads = Downloads(
-            store, upstream, metrics, commit_grace=commit_grace, source=source
+            store, upstream, metrics, commit_grace=commit_grace, source=source, sharing=sharing
         )
         self._fetches: SingleFlight[StoredManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
@@ -447,7 +449,9 @@ class Proxy:
         slot = self.fairness.cold_fetch() if starts else UNLIMITED
         limit = self._limit(repo, digest)
         try:
-            reader = await self.downloads.join(repo, digest, limit)
+            # Another process's download for another repository: a scope check first.
+            check = (lambda: self._may_serve_blob(repo, digest)) if direct else None
+            reader = await self.downloads.join(repo, digest, limit, check=check)
             if direct:
                 try:
                     await self.scopes.record([digest], repo)

@@ -201,6 +201,7 @@ async def test_unwritable_cache_directory_still_serves_blobs_and_manifests(
     upstream.manifests["v1"] = ("application/vnd.oci.image.manifest.v1+json", manifest)
     # As if the file system went read-only: no temp file, no index writes.
     monkeypatch.setattr(DiskStore, "temp_path", lambda self: tmp_path / "gone" / "x")
+    monkeypatch.setattr(DiskStore, "leased_temp", lambda self, d, u: tmp_path / "gone" / "x")
 
     async def read_only(*args: object) -> None:
         raise sqlite3.OperationalError("attempt to write a readonly database")

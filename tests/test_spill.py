@@ -133,6 +133,7 @@ async def test_a_404_on_a_read_only_cache_is_not_a_cache_write_failure(
 ) -> None:
     _upstream, url = fake
     monkeypatch.setattr(DiskStore, "temp_path", lambda self: tmp_path / "gone" / "x")
+    monkeypatch.setattr(DiskStore, "leased_temp", lambda self, d, u: tmp_path / "gone" / "x")
     async with mirror(url) as m, httpx.AsyncClient(base_url=m.url, timeout=20) as c:
         r = await c.get(f"/v2/a/blobs/{_digest(b'nope')}")
         assert r.status_code == 404

@@ -40,6 +40,7 @@ class Fault:
     chunk: int = 64 * 1024
     delay: float = 0.0  # pause between chunks, seconds
     chunked: bool = False  # no Content-Length: the body's end is the end of the stream
+    hold_last: asyncio.Event | None = None  # send all but the last byte until it is set
 
 
 @dataclass
@@ -194,6 +195,14 @@ class FakeUpstream:
         sent = 0
         while sent < len(body):
             piece = body[sent : sent + fault.chunk]
+            if fault.hold_last is not None and sent + len(piece) == len(body):
+                if len(piece) > 1:
+                    await send(
+                        {"type": "http.response.body", "body": piece[:-1], "more_body": True}
+                    )
+                    sent += len(piece) - 1
+                    piece = piece[-1:]
+                await fault.hold_last.wait()
             if cut is not None and sent + len(piece) > cut:
                 piece = piece[: max(0, cut - sent)]
                 if piece:
