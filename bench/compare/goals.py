@@ -160,6 +160,22 @@ def goals(bench: Bench) -> list[Goal]:
             na=bench.goal_notes.get(workers.KEY, "n/a (not measured)"),
         )
     )
+    tags = bench.goal_values.get(workers.TAGS)
+    detail = ""
+    if tags is not None:
+        row = bench.table(workers.KEY).rows[-1]
+        detail = f"{row.ref:.0f} \u2192 {row.ours:.0f} req/s"
+    out.append(
+        Goal(
+            "manifest by tag requests/s: workers 2 / workers 1",
+            ">",
+            1.0,
+            "\u00d7",
+            tags,
+            detail,
+            na=bench.goal_notes.get(workers.KEY, "n/a (not measured)"),
+        )
+    )
     out.append(
         Goal(
             f"peak RSS per process, {ns} concurrent {bench.blob_name()} streams (ours)",
