@@ -6,8 +6,9 @@ time). With this extension a response hands over an open file, an offset and a
 count, and the bytes go from the page cache to the socket with sendfile(2), on the
 connection's own (non-blocking) socket:
 
-- the transport's buffer is drained first (the head, or earlier body bytes), so the
-  file's bytes follow them in order;
+- the transport's buffer is drained first (the head, or earlier body bytes, or a
+  chunk's size line when the response is chunked), so the file's bytes follow them
+  in order;
 - when the socket is full, the send waits for it to be writable on a duplicate
   descriptor: the loop refuses a reader or writer on a descriptor a transport owns;
 - a client that hangs up ends the send like uvicorn's own writes to a gone client
@@ -59,8 +60,8 @@ async def _sendfile(
         return
     if not cycle.response_started or cycle.response_complete:
         raise RuntimeError(f"unexpected ASGI message {MESSAGE!r}")
-    if cycle.chunked_encoding or cycle.scope["method"] == "HEAD":
-        raise RuntimeError(f"{MESSAGE!r} needs a Content-Length and a body")
+    if cycle.scope["method"] == "HEAD":
+        raise RuntimeError(f"{MESSAGE!r} needs a body")
     fd = message["file"].fileno()
     offset = message.get("offset")
     if offset is None:
@@ -68,8 +69,13 @@ async def _sendfile(
     count = message.get("count")
     if count is None:
         count = os.fstat(fd).st_size - offset
-    if count > cycle.expected_content_length:
+    # Chunked (no Content-Length: a blob of a chunked upstream) frames the file's
+    # bytes as one chunk; an empty one would end the body.
+    chunked = cycle.chunked_encoding and count > 0
+    if not cycle.chunked_encoding and count > cycle.expected_content_length:
         raise RuntimeError("Response content longer than Content-Length")
+    if chunked:
+        transport.write(b"%x\r\n" % count)
     await _drained(cycle, transport)
     if cycle.disconnected:
         return
@@ -79,7 +85,10 @@ async def _sendfile(
     if not await _send_all(sock.fileno(), fd, offset, count):
         cycle.disconnected = True  # as uvicorn's own writes to a gone client: dropped
         return
-    cycle.expected_content_length -= count
+    if chunked:
+        transport.write(b"\r\n")
+    elif not cycle.chunked_encoding:
+        cycle.expected_content_length -= count
     # The cycle's own bookkeeping: completion, keep-alive, the next request.
     await send(
         {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
@@ -222,3 +223,30 @@ async def test_cold_pages_are_read_by_a_worker_thread_never_the_loop(
 
 async def _once(span: filespan.FileSpan) -> AsyncIterator[filespan.FileSpan]:
     yield span
+
+
+async def test_a_response_without_content_length_is_sent_chunked_with_sendfile(
+    blob_file: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A blob of a chunked upstream has no Content-Length: its spans are framed as chunks.
+    path, data = blob_file
+    calls = SendfileCalls(monkeypatch)
+    errors: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        blob = DiskBlob(os.open(path, os.O_RDONLY), SIZE)
+        try:
+            await BlobResponse(200, {}, blob.body(0, None), lambda n: None)(scope, receive, send)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    async with listening(app) as port, httpx.AsyncClient(timeout=30) as client:
+        for _ in range(2):  # kept alive: the last chunk ended the first body
+            resp = await client.get(f"http://127.0.0.1:{port}/blob")
+            assert resp.headers["transfer-encoding"] == "chunked"
+            assert hashlib.sha256(resp.content).digest() == hashlib.sha256(data).digest()
+    assert errors == []
+    assert calls.calls >= 2
