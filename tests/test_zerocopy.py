@@ -250,3 +250,21 @@ async def test_a_response_without_content_length_is_sent_chunked_with_sendfile(
             assert hashlib.sha256(resp.content).digest() == hashlib.sha256(data).digest()
     assert errors == []
     assert calls.calls >= 2
+
+
+async def test_bytes_a_departed_client_never_got_are_not_counted_as_sent(tmp_path: Path) -> None:
+    size = 64 << 20  # eight windows, all in the page cache: nothing makes the send wait
+    path = tmp_path / "big"
+    path.write_bytes(b"s" * size)
+    served = Served()
+    async with listening(_app(path, served, length=size)) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /blob HTTP/1.1\r\nhost: x\r\n\r\n")
+        await reader.readexactly(100_000)
+        writer.transport.abort()  # a reset in the first window
+        await asyncio.wait_for(served.finished.wait(), 10)
+    assert served.errors == []
+    assert sum(served.sent) < filespan.SEND_WINDOW  # not the other 56 MiB
