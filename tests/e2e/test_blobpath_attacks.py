@@ -50,6 +50,36 @@ async def test_a_chunked_upstream_blob_reaches_a_cold_client_whole(tmp_path: Pat
         assert "Exception in ASGI application" not in m.log()
 
 
+async def test_a_chunked_upstream_blob_reaches_a_follower_in_another_process(
+    tmp_path: Path,
+) -> None:
+    upstream = FakeUpstream()
+    data = os.urandom(4 * MiB)
+    digest = upstream.add_blob(data)
+    hold = asyncio.Event()
+    upstream.faults[digest] = Fault(chunked=True, hold_last=hold)
+    path = f"/v2/lib/app/blobs/{digest}"
+    cache = tmp_path / "cache"
+    async with serve(upstream) as url:
+        a = MirrorProcess(tmp_path / "a", url, cache_dir=cache)
+        b = MirrorProcess(tmp_path / "b", url, cache_dir=cache)
+        await asyncio.to_thread(a.start)
+        await asyncio.to_thread(b.start)
+        try:
+            async with httpx.AsyncClient(timeout=30) as c:
+                leading = asyncio.create_task(c.get(a.url + path))
+                await until(lambda: upstream.count("GET", f"/blobs/{digest}") == 1, "leader")
+                following = asyncio.create_task(c.get(b.url + path))
+                await until(lambda: b.metric("mirror_downloads_followed_total") == 1, "follower")
+                hold.set()
+                for resp in await asyncio.gather(leading, following):
+                    assert resp.status_code == 200 and sha256(resp.content) == digest
+        finally:
+            await asyncio.to_thread(b.stop)
+            await asyncio.to_thread(a.stop)
+        assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
 @pytest.fixture
 def small_ext4(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB ext4 file system: it keeps what fallocate(2) allocated before ENOSPC
