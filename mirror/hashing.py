@@ -38,7 +38,13 @@ def reserve(fd: int, size: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
         _fallocate = libc.fallocate
-    _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size)
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        # ext4 keeps the blocks it allocated before ENOSPC: a blob larger than the free
+        # space would hold the whole disk for as long as it streams, and every other
+        # write (other blobs, the index) would fail. A truncate to the file's own
+        # length gives back the blocks past it.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, os.fstat(fd).st_size)
 
 
 class HashingWriter:

@@ -76,15 +76,18 @@ class BlobResponse(Response):
                 await self._send(send, chunk)  # bytes-like: a relay's, perhaps a bytearray
             elif zero_copy:
                 async for window in chunk.windows():
-                    await send(
-                        {
-                            "type": zerocopy.MESSAGE,
-                            "file": window,
-                            "offset": window.offset,
-                            "count": window.count,
-                            "more_body": True,
-                        }
-                    )
+                    try:
+                        await send(
+                            {
+                                "type": zerocopy.MESSAGE,
+                                "file": window,
+                                "offset": window.offset,
+                                "count": window.count,
+                                "more_body": True,
+                            }
+                        )
+                    except zerocopy.ClientGone:
+                        return  # nothing more leaves, and what did not is not counted
                     self._on_chunk(window.count)
             else:
                 async for piece in chunk.pieces():

@@ -6,13 +6,16 @@ time). With this extension a response hands over an open file, an offset and a
 count, and the bytes go from the page cache to the socket with sendfile(2), on the
 connection's own (non-blocking) socket:
 
-- the transport's buffer is drained first (the head, or earlier body bytes), so the
-  file's bytes follow them in order;
+- the transport's buffer is drained first (the head, or earlier body bytes, or a
+  chunk's size line when the response is chunked), so the file's bytes follow them
+  in order;
 - when the socket is full, the send waits for it to be writable on a duplicate
   descriptor: the loop refuses a reader or writer on a descriptor a transport owns;
-- a client that hangs up ends the send like uvicorn's own writes to a gone client
-  (the response sees the disconnect); a file shorter than promised cuts the
-  connection (`AbortResponse`), never ends a short "complete" body.
+- a client that hangs up ends the send with `ClientGone` (an OSError, as ASGI 2.4
+  asks of a send to a closed connection; uvicorn's own sends drop the bytes
+  silently): a response would otherwise go on "sending", and counting, every
+  window of a blob in the page cache without once waiting; a file shorter than
+  promised cuts the connection (`AbortResponse`), never ends a short "complete" body.
 
 Offered on plain-HTTP connections only: over TLS the bytes must be encrypted in user
 space anyway. Whether each window is in the page cache is the caller's business
@@ -36,6 +39,10 @@ MESSAGE = "http.response.zerocopysend"
 Send = Callable[[Any], Awaitable[None]]
 
 
+class ClientGone(OSError):
+    """The client hung up: nothing more of this response can leave."""
+
+
 def offer(cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
     """Offer the extension to the request of `cycle` and handle its messages."""
     cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
@@ -56,11 +63,11 @@ async def _sendfile(
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()
     if cycle.disconnected:
-        return
+        raise ClientGone
     if not cycle.response_started or cycle.response_complete:
         raise RuntimeError(f"unexpected ASGI message {MESSAGE!r}")
-    if cycle.chunked_encoding or cycle.scope["method"] == "HEAD":
-        raise RuntimeError(f"{MESSAGE!r} needs a Content-Length and a body")
+    if cycle.scope["method"] == "HEAD":
+        raise RuntimeError(f"{MESSAGE!r} needs a body")
     fd = message["file"].fileno()
     offset = message.get("offset")
     if offset is None:
@@ -68,18 +75,26 @@ async def _sendfile(
     count = message.get("count")
     if count is None:
         count = os.fstat(fd).st_size - offset
-    if count > cycle.expected_content_length:
+    # Chunked (no Content-Length: a blob of a chunked upstream) frames the file's
+    # bytes as one chunk; an empty one would end the body.
+    chunked = cycle.chunked_encoding and count > 0
+    if not cycle.chunked_encoding and count > cycle.expected_content_length:
         raise RuntimeError("Response content longer than Content-Length")
+    if chunked:
+        transport.write(b"%x\r\n" % count)
     await _drained(cycle, transport)
     if cycle.disconnected:
-        return
+        raise ClientGone
     sock = transport.get_extra_info("socket")
     if sock is None:
         raise RuntimeError("no socket to send the file to")
     if not await _send_all(sock.fileno(), fd, offset, count):
-        cycle.disconnected = True  # as uvicorn's own writes to a gone client: dropped
-        return
-    cycle.expected_content_length -= count
+        cycle.disconnected = True  # uvicorn's own later writes are dropped
+        raise ClientGone
+    if chunked:
+        transport.write(b"\r\n")
+    elif not cycle.chunked_encoding:
+        cycle.expected_content_length -= count
     # The cycle's own bookkeeping: completion, keep-alive, the next request.
     await send(
         {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}

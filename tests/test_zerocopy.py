@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
@@ -222,3 +223,48 @@ async def test_cold_pages_are_read_by_a_worker_thread_never_the_loop(
 
 async def _once(span: filespan.FileSpan) -> AsyncIterator[filespan.FileSpan]:
     yield span
+
+
+async def test_a_response_without_content_length_is_sent_chunked_with_sendfile(
+    blob_file: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A blob of a chunked upstream has no Content-Length: its spans are framed as chunks.
+    path, data = blob_file
+    calls = SendfileCalls(monkeypatch)
+    errors: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        blob = DiskBlob(os.open(path, os.O_RDONLY), SIZE)
+        try:
+            await BlobResponse(200, {}, blob.body(0, None), lambda n: None)(scope, receive, send)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    async with listening(app) as port, httpx.AsyncClient(timeout=30) as client:
+        for _ in range(2):  # kept alive: the last chunk ended the first body
+            resp = await client.get(f"http://127.0.0.1:{port}/blob")
+            assert resp.headers["transfer-encoding"] == "chunked"
+            assert hashlib.sha256(resp.content).digest() == hashlib.sha256(data).digest()
+    assert errors == []
+    assert calls.calls >= 2
+
+
+async def test_bytes_a_departed_client_never_got_are_not_counted_as_sent(tmp_path: Path) -> None:
+    size = 64 << 20  # eight windows, all in the page cache: nothing makes the send wait
+    path = tmp_path / "big"
+    path.write_bytes(b"s" * size)
+    served = Served()
+    async with listening(_app(path, served, length=size)) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /blob HTTP/1.1\r\nhost: x\r\n\r\n")
+        await reader.readexactly(100_000)
+        writer.transport.abort()  # a reset in the first window
+        await asyncio.wait_for(served.finished.wait(), 10)
+    assert served.errors == []
+    assert sum(served.sent) < filespan.SEND_WINDOW  # not the other 56 MiB
