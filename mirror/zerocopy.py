@@ -88,7 +88,7 @@ async def _sendfile(
     sock = transport.get_extra_info("socket")
     if sock is None:
         raise RuntimeError("no socket to send the file to")
-    if not await _send_all(sock.fileno(), fd, offset, count):
+    if not await _send_all(transport, sock.fileno(), fd, offset, count):
         cycle.disconnected = True  # uvicorn's own later writes are dropped
         raise ClientGone
     if chunked:
@@ -115,19 +115,24 @@ async def _drained(cycle: RequestResponseCycle, transport: asyncio.Transport) ->
         transport.set_write_buffer_limits(high=high, low=low)
 
 
-async def _send_all(sock: int, fd: int, offset: int, count: int) -> bool:
+async def _send_all(
+    transport: asyncio.Transport, sock: int, fd: int, offset: int, count: int
+) -> bool:
     """Send [offset, offset+count) of `fd`; False if the client hung up."""
     loop = asyncio.get_running_loop()
-    dup: int | None = None
+    # A duplicate names this connection's socket for as long as the send lasts: the
+    # transport may close its own descriptor meanwhile, and the number could then be
+    # reused by a new connection, which must never receive these bytes.
+    dup = os.dup(sock)
     end = offset + count
     try:
         while offset < end:
             try:
-                sent = os.sendfile(sock, fd, offset, end - offset)
+                sent = os.sendfile(dup, fd, offset, end - offset)
             except BlockingIOError:
-                if dup is None:
-                    dup = os.dup(sock)
                 await _writable(loop, dup)
+                if transport.is_closing():
+                    return False  # closed while we waited (the client left, a shutdown)
                 continue
             except (BrokenPipeError, ConnectionResetError):
                 return False
@@ -136,9 +141,8 @@ async def _send_all(sock: int, fd: int, offset: int, count: int) -> bool:
             offset += sent
         return True
     finally:
-        if dup is not None:
-            # Never left open: it would keep the connection alive past its close.
-            os.close(dup)
+        # Never left open: it would keep the connection alive past its close.
+        os.close(dup)
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
