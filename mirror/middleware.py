@@ -7,7 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mirror import logs
+from mirror import logs, zerocopy
 from mirror.errors import AbortResponse
 from mirror.metrics import Metrics
 
@@ -63,6 +63,10 @@ class ObserveMiddleware:
                         record.cache = value.decode("latin-1")
             elif message["type"] == "http.response.body":
                 record.bytes += len(message.get("body", b""))
+            elif message["type"] == zerocopy.MESSAGE:
+                await send(message)  # raises if the client left: those bytes never went
+                record.bytes += message.get("count") or 0
+                return
             await send(message)
 
         try:

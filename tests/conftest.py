@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from mirror.app import create_app
 from mirror.config import Settings
+from mirror.server import uvicorn_config
 
 
 @dataclass
@@ -68,7 +69,9 @@ def mirror(tmp_path: Path) -> MirrorFactory:
         clock = overrides.pop("clock", None)
         settings = Settings(upstream=upstream, **overrides)
         app = create_app(settings, clock=clock) if clock else create_app(settings)
-        async with serve(app) as url:
+        # The listener `mirror serve` runs (its connection guard, zero-copy sends).
+        protocol = uvicorn_config(app, settings, app.state.metrics).http
+        async with serve(app, http=protocol) as url:
             yield RunningMirror(url, app)
 
     return start

@@ -14,14 +14,20 @@ from starlette.types import ASGIApp
 
 @asynccontextmanager
 async def serve(
-    app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "on"
+    app: ASGIApp,
+    *,
+    lifespan: Literal["auto", "on", "off"] = "on",
+    http: type[asyncio.Protocol] | str = "auto",
 ) -> AsyncIterator[str]:
-    """Serve `app` on 127.0.0.1:<free port>; yields the base URL."""
+    """Serve `app` on 127.0.0.1:<free port>; yields the base URL. `http` is uvicorn's
+    protocol class (the mirror's own listener, for the mirror)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, lifespan=lifespan, log_level="warning", access_log=False, http=http
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
