@@ -33,7 +33,7 @@ from pathlib import Path
 
 from mirror import locks
 from mirror.diskindex import DiskIndex
-from mirror.filespan import FileSpan
+from mirror.filespan import FileSpan, open_read
 from mirror.reference import Digest
 from mirror.store import BlobEntry, Recovery
 
@@ -142,7 +142,7 @@ class DiskStore(DiskIndex):
         if size is None:
             return None
         try:
-            fd = os.open(self.blob_path(digest), os.O_RDONLY)
+            fd = await open_read(self.blob_path(digest))
         except FileNotFoundError:
             # The index outlived its file (removed by hand, or a crash): a miss.
             log.warning("cache index had %s but its file is gone; dropping the entry", digest)

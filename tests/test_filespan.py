@@ -1,0 +1,46 @@
+"""Opening and reading cached files without the event loop waiting for the disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from mirror import filespan
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_cancelled_open_closes_the_descriptor_its_thread_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 4096)
+    release = threading.Event()
+    opened = threading.Event()
+    real_open = os.open
+
+    def slow_open(p: object, flags: int, *args: int) -> int:
+        if p == path:
+            opened.set()
+            release.wait(10)  # a directory lookup on a busy disk
+        return real_open(p, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", slow_open)
+    before = _open_fds()
+    task = asyncio.create_task(filespan.open_read(path))
+    await asyncio.to_thread(opened.wait, 10)
+    task.cancel()  # the client left while the name was being looked up
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    for _ in range(200):  # the thread finishes the open; its descriptor is closed
+        if _open_fds() <= before:
+            break
+        await asyncio.sleep(0.01)
+    assert _open_fds() <= before
