@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from fakes.server import serve
 from starlette.types import Receive, Scope, Send
 
 from mirror import filespan, zerocopy
@@ -63,21 +63,10 @@ def _app(path: Path, served: Served, length: int = SIZE) -> Callable[..., Any]:
 
 @contextlib.asynccontextmanager
 async def listening(app: Callable[..., Any]) -> AsyncIterator[int]:
-    """`app` behind the listener `mirror serve` uses (its protocol class)."""
+    """`app` behind the listener `mirror serve` uses (its protocol class); the port."""
     limits = Limits(Metrics(), max_connections=100, header_timeout=30, max_header_bytes=16384)
-    config = uvicorn.Config(app, http=limits.protocol(), log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with serve(app, lifespan="off", http=limits.protocol()) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[bytes, bytes]:
