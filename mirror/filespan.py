@@ -31,10 +31,10 @@ from mirror.errors import AbortResponse
 
 log = logging.getLogger(__name__)
 
-# Bytes per read (no zero-copy) and per sendfile message: each stream holds about two
-# chunks in memory (ours, plus the transport's copy of what the socket did not take
-# yet), so 64 streams of 1 GiB peaked at ~111 MiB RSS with 256 KiB vs ~265 MiB with
-# 1 MiB, at the same throughput (docs/benchmarks.md).
+# Bytes per read where there is no zero-copy (TLS): each stream holds about two chunks
+# in memory (ours, plus the transport's copy of what the socket did not take yet), so
+# 64 streams of 1 GiB peaked at ~111 MiB RSS with 256 KiB vs ~265 MiB with 1 MiB, at
+# the same throughput (docs/benchmarks.md).
 READ_CHUNK = 256 << 10
 # Bytes per sendfile message: the residency probes and the byte counters run once
 # per window. Larger windows cost nothing in memory (the kernel moves the bytes).

@@ -83,10 +83,10 @@ async def _chunks(
     buffered.clear()
     aio.content._size = 0
     left = length - sum(len(chunk) for chunk in early)
-    reader = _BlockReader(transport, left)
     try:
         if left < 0:
             raise httpx.RemoteProtocolError("upstream sent more than its Content-Length")
+        reader = _BlockReader(transport, left)
         for chunk in early:
             yield chunk
         transport.set_protocol(reader)
@@ -108,12 +108,14 @@ class _BlockReader(asyncio.BufferedProtocol):
         self._error: Exception | None = None
         self._wake: asyncio.Future[None] | None = None
         self._paused = False
-        self._spare = bytearray(65536)  # bytes past the body: ignored (never reused)
+        self._spare: bytearray | None = None  # for bytes past the body, if any: ignored
 
     # -- the transport's side -----------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._left == 0:
+            if self._spare is None:
+                self._spare = bytearray(65536)
             return memoryview(self._spare)
         return memoryview(self._block)[self._filled :]
 

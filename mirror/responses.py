@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from mirror import zerocopy
-from mirror.filespan import FileSpan
+from mirror.filespan import FileSpan, as_bytes
 from mirror.store import Body
 
 
@@ -71,10 +71,14 @@ class BlobResponse(Response):
                 await self._body.aclose()
 
     async def _stream(self, body: Body, send: Send, zero_copy: bool) -> None:
-        async for chunk in body:
-            if not isinstance(chunk, FileSpan):
-                await self._send(send, chunk)  # bytes-like: a relay's, perhaps a bytearray
-            elif zero_copy:
+        if not zero_copy:  # TLS, or an ASGI caller without the extension: read spans
+            async for piece in as_bytes(body):
+                await self._send(send, piece)
+        else:
+            async for chunk in body:
+                if not isinstance(chunk, FileSpan):
+                    await self._send(send, chunk)  # a relay's bytes (perhaps a bytearray)
+                    continue
                 async for window in chunk.windows():
                     try:
                         await send(
@@ -89,9 +93,6 @@ class BlobResponse(Response):
                     except zerocopy.ClientGone:
                         return  # nothing more leaves, and what did not is not counted
                     self._on_chunk(window.count)
-            else:
-                async for piece in chunk.pieces():
-                    await self._send(send, piece)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send(self, send: Send, chunk: bytes) -> None:

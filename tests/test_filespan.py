@@ -23,13 +23,18 @@ async def test_a_cancelled_open_closes_the_descriptor_its_thread_opened(
     path.write_bytes(b"x" * 4096)
     release = threading.Event()
     opened = threading.Event()
+    done = threading.Event()  # the thread's open has returned its descriptor
     real_open = os.open
 
     def slow_open(p: object, flags: int, *args: int) -> int:
-        if p == path:
-            opened.set()
-            release.wait(10)  # a directory lookup on a busy disk
-        return real_open(p, flags, *args)  # type: ignore[arg-type]
+        if p != path:
+            return real_open(p, flags, *args)  # type: ignore[arg-type]
+        opened.set()
+        release.wait(10)  # a directory lookup on a busy disk
+        try:
+            return real_open(p, flags, *args)
+        finally:
+            done.set()
 
     monkeypatch.setattr(os, "open", slow_open)
     before = _open_fds()
@@ -39,6 +44,7 @@ async def test_a_cancelled_open_closes_the_descriptor_its_thread_opened(
     with pytest.raises(asyncio.CancelledError):
         await task
     release.set()
+    assert await asyncio.to_thread(done.wait, 10)
     for _ in range(200):  # the thread finishes the open; its descriptor is closed
         if _open_fds() <= before:
             break
