@@ -27,11 +27,11 @@ def create_app(
     *,
     clock: Callable[[], float] = time.time,
     multiprocess_dir: Path | None = None,
-    recover: bool = True,
 ) -> FastAPI:
-    """`multiprocess_dir` and `recover=False` for a worker of several (mirror.supervisor):
-    its metrics go to the group's files, and the supervisor recovered the cache once
-    before any worker started (a worker doing it would delete the others' downloads)."""
+    """`multiprocess_dir` for a worker of several (mirror.supervisor): its metrics go to
+    the group's files. Every process recovers the cache at start: the store's recovery
+    leaves alone what live processes on the same directory own, and holding its serving
+    lock is what tells a later process that this one is alive."""
     metrics = Metrics(multiprocess_dir)
 
     @asynccontextmanager
@@ -40,11 +40,7 @@ def create_app(
         collector = None
         eviction = None
         try:
-            if recover:
-                log_recovery(built.store.recover())
-            else:
-                # The usage totals another process's recovery would have set.
-                built.store.reconcile(built.store.scan())
+            log_recovery(built.store.recover())
             collector = metrics.watch_cache(
                 built.store.usage, settings.max_size, settings.cache_dir
             )

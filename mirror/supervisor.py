@@ -10,9 +10,11 @@ new connection to whichever worker accepts it first. The supervisor serves nothi
                ── ...
 
 - Start-up: worker 1 starts alone and recovers the cache (temp files of a previous
-  run, orphans); the others start once it is ready and skip recovery, which would
-  delete their siblings' downloads in progress. A worker that dies later is restarted
-  the same way, after a back-off that grows while it keeps dying.
+  run, orphans); the others start once it is ready. Their recovery, and that of a
+  worker restarted later (after a back-off that grows while it keeps dying), finds
+  live processes on the cache directory and leaves their downloads alone
+  (`DiskStore.recover`); holding the store's serving lock from then on is what marks
+  each worker as live for the next one.
 - Readiness: a worker accepts connections on either socket only once its start-up is
   done, so whoever answers /readyz (or a registry request) is a ready worker: the
   group is ready while at least one worker is.
@@ -111,7 +113,7 @@ class Supervisor:
 
     # -- workers -------------------------------------------------------------------
 
-    def _start(self, slot: _Slot, *, recover: bool) -> None:
+    def _start(self, slot: _Slot, *, first: bool) -> None:
         reader, writer = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=run_worker,
@@ -122,7 +124,7 @@ class Supervisor:
                     self.sock,
                     self.admin_sock,
                     self._metrics_dir,
-                    recover,
+                    first,
                     writer,
                 ),
             ),
@@ -221,7 +223,7 @@ class Supervisor:
         log.info("supervisor (pid %d) starting %d workers", os.getpid(), len(self.slots))
         first = self.slots[0]
         if not self.stopping:
-            self._start(first, recover=True)
+            self._start(first, first=True)
         while first.process is not None and first.ready is not None and not self.stopping:
             self._wait(None)
         if first.process is None and not self.stopping:
@@ -230,7 +232,7 @@ class Supervisor:
         self._serving = True
         for slot in self.slots[1:]:
             if not self.stopping:
-                self._start(slot, recover=False)
+                self._start(slot, first=False)
         return self._supervise()
 
     def _supervise(self) -> int:
@@ -255,7 +257,7 @@ class Supervisor:
                         and slot.restart_at is not None
                         and now >= slot.restart_at
                     ):
-                        self._start(slot, recover=False)
+                        self._start(slot, first=False)
             due = [s.restart_at for s in self.slots if s.restart_at is not None]
             timeout = max(0.0, min(due) - now) if due and not self.stopping else None
             if deadline is not None:
@@ -308,7 +310,7 @@ class WorkerArgs:
     sock: socket.socket
     admin_sock: socket.socket | None
     metrics_dir: Path
-    recover: bool
+    first: bool  # the group's first worker, started alone
     ready: Connection
 
 
@@ -347,7 +349,7 @@ def run_worker(args: WorkerArgs) -> None:
         log.warning("the supervisor (pid %d) is gone: stopping", parent.pid)
         server.should_exit = True
 
-    app = create_app(settings, multiprocess_dir=args.metrics_dir, recover=args.recover)
+    app = create_app(settings, multiprocess_dir=args.metrics_dir)
     started = serve_app(
         app,
         settings,
@@ -358,6 +360,6 @@ def run_worker(args: WorkerArgs) -> None:
         # The first worker's admin listener answers (/healthz) while it recovers the
         # cache, as a single process does; a later worker's only once it serves, so a
         # restarting worker never answers /readyz 503 for a group that is ready.
-        admin_after_start=not args.recover,
+        admin_after_start=not args.first,
     )
     sys.exit(0 if started else STARTUP_FAILURE)

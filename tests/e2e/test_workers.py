@@ -8,6 +8,7 @@ workers apart by the `[worker N]` of each access-log line.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import re
@@ -261,3 +262,33 @@ def test_skopeo_copy_through_two_workers_and_prometheus_sees_the_group(
         assert seen == total
         up = prom.query('up{job="mirror"}')["result"]
         assert [float(s["value"][1]) for s in up] == [1.0]
+
+
+def _another_process_would_be_alone(cache_dir: Path) -> bool:
+    """What a new `mirror serve` on the same cache directory would conclude at its
+    recovery: that nobody else serves from it (and remove their downloads)."""
+    fd = os.open(cache_dir / "locks" / "serving.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+async def test_after_worker_1_restarts_the_group_still_marks_the_cache_as_in_use(
+    tmp_path: Path,
+) -> None:
+    upstream = FakeUpstream()
+    async with serve(upstream) as url:
+        with MirrorProcess(tmp_path / "m", url, workers=2) as mirror:
+
+            def run() -> None:
+                assert not _another_process_would_be_alone(mirror.cache_dir)
+                old = mirror.worker_pids()[1]
+                os.kill(old, signal.SIGKILL)  # the worker that recovered the cache first
+                wait_for_log(mirror, rf"restarting[\s\S]*worker 1 ready \(pid (?!{old}\))")
+                assert not _another_process_would_be_alone(mirror.cache_dir)
+
+            await asyncio.to_thread(run)
