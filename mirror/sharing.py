@@ -37,13 +37,14 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mirror import locks
-from mirror.diskstore import DiskStore
+from mirror.diskstore import DiskStore, unlink_temp
 from mirror.download import BlobDownload
 from mirror.errors import RegistryError, UpstreamError
 from mirror.reference import Digest
@@ -155,8 +156,12 @@ class Sharing:
             if size is not None:
                 leader._end("committed", size=size)
                 return size
-            # A dead leader's file: its followers hold their own descriptors.
-            temp.unlink(missing_ok=True)
+            # A dead leader's file (its followers hold their own descriptors): renamed
+            # away at once, and unlinked by a thread of its own (rare), since it may be
+            # many GB and this runs in the event loop.
+            doomed = leader.detach()
+            if doomed is not None:
+                threading.Thread(target=unlink_temp, args=(doomed,), daemon=True).start()
             data = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 ino = os.fstat(data).st_ino
