@@ -101,11 +101,8 @@ def evictor(
     """The eviction rounds; one process at a time per cache directory (the others skip
     a round, or with `wait`, as `mirror cache prune`, wait for it)."""
     freshness = settings.freshness()
-    disk = store if isinstance(store, DiskStore) else store.l1
 
-    def one(
-        target: Store, max_size: int | None, counted: Metrics | None, local: bool = True
-    ) -> Evictor:
+    def one(target: Store, max_size: int | None, counted: Metrics | None) -> Evictor:
         return Evictor(
             target,
             counted,
@@ -114,8 +111,9 @@ def evictor(
             # A tag is kept as long as any upstream may still serve it stale.
             max_stale=max(u.freshness(freshness).max_stale for u in settings.resolved_upstreams()),
             clock=clock,
-            # The shared content's round has its lock in Redis (SharedRounds).
-            lock=disk.evicting if local else None,
+            # A disk's rounds lock its directory; the shared content's round has its
+            # lock in Redis (SharedRounds).
+            lock=target.evicting if isinstance(target, DiskStore) else None,
             wait=wait,
         )
 
@@ -123,7 +121,7 @@ def evictor(
         return one(store, settings.max_size, metrics)
     owner = f"{settings.peer_url} {uuid.uuid4().hex[:8]}"
     return SharedRounds(
-        one(store, settings.max_size, metrics, local=False),
+        one(store, settings.max_size, metrics),
         # L1 evictions are not counted: the metrics are the shared content's.
         one(store.l1, settings.l1_max_size, None),
         store,
