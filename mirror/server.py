@@ -124,6 +124,16 @@ def admin_config(app: FastAPI, settings: Settings, metrics: Metrics) -> uvicorn.
     )
 
 
+async def started(server: uvicorn.Server) -> bool:
+    """Wait until `server` accepts connections; False if it is stopping instead.
+    uvicorn has no "started" event to await: its flag is polled, briefly."""
+    while not server.started:
+        if server.should_exit:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def serve_app(
     app: FastAPI,
     settings: Settings,
@@ -143,11 +153,8 @@ def serve_app(
     admin = None if admin_sock is None else AdminServer(admin_config(app, settings, metrics))
 
     async def serve_admin(admin: AdminServer, admin_sock: socket.socket) -> None:
-        # uvicorn has no "started" event to await: its flag is polled, briefly.
-        while admin_after_start and not server.started:
-            if server.should_exit:
-                return
-            await asyncio.sleep(0.02)
+        if admin_after_start and not await started(server):
+            return
         await admin.serve(sockets=[admin_sock])
 
     async def serve() -> None:

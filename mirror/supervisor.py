@@ -320,7 +320,7 @@ def run_worker(args: WorkerArgs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from mirror.app import create_app
     from mirror.logs import configure as configure_logging
-    from mirror.server import serve_app
+    from mirror.server import serve_app, started
     from mirror.tls import server_tls
     from mirror.tuning import tune_malloc
 
@@ -331,10 +331,8 @@ def run_worker(args: WorkerArgs) -> None:
     assert parent is not None and parent.pid is not None
 
     async def link(server: uvicorn.Server) -> None:
-        while not server.started:
-            if server.should_exit:
-                return
-            await asyncio.sleep(0.02)
+        if not await started(server):
+            return
         args.ready.send(args.index)
         args.ready.close()
         # The supervisor's sentinel becomes readable when it is gone (even by SIGKILL):
@@ -350,7 +348,7 @@ def run_worker(args: WorkerArgs) -> None:
         server.should_exit = True
 
     app = create_app(settings, multiprocess_dir=args.metrics_dir)
-    started = serve_app(
+    served = serve_app(
         app,
         settings,
         args.sock,
@@ -362,4 +360,4 @@ def run_worker(args: WorkerArgs) -> None:
         # restarting worker never answers /readyz 503 for a group that is ready.
         admin_after_start=not args.first,
     )
-    sys.exit(0 if started else STARTUP_FAILURE)
+    sys.exit(0 if served else STARTUP_FAILURE)
