@@ -449,6 +449,9 @@ class Inventory:
             return await self._refresh_protected()
 
     async def _refresh_protected(self) -> Protected:
+        if not await asyncio.to_thread(self._store.pins):
+            self.protected = Protected()  # the common case: no second scan per round
+            return self.protected
         snap = await self._snapshot()
         roots: set[Digest] = set()
         tags: set[tuple[str, str, str]] = set()
