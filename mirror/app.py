@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from mirror import components, probes
+from mirror import components, probes, ui
 from mirror.config import Settings
 from mirror.errors import install_handlers
 from mirror.metrics import Metrics
@@ -75,6 +75,7 @@ def create_app(
     app.include_router(probes.health)
     if settings.admin_listen is None:
         app.include_router(probes.metrics)
+        app.include_router(ui.router())
     app.include_router(peer)
     app.include_router(router)
     install_handlers(app)
@@ -102,5 +103,6 @@ def create_admin_app(app: FastAPI) -> FastAPI:
     admin.include_router(probes.health)
     admin.include_router(probes.metrics)
     admin.include_router(peer)
+    admin.include_router(ui.router())
     install_handlers(admin)
     return admin
