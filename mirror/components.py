@@ -24,8 +24,11 @@ from mirror.config import Endpoint, Settings
 from mirror.diskstore import DiskStore
 from mirror.eviction import Evictor, SharedRounds
 from mirror.fairness import Fairness
+from mirror.inventory import Inventory, Protected
+from mirror.jobs import Jobs
 from mirror.metrics import Metrics
 from mirror.objects import Objects, ObjectStoreError
+from mirror.pins import Pins
 from mirror.policy import RepoPolicy
 from mirror.proxy import Proxy
 from mirror.redisindex import IndexUnavailable, RedisIndex
@@ -97,6 +100,7 @@ def evictor(
     clock: Callable[[], float] = time.time,
     *,
     wait: bool = False,
+    protected: Callable[[], Protected] = Protected,
 ) -> Evictor | SharedRounds:
     """The eviction rounds; one process at a time per cache directory (the others skip
     a round, or with `wait`, as `mirror cache prune`, wait for it)."""
@@ -115,6 +119,7 @@ def evictor(
             # lock in Redis (SharedRounds).
             lock=target.evicting if isinstance(target, DiskStore) else None,
             wait=wait,
+            protected=protected,
         )
 
     if isinstance(store, DiskStore):
@@ -142,13 +147,22 @@ class Components:
     evictor: Evictor | SharedRounds
     upstreams: list[RemoteStore]
     auth: ClientAuth
+    inventory: Inventory
+    registries: dict[str, Upstream]  # each upstream's registry client (its health)
     cluster: Cluster | None = None
     catalog: Catalog = field(init=False)
+    jobs: Jobs = field(init=False)
+    pins: Pins = field(init=False)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.store)
+        self.jobs = Jobs(self.router, self.store)
+        self.pins = Pins(self.inventory, self.jobs, self.router)
+        # Before each eviction round: what pins protect, as of now.
+        self.evictor.prepare = self.inventory.refresh_protected
 
     async def aclose(self) -> None:
+        await self.jobs.aclose()
         await self.router.aclose()  # downloads and flights first: they use the upstreams
         for upstream in self.upstreams:
             await upstream.aclose()
@@ -194,6 +208,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     # Replicas (store: s3) share downloads through their cluster leases instead.
     disk = store if isinstance(store, DiskStore) and proc_fd_usable() else None
     upstreams = []
+    registries: dict[str, Upstream] = {}
     proxies: dict[str, Proxy] = {}
     tier_secrets = [[tier.secret() for tier in config.mirrors] for config in configured]
     for config, secret, mirror_secrets in zip(configured, secrets, tier_secrets, strict=True):
@@ -207,6 +222,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             token_hosts=tuple(config.token_hosts),
             others=tuple(u for u in urls if u != config.base_url),
         )
+        registries[config.name] = registry
         upstream: RemoteStore = registry
         if config.mirrors:
             # Each tier gets only its own credentials (never the registry's), and asks
@@ -266,14 +282,17 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
         {c.path_prefix: c.name for c in configured if c.path_prefix},
         {alias: c.name for c in configured for alias in c.aliases},
     )
+    inventory = Inventory(store, clock)
     return Components(
         settings,
         metrics,
         store,
         router,
-        evictor(settings, store, metrics, clock),
+        evictor(settings, store, metrics, clock, protected=lambda: inventory.protected),
         upstreams,
         auth,
+        inventory,
+        registries,
         cluster,
     )
 
