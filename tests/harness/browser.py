@@ -71,6 +71,13 @@ class Browser:
         self._service = Service(chromedriver, log_output=str(self.workdir / "chromedriver.log"))
         self._driver = webdriver.Chrome(options=options, service=self._service)
         self._driver.set_page_load_timeout(30)
+        # --window-size counts the window's frame: the page itself (and a screenshot)
+        # gets exactly `size` only this way.
+        width, height = self.size
+        self._driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
         return self
 
     def __exit__(
