@@ -215,6 +215,24 @@ def test_the_page_shows_a_cold_pull_and_purges_the_image(
         assert listed == {"images": []}
         assert head_blob(mirror, big_image.repo, big_image.layer) == "MISS"
 
+        # Pin and unpin another image from the page.
+        search(browser, small.repo)
+
+        def pinned_state(want: str) -> WebElement | None:
+            row = image_row(browser, small.repo, small.tag)
+            return row if row and row.find_element(By.CLASS_NAME, "pinned").text == want else None
+
+        wait_for(lambda: pinned_state(""), "the unpinned image").find_element(
+            By.CSS_SELECTOR, 'button[data-action="pin"]'
+        ).click()
+        wait_for(lambda: pinned_state("pinned"), "the image to show pinned").find_element(
+            By.CSS_SELECTOR, 'button[data-action="unpin"]'
+        ).click()
+        wait_for(lambda: pinned_state(""), "the image to show unpinned")
+        assert driver.find_element(By.ID, "message").text == (
+            f"unpinned {upstream}/{small.repo}:{small.tag}"
+        )
+
         # Everything the page loaded came from the mirror itself, and it ran cleanly (a
         # CSP violation would be a console error).
         loaded = driver.execute_script(
