@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from mirror import admin, components, probes
+from mirror import admin, components, probes, ui
 from mirror.config import Settings
 from mirror.errors import install_handlers
 from mirror.metrics import Metrics
@@ -79,6 +79,7 @@ def create_app(
     if settings.admin_listen is None:
         app.include_router(probes.metrics)
         app.include_router(admin.router(admin_listener=False))
+        app.include_router(ui.router())
     app.include_router(peer)
     app.include_router(router)
     install_handlers(app)
@@ -107,5 +108,6 @@ def create_admin_app(app: FastAPI) -> FastAPI:
     served.include_router(probes.metrics)
     served.include_router(admin.router(admin_listener=True))
     served.include_router(peer)
+    served.include_router(ui.router())
     install_handlers(served)
     return served

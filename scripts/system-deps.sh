@@ -4,7 +4,9 @@
 # promtool (the dashboard's queries and the alert rules are checked against them), and
 # the shared store's engines: Ceph's RADOS Gateway (S3) and Redis, plus curl (the
 # harness signs S3 requests with it), and nginx (bench/compare/'s third reference: it
-# starts its own nginx with its own config; the package's service stays stopped).
+# starts its own nginx with its own config; the package's service stays stopped), and
+# chromium with its chromedriver (the status page's browser test; Debian builds both from
+# one source, so their versions always match).
 # kubectl is not a Debian 12 package: `make kubectl` fetches it (scripts/fetch_kubectl.py).
 # Idempotent and quick when everything is present; needs root (or sudo) only when
 # something is missing.
@@ -23,6 +25,8 @@ command -v ceph >/dev/null && command -v ceph-authtool >/dev/null || need+=(ceph
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v curl >/dev/null || need+=(curl)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
@@ -42,6 +43,7 @@ __all__ = [
     "free_port",
     "push",
     "registry_get",
+    "require_module",
     "require_root",
     "require_tool",
     "sha256_digest",
@@ -57,6 +59,16 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_module(name: str) -> None:
+    """A Python package of the dev extras that a test module imports: call it before
+    the import. In CI its absence fails, elsewhere the module is skipped."""
+    if importlib.util.find_spec(name) is None:
+        message = f"{name} is not installed (pip install -e '.[dev]')"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 def require_root(why: str) -> None:
