@@ -266,7 +266,10 @@ class Inventory:
         if config in self._platforms:
             return self._platforms[config]
         platform = None
-        if 0 < size <= CONFIG_MAX and (blob := await self._store.open_blob(config)) is not None:
+        blob = await self._store.open_blob(config) if 0 < size <= CONFIG_MAX else None
+        if blob is None and 0 < size <= CONFIG_MAX:
+            return None  # not cached yet (a pull in progress fetches it last): ask again
+        if blob is not None:
             body = blob.body(0, None)
             try:
                 data = b"".join([piece async for piece in as_bytes(body)])

@@ -263,12 +263,6 @@ def test_names_from_upstream_are_shown_as_text(real_upstream: RealUpstream, tmp_
         assert browser.driver.title == "mirror status"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the admin API remembers 'no platform' for an image listed while its config "
-    "blob is not cached yet (skopeo fetches it after the layers), and never looks again "
-    "(mirror/inventory.py Inventory._config_platform); the page then shows none",
-)
 def test_an_image_listed_during_its_pull_gets_its_platform(
     real_upstream: RealUpstream, big_image: BigImage, tmp_path: Path
 ) -> None:
