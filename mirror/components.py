@@ -22,6 +22,7 @@ from mirror.clientauth import ClientAuth, token_key
 from mirror.cluster import Cluster
 from mirror.config import Endpoint, Settings
 from mirror.diskstore import DiskStore
+from mirror.events import Events
 from mirror.eviction import Evictor, SharedRounds
 from mirror.fairness import Fairness
 from mirror.metrics import Metrics
@@ -97,6 +98,7 @@ def evictor(
     clock: Callable[[], float] = time.time,
     *,
     wait: bool = False,
+    events: Events | None = None,
 ) -> Evictor | SharedRounds:
     """The eviction rounds; one process at a time per cache directory (the others skip
     a round, or with `wait`, as `mirror cache prune`, wait for it)."""
@@ -115,6 +117,8 @@ def evictor(
             # lock in Redis (SharedRounds).
             lock=target.evicting if isinstance(target, DiskStore) else None,
             wait=wait,
+            # What goes from the cache, not from a replica's local copy of it.
+            events=events if counted is not None else None,
         )
 
     if isinstance(store, DiskStore):
@@ -143,6 +147,7 @@ class Components:
     upstreams: list[RemoteStore]
     auth: ClientAuth
     cluster: Cluster | None = None
+    events: Events = field(default_factory=Events)
     catalog: Catalog = field(init=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +162,7 @@ class Components:
         if isinstance(self.store, SharedStore):
             await self.store.aclose()
         self.store.close()
+        await self.events.aclose()  # last: stopping downloads may still report fills
 
 
 def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Components:
@@ -165,6 +171,8 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     # Before the store: a bad htpasswd or key file fails the start with nothing open.
     auth = client_auth(settings, metrics, clock)
     store = open_store(settings, clock, metrics)
+    # Started by the app's lifespan (its senders are tasks of the running loop).
+    events = Events(settings.notifications, metrics, listen=settings.listen)
     cluster = None
     if isinstance(store, SharedStore):
         assert settings.peer_url is not None
@@ -259,6 +267,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             fairness=fairness,
             # Single flight across the processes sharing the cache directory.
             sharing=None if disk is None else Sharing(disk, config.name),
+            events=events,
         )
     router = Router(
         proxies,
@@ -271,10 +280,11 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
         metrics,
         store,
         router,
-        evictor(settings, store, metrics, clock),
+        evictor(settings, store, metrics, clock, events=events),
         upstreams,
         auth,
         cluster,
+        events,
     )
 
 

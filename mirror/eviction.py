@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mirror.events import Events
 from mirror.locks import FileLock
 from mirror.metrics import EvictionReason, Kind, Metrics
 from mirror.store import Store
@@ -81,7 +82,9 @@ class Evictor(Rounds):
         clock: Callable[[], float] = time.time,
         lock: FileLock | None = None,
         wait: bool = False,
+        events: Events | None = None,
     ) -> None:
+        self._events = events or Events()
         self._lock = lock
         self._wait = wait
         self._store = store
@@ -132,6 +135,7 @@ class Evictor(Rounds):
             else:
                 blobs.append((atime, entry))
         store.drop_blobs([e.digest for e in expired])
+        self._events.evicted("blob", ((e.digest, e.size) for e in expired), "ttl")
         for entry in expired:
             ttl_blobs += 1
             freed += entry.size
@@ -139,6 +143,7 @@ class Evictor(Rounds):
         # Atimes came with the scan (one transaction, not a read per manifest).
         stale = [d for d, atime in scan.manifests if now - (atime or now) > self._content_ttl]
         store.drop_manifests(stale)
+        self._events.evicted("manifest", ((d, None) for d in stale), "ttl")
         ttl_manifests = len(stale)
         for _ in stale:
             self._count("manifest", "ttl", 0)
@@ -163,6 +168,7 @@ class Evictor(Rounds):
                 size_blobs += 1
                 self._count("blob", "size", entry.size)
             store.drop_blobs([e.digest for e in victims])
+            self._events.evicted("blob", ((e.digest, e.size) for e in victims), "size")
         result = Round(
             ttl_blobs,
             ttl_manifests,
