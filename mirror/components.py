@@ -154,6 +154,7 @@ class Components:
         self.catalog = Catalog(self.store)
 
     async def aclose(self) -> None:
+        self.events.stopping()  # its flush runs alongside the rest of the stop
         await self.router.aclose()  # downloads and flights first: they use the upstreams
         for upstream in self.upstreams:
             await upstream.aclose()

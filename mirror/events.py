@@ -112,6 +112,7 @@ class Events:
         self._thread: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._flush_deadline: float | None = None
         port = listen.rpartition(":")[2]
         self._source = {
             "addr": f"{socket.gethostname()}:{port}" if port else socket.gethostname(),
@@ -149,13 +150,22 @@ class Events:
             ),
         )
 
+    def stopping(self) -> None:
+        """The process stops: the flush timeout counts from now, while the rest of
+        the stop (downloads committing) runs, so events add nothing to its length."""
+        if self._loop is not None and self._flush_deadline is None:
+            self._flush_deadline = self._loop.time() + self._flush_timeout
+
     async def aclose(self) -> None:
         """Deliver what is queued within the flush timeout; drop (and count) the rest."""
+        self.stopping()
         self._closed = True
         for sender in self._senders:
             sender.close()
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=self._flush_timeout)
+            assert self._loop is not None and self._flush_deadline is not None
+            left = max(0.0, self._flush_deadline - self._loop.time())
+            _, pending = await asyncio.wait(self._tasks, timeout=left)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
