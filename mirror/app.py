@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from mirror import components, probes
+from mirror import admin, components, probes
 from mirror.config import Settings
 from mirror.errors import install_handlers
 from mirror.metrics import Metrics
@@ -39,7 +39,7 @@ def create_app(
         built = components.build(settings, metrics, clock)
         built.events.start()
         collector = None
-        eviction = None
+        eviction = pinning = None
         try:
             log_recovery(built.store.recover())
             collector = metrics.watch_cache(
@@ -61,12 +61,15 @@ def create_app(
             )
             # Eviction runs in the background, in a worker thread: never in a request's path.
             eviction = asyncio.create_task(built.evictor.run_forever(settings.eviction_interval))
+            # Pinned images are checked as often as eviction runs.
+            pinning = asyncio.create_task(built.pins.run_forever(settings.eviction_interval))
             yield
         finally:
             # Also when start-up failed half-way: nothing built is left open.
-            if eviction is not None:
-                eviction.cancel()
-                await asyncio.gather(eviction, return_exceptions=True)
+            for task in (eviction, pinning):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await built.aclose()
             if collector is not None:
                 metrics.unwatch(collector)
@@ -76,6 +79,7 @@ def create_app(
     app.include_router(probes.health)
     if settings.admin_listen is None:
         app.include_router(probes.metrics)
+        app.include_router(admin.router(admin_listener=False))
     app.include_router(peer)
     app.include_router(router)
     install_handlers(app)
@@ -98,10 +102,11 @@ def log_recovery(report: Recovery) -> None:
 def create_admin_app(app: FastAPI) -> FastAPI:
     """The admin listener's app: the probes and /metrics of `app`, whose state it
     shares (the metrics, and the components once its lifespan built them)."""
-    admin = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    admin.state = app.state
-    admin.include_router(probes.health)
-    admin.include_router(probes.metrics)
-    admin.include_router(peer)
-    install_handlers(admin)
-    return admin
+    served = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    served.state = app.state
+    served.include_router(probes.health)
+    served.include_router(probes.metrics)
+    served.include_router(admin.router(admin_listener=True))
+    served.include_router(peer)
+    install_handlers(served)
+    return served

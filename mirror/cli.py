@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from mirror import components
+from mirror import admincli, components
 from mirror.config import Settings
 from mirror.diskstore import DiskStore
 from mirror.loading import SettingsError, check_usable, load_settings, unknown_environment
@@ -324,7 +324,15 @@ def prune(config_file: Path | None, cache_dir: Path | None) -> None:
     every eviction_interval)."""
     settings = _settings(config_file, cache_dir=cache_dir)
     with _store(settings) as store:
-        r = components.evictor(settings, store, None, wait=True).evict()
+        # What pins protect, read from the index as the server does before a round.
+        import asyncio
+
+        from mirror.inventory import Inventory
+
+        protected = asyncio.run(Inventory(store).refresh_protected())
+        r = components.evictor(
+            settings, store, None, wait=True, protected=lambda: protected
+        ).evict()
     click.echo(
         f"evicted {r.ttl_blobs + r.size_blobs} blobs ({r.ttl_blobs} unused for "
         f"{settings.content_ttl:.0f} s, {r.size_blobs} over max_size), "
@@ -525,3 +533,6 @@ def probe(url: str, ready: bool) -> None:
     if status != 200:
         click.echo(f"{target}: {status}", err=True)
     raise SystemExit(0 if status == 200 else 1)
+
+
+main.add_command(admincli.admin)

@@ -25,8 +25,11 @@ from mirror.diskstore import DiskStore
 from mirror.events import Events
 from mirror.eviction import Evictor, SharedRounds
 from mirror.fairness import Fairness
+from mirror.inventory import Inventory, Protected
+from mirror.jobs import Jobs
 from mirror.metrics import Metrics
 from mirror.objects import Objects, ObjectStoreError
+from mirror.pins import Pins
 from mirror.policy import RepoPolicy
 from mirror.proxy import Proxy
 from mirror.redisindex import IndexUnavailable, RedisIndex
@@ -99,6 +102,7 @@ def evictor(
     *,
     wait: bool = False,
     events: Events | None = None,
+    protected: Callable[[], Protected] = Protected,
 ) -> Evictor | SharedRounds:
     """The eviction rounds; one process at a time per cache directory (the others skip
     a round, or with `wait`, as `mirror cache prune`, wait for it)."""
@@ -119,6 +123,7 @@ def evictor(
             wait=wait,
             # What goes from the cache, not from a replica's local copy of it.
             events=events if counted is not None else None,
+            protected=protected,
         )
 
     if isinstance(store, DiskStore):
@@ -146,15 +151,24 @@ class Components:
     evictor: Evictor | SharedRounds
     upstreams: list[RemoteStore]
     auth: ClientAuth
+    inventory: Inventory
+    registries: dict[str, Upstream]  # each upstream's registry client (its health)
     cluster: Cluster | None = None
     events: Events = field(default_factory=Events)
     catalog: Catalog = field(init=False)
+    jobs: Jobs = field(init=False)
+    pins: Pins = field(init=False)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.store)
+        self.jobs = Jobs(self.router, self.store)
+        self.pins = Pins(self.inventory, self.jobs, self.router)
+        # Before each eviction round: what pins protect, as of now.
+        self.evictor.prepare = self.inventory.refresh_protected
 
     async def aclose(self) -> None:
         self.events.stopping()  # its flush runs alongside the rest of the stop
+        await self.jobs.aclose()
         await self.router.aclose()  # downloads and flights first: they use the upstreams
         for upstream in self.upstreams:
             await upstream.aclose()
@@ -203,6 +217,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     # Replicas (store: s3) share downloads through their cluster leases instead.
     disk = store if isinstance(store, DiskStore) and proc_fd_usable() else None
     upstreams = []
+    registries: dict[str, Upstream] = {}
     proxies: dict[str, Proxy] = {}
     tier_secrets = [[tier.secret() for tier in config.mirrors] for config in configured]
     for config, secret, mirror_secrets in zip(configured, secrets, tier_secrets, strict=True):
@@ -216,6 +231,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             token_hosts=tuple(config.token_hosts),
             others=tuple(u for u in urls if u != config.base_url),
         )
+        registries[config.name] = registry
         upstream: RemoteStore = registry
         if config.mirrors:
             # Each tier gets only its own credentials (never the registry's), and asks
@@ -276,14 +292,19 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
         {c.path_prefix: c.name for c in configured if c.path_prefix},
         {alias: c.name for c in configured for alias in c.aliases},
     )
+    inventory = Inventory(store, clock)
     return Components(
         settings,
         metrics,
         store,
         router,
-        evictor(settings, store, metrics, clock, events=events),
+        evictor(
+            settings, store, metrics, clock, events=events, protected=lambda: inventory.protected
+        ),
         upstreams,
         auth,
+        inventory,
+        registries,
         cluster,
         events,
     )

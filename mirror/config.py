@@ -510,6 +510,10 @@ class Settings(BaseSettings):
     auth_service: str = "mirror"
     # Authorization rules (YAML only); none: every authenticated client may pull all.
     access: list[AccessRule] = Field(default_factory=list)
+    # Who may purge, pin and warm through the admin API and the status page, once
+    # credentials are configured (mirror/admin.py); any logged-in user may look.
+    admin_users: list[str] = Field(default_factory=list)
+    admin_groups: list[str] = Field(default_factory=list)
     # -- per-client limits (mirror/fairness.py; README, "Fairness"); 0: no limit ------
     # Counted per user, or per address for anonymous clients. Opt-in: many clients may
     # share one address (NAT), and a central tier sees each node's mirror as a client.
@@ -617,6 +621,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"access rule names group {unknown_groups[0]!r}, not in auth_groups"
                 )
+        if unknown_groups := [g for g in self.admin_groups if g not in self.auth_groups]:
+            raise ValueError(f"admin_groups names group {unknown_groups[0]!r}, not in auth_groups")
         tokens = [t.name for t in self.auth_tokens]
         if len(set(tokens)) != len(tokens):
             raise ValueError(f"auth_tokens names must be unique: {tokens}")

@@ -17,7 +17,15 @@ import diskcache
 from mirror.metrics import CacheUsage
 from mirror.reference import Digest
 from mirror.referrers import CACHE_KEY as REFERRERS
-from mirror.store import BlobEntry, Scan, StoredManifest, TagEntry, TagKey
+from mirror.store import (
+    BlobEntry,
+    ImageKey,
+    PullRecord,
+    Scan,
+    StoredManifest,
+    TagEntry,
+    TagKey,
+)
 
 
 def _blob_key(digest: Digest) -> str:
@@ -43,6 +51,22 @@ def _pair(upstream: str, repo: str) -> str:
 # Pairs kept per digest: a popular base layer is in thousands of repositories. Past
 # this, the least recently recorded go (asked again with a HEAD when next requested).
 MAX_SCOPES = 1024
+
+
+def _image_key(prefix: str, key: ImageKey) -> str:
+    # Repository names have no "@"; a reference is a tag or a digest.
+    return f"{prefix}/{key.upstream}/{key.repo}@{key.ref}"
+
+
+def _parse_image_key(prefix: str, key: str) -> ImageKey:
+    upstream, _, rest = key[len(prefix) + 1 :].partition("/")
+    repo, _, ref = rest.rpartition("@")
+    return ImageKey(upstream, repo, ref)
+
+
+def _prefixed(index: Any, prefix: str) -> list[str]:
+    # diskcache has no prefix query: one pass over the keys, no values read.
+    return [k for k in index.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
 
 
 def _tag_key(key: TagKey) -> str:
@@ -73,6 +97,7 @@ class DiskIndex:
         self._touch_lock = threading.Lock()
         self._touched_blobs: dict[Digest, float] = {}
         self._touched_manifests: dict[Digest, float] = {}
+        self._pulled: dict[ImageKey, tuple[Digest, int, float]] = {}
 
     def close(self) -> None:
         self._index.close()
@@ -173,13 +198,27 @@ class DiskIndex:
         with self._touch_lock:
             self._touched_manifests[digest] = self._clock()
 
+    def record_pull(self, key: ImageKey, digest: Digest) -> None:
+        with self._touch_lock:
+            _, count, _ = self._pulled.get(key, (digest, 0, 0.0))
+            self._pulled[key] = (digest, count + 1, self._clock())
+
     def flush_access(self) -> None:
         """One transaction for every access since the last flush. A blob keeps its
         access time in its own entry (one key per blob to scan and to delete)."""
         with self._touch_lock:
             blobs, self._touched_blobs = self._touched_blobs, {}
             manifests, self._touched_manifests = self._touched_manifests, {}
+            pulled, self._pulled = self._pulled, {}
         with self._index.transact():
+            # Read-modify-write in the transaction: other processes add their counts.
+            for key, (digest, count, when) in pulled.items():
+                index_key = _image_key("pull", key)
+                old = self._index.get(index_key)
+                total = count + (int(old[1]) if old else 0)
+                if old and float(old[2]) > when:  # another process pulled it later
+                    digest, when = Digest.parse(old[0]), float(old[2])
+                self._index.set(index_key, (str(digest), total, when))
             for digest, when in blobs.items():
                 value = self._index.get(_blob_key(digest))
                 if value is not None:
@@ -222,8 +261,50 @@ class DiskIndex:
         atimes = [(Digest.parse(d), None if t is None else float(t)) for d, t in manifest_atimes]
         return Scan(blobs, atimes, tags)
 
+    def tag_entries(self) -> list[tuple[TagKey, TagEntry]]:
+        keys = _prefixed(self._index, "tag/")
+        with self._index.transact():
+            values = [(k, self._index.get(k)) for k in keys]
+        entries = []
+        for key, value in values:
+            if value:
+                digest, media_type, stored_at = cast(tuple[str, str, float], value)
+                entries.append(
+                    (_parse_tag_key(key), TagEntry(Digest.parse(digest), media_type, stored_at))
+                )
+        return entries
+
+    def pulls(self) -> list[PullRecord]:
+        keys = _prefixed(self._index, "pull/")
+        with self._index.transact():
+            values = [(k, self._index.get(k)) for k in keys]
+        return [
+            PullRecord(_parse_image_key("pull", k), Digest.parse(v[0]), int(v[1]), float(v[2]))
+            for k, v in values
+            if v
+        ]
+
+    def drop_pulls(self, keys: list[ImageKey]) -> None:
+        with self._index.transact():
+            for key in keys:
+                self._index.delete(_image_key("pull", key))
+
+    def pins(self) -> dict[ImageKey, float]:
+        keys = _prefixed(self._index, "pin/")
+        pins = {}
+        for key in keys:
+            value = self._index.get(key)
+            if value is not None:
+                pins[_parse_image_key("pin", key)] = float(value)
+        return pins
+
+    def set_pin(self, key: ImageKey, pinned_at: float | None) -> None:
+        if pinned_at is None:
+            self._index.delete(_image_key("pin", key))
+        else:
+            self._index.set(_image_key("pin", key), pinned_at)
+
     def repositories(self) -> list[tuple[str, str]]:
-        # diskcache has no prefix query: one pass over the keys, no values read.
         pairs = set()
         for key in self._index.iterkeys():
             if isinstance(key, str) and key.startswith("tag/"):

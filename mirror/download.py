@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,8 @@ class BlobDownload:
         self.spilled = False  # the cache refused the bytes; the rest comes from memory
         self.error: BaseException | None = None
         self.source: BlobSource | None = None  # given by the caller (a bucket read)
+        self.started = time.time()  # wall clock, for the admin API's rates
+        self.readers = 0  # readers attached now
         self._changed = asyncio.Event()
         self._relay = Relay()
         self._on_end: list[Callable[[], None]] = []
@@ -135,7 +138,9 @@ class BlobDownload:
         await, while its name is still the temp name (it may be renamed, or unlinked
         if the download spills)."""
         fd = None if self.spilled else os.open(self.path, os.O_RDONLY)
-        return DownloadReader(self, fd, self._relay.attach())
+        reader = DownloadReader(self, fd, self._relay.attach())
+        self.readers += 1
+        return reader
 
     def _moved(self) -> None:
         if self.spilled:
@@ -164,6 +169,7 @@ class DownloadReader:
         self._dl = dl
         self._fd = fd
         self._cursor = cursor
+        self._attached = True  # counted in dl.readers until closed
 
     @property
     def size(self) -> int | None:
@@ -201,6 +207,9 @@ class DownloadReader:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._attached:
+            self._attached = False
+            self._dl.readers -= 1
         self._cursor.closed = True
         self._dl._moved()
 

@@ -83,6 +83,22 @@ class Downloads:
     def active(self, digest: Digest) -> BlobDownload | None:
         return self._active.get(digest)
 
+    @property
+    def upstream_name(self) -> str:
+        return self._upstream.name
+
+    async def settled(self, digest: Digest) -> None:
+        """Wait until this process's download of `digest`, if any, has ended: committed
+        to the cache (or given up). A warm job waits so that done means cached."""
+        runs = [task for task, dl in self._runs.items() if dl.digest == digest]
+        if runs:
+            await asyncio.wait([asyncio.shield(t) for t in runs])
+
+    def listing(self) -> list[BlobDownload]:
+        """Downloads running now: led here, or followed from another process."""
+        running = [dl for dl in self._active.values() if dl.running]
+        return running + [dl for dl in self._followed if dl.running and dl not in running]
+
     async def join(
         self,
         repo: str,

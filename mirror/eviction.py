@@ -9,6 +9,10 @@ round runs in a worker thread every `interval` seconds (and on demand:
 2. tag entries older than their usefulness (`max_stale`) are removed ("ttl");
 3. while blob bytes exceed `max_size`, the least recently used blob goes ("size").
 
+Pinned images (mirror.inventory) are never evicted: what they reach is left out of
+every step, and their tags never expire. What they protect is recomputed before
+each round (pins may change in another process; a pinned tag may move).
+
 Removing a blob someone is reading is safe (POSIX unlink keeps open files readable);
 downloads in flight are not in the index yet, so they are never evicted.
 
@@ -23,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mirror.events import Events
+from mirror.inventory import Protected
 from mirror.locks import FileLock
 from mirror.metrics import EvictionReason, Kind, Metrics
 from mirror.store import Store
@@ -55,6 +60,9 @@ class Round:
 class Rounds:
     """Lifecycle rounds in a worker thread, every `interval` seconds or on demand."""
 
+    # Run in the event loop before each round (what pins protect is read there).
+    prepare: Callable[[], Awaitable[object]] | None = None
+
     async def run_forever(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -64,6 +72,8 @@ class Rounds:
                 log.exception("eviction round failed; retrying next interval")
 
     async def run_once(self) -> Round:
+        if self.prepare is not None:
+            await self.prepare()
         return await asyncio.to_thread(self.evict)
 
     def evict(self) -> Round:
@@ -83,8 +93,10 @@ class Evictor(Rounds):
         lock: FileLock | None = None,
         wait: bool = False,
         events: Events | None = None,
+        protected: Callable[[], Protected] = Protected,
     ) -> None:
         self._events = events or Events()
+        self._protected = protected
         self._lock = lock
         self._wait = wait
         self._store = store
@@ -121,6 +133,7 @@ class Evictor(Rounds):
         store.sweep_temp(TEMP_MAX_AGE)
         now = self._clock()
         ttl_blobs = ttl_manifests = ttl_tags = size_blobs = freed = 0
+        pinned = self._protected()
 
         scan = store.scan()
         # The running totals restart from what is there (another process may have
@@ -130,6 +143,8 @@ class Evictor(Rounds):
         expired = []
         for entry in scan.blobs:
             atime = entry.atime
+            if entry.digest in pinned.digests:
+                continue  # neither expired nor a candidate for the size cap
             if now - atime > self._content_ttl:
                 expired.append(entry)
             else:
@@ -141,7 +156,11 @@ class Evictor(Rounds):
             freed += entry.size
             self._count("blob", "ttl", entry.size)
         # Atimes came with the scan (one transaction, not a read per manifest).
-        stale = [d for d, atime in scan.manifests if now - (atime or now) > self._content_ttl]
+        stale = [
+            d
+            for d, atime in scan.manifests
+            if now - (atime or now) > self._content_ttl and d not in pinned.digests
+        ]
         store.drop_manifests(stale)
         self._events.evicted("manifest", ((d, None) for d in stale), "ttl")
         ttl_manifests = len(stale)
@@ -151,11 +170,19 @@ class Evictor(Rounds):
         # named but nobody pulled go once they are as old as unused content.
         cached = {e.digest for e in scan.blobs} | {d for d, _ in scan.manifests}
         store.drop_scopes(cached, now - self._content_ttl)
-        old_tags = [key for key, stored_at in scan.tags if now - stored_at > self._tag_lifetime]
+        old_tags = [
+            key
+            for key, stored_at in scan.tags
+            if now - stored_at > self._tag_lifetime
+            and (key.upstream, key.repo, key.tag) not in pinned.tags
+        ]
         store.drop_tags(old_tags)
         ttl_tags = len(old_tags)
 
-        total = sum(e.size for _, e in blobs)
+        # Pinned bytes count against max_size but are never the ones to go.
+        total = sum(e.size for _, e in blobs) + sum(
+            e.size for e in scan.blobs if e.digest in pinned.digests
+        )
         if self._max_size is not None and total > self._max_size:
             blobs.sort(key=lambda pair: pair[0])  # least recently used first
             victims = []

@@ -128,6 +128,8 @@ class Metrics:
             self.exposition = CollectorRegistry(auto_describe=True)
             MultiProcessCollector(self.exposition, str(multiprocess_dir))  # type: ignore[no-untyped-call]
         r = self.registry
+        # The last rate limit each upstream announced (limit, remaining), for the page.
+        self.rate_limits: dict[str, tuple[int | None, int | None]] = {}
         self.requests = Counter(
             "mirror_http_requests",
             "HTTP requests answered, by route template and status.",
@@ -502,16 +504,42 @@ class Metrics:
 
     def rate_limit(self, upstream: str, headers: Mapping[str, str]) -> None:
         """Export Docker Hub's `ratelimit-limit: 100;w=21600` style headers."""
-        for header, gauge in (
-            ("ratelimit-limit", self.ratelimit_limit),
-            ("ratelimit-remaining", self.ratelimit_remaining),
+        seen = list(self.rate_limits.get(upstream, (None, None)))
+        for i, (header, gauge) in enumerate(
+            (
+                ("ratelimit-limit", self.ratelimit_limit),
+                ("ratelimit-remaining", self.ratelimit_remaining),
+            )
         ):
             parsed = parse_rate_limit(headers.get(header))
             if parsed is not None:
                 value, window = parsed
                 gauge.labels(upstream).set(value)
+                seen[i] = value
                 if window is not None:
                     self.ratelimit_window.labels(upstream).set(window)
+        self.rate_limits[upstream] = (seen[0], seen[1])
+
+    def totals(self) -> dict[str, float]:
+        """Whole-group totals for the status page (hits, misses, bytes), read from what
+        /metrics would render: in a worker of several, the group's, not this process's."""
+        out = dict.fromkeys(
+            ("hits", "misses", "served_cache", "served_upstream", "from_upstream"), 0.0
+        )
+        for family in self.exposition.collect():
+            for sample in family.samples:
+                if sample.name == "mirror_cache_requests_total":
+                    result = sample.labels.get("result")
+                    if result in ("hit", "stale", "revalidated"):
+                        out["hits"] += sample.value
+                    elif result == "miss":
+                        out["misses"] += sample.value
+                elif sample.name == "mirror_served_bytes_total":
+                    key = "served_" + sample.labels.get("source", "cache")
+                    out[key] = out.get(key, 0.0) + sample.value
+                elif sample.name == "mirror_upstream_bytes_total":
+                    out["from_upstream"] += sample.value
+        return out
 
     def render(self) -> bytes:
         return generate_latest(self.exposition)

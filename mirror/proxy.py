@@ -137,6 +137,10 @@ class Proxy:
     def name(self) -> str:
         return self._upstream.name
 
+    @property
+    def freshness(self) -> Freshness:
+        return self._freshness
+
     def repo(self, name: str) -> str:
         """The upstream's repository name for `name`, if this mirror may serve it."""
         repo = dockerhub.repository(name, hub=self._upstream.docker_hub)

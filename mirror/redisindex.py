@@ -10,6 +10,9 @@ The one module that imports redis. Keys, all under the configured prefix::
     scope:<d>   zset  "<upstream>/<repo>" -> when recorded  (pairs known to hold d)
     lease:<d>   str   the replica leading the download of d (expires unless renewed)
     lock:<name> str   a lifecycle lock (one replica evicts at a time)
+    pullcount   hash  "<upstream>/<repo>@<ref>" -> pulls (HINCRBY from every replica)
+    pulllast    hash  "<upstream>/<repo>@<ref>" -> "<when> <digest>" (the last pull)
+    pins        hash  "<upstream>/<repo>@<ref>" -> pinned at
 
 Request-path calls use the asyncio client; lifecycle rounds run in a worker thread and
 use the blocking client. A Redis that cannot be reached costs at most one short
@@ -34,7 +37,7 @@ from mirror.health import Health
 from mirror.metrics import CacheUsage, Metrics
 from mirror.reference import Digest
 from mirror.referrers import CACHE_KEY as REFERRERS
-from mirror.store import BlobEntry, Scan, TagEntry, TagKey
+from mirror.store import BlobEntry, ImageKey, PullRecord, Scan, TagEntry, TagKey
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,17 @@ def parse_tag_field(field: str) -> TagKey:
     head, _, accept = rest.rpartition("#")
     repo, _, tag = head.rpartition(":")
     return TagKey(upstream, repo, tag, accept)
+
+
+def image_field(key: ImageKey) -> str:
+    # Upstream names have no "/", repository names no "@".
+    return f"{key.upstream}/{key.repo}@{key.ref}"
+
+
+def parse_image_field(field: str) -> ImageKey:
+    upstream, _, rest = field.partition("/")
+    repo, _, ref = rest.rpartition("@")
+    return ImageKey(upstream, repo, ref)
 
 
 class RedisIndex:
@@ -291,6 +305,75 @@ class RedisIndex:
             pipe.execute()
 
         self._run_sync(write)
+
+    def add_pulls(self, pulled: dict[ImageKey, tuple[Digest, int, float]]) -> None:
+        """Pull counts add up (HINCRBY) across replicas; the last pull is the latest
+        one written (replicas flush within a round of each other)."""
+        if not pulled:
+            return
+
+        def write() -> None:
+            pipe = self._sync.pipeline(transaction=False)
+            for key, (digest, count, when) in pulled.items():
+                pipe.hincrby(self._p + "pullcount", image_field(key), count)
+                pipe.hset(self._p + "pulllast", image_field(key), f"{when!r} {digest}")
+            pipe.execute()
+
+        self._run_sync(write)
+
+    def pulls(self) -> list[PullRecord]:
+        def read() -> tuple[Any, Any]:
+            pipe = self._sync.pipeline(transaction=True)
+            pipe.hgetall(self._p + "pullcount")
+            pipe.hgetall(self._p + "pulllast")
+            return tuple(pipe.execute())
+
+        counts, lasts = self._run_sync(read)
+        records = []
+        for field, last in lasts.items():
+            when, digest = str(last).split(" ")
+            key = parse_image_field(field)
+            records.append(
+                PullRecord(key, Digest.parse(digest), int(counts.get(field, 0)), float(when))
+            )
+        return records
+
+    def drop_pulls(self, keys: list[ImageKey]) -> None:
+        if keys:
+            fields = [image_field(k) for k in keys]
+
+            def drop() -> None:
+                pipe = self._sync.pipeline(transaction=True)
+                pipe.hdel(self._p + "pullcount", *fields)
+                pipe.hdel(self._p + "pulllast", *fields)
+                pipe.execute()
+
+            self._run_sync(drop)
+
+    def pins(self) -> dict[ImageKey, float]:
+        raw = self._run_sync(lambda: self._sync.hgetall(self._p + "pins"))
+        return {parse_image_field(str(f)): float(v) for f, v in raw.items()}
+
+    def set_pin(self, key: ImageKey, pinned_at: float | None) -> None:
+        if pinned_at is None:
+            self._run_sync(lambda: self._sync.hdel(self._p + "pins", image_field(key)))
+        else:
+            self._run_sync(
+                lambda: self._sync.hset(self._p + "pins", image_field(key), repr(pinned_at))
+            )
+
+    def tag_entries(self) -> list[tuple[TagKey, TagEntry]]:
+        raw = self._run_sync(lambda: self._sync.hgetall(self._p + "tags"))
+        entries = []
+        for field, value in raw.items():
+            digest, media_type, stored_at = str(value).split(" ")
+            entries.append(
+                (
+                    parse_tag_field(str(field)),
+                    TagEntry(Digest.parse(digest), media_type, float(stored_at)),
+                )
+            )
+        return entries
 
     # -- leases -----------------------------------------------------------------------
 

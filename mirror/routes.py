@@ -27,6 +27,7 @@ from mirror.reference import Digest, Reference, parse_path, validate_tag
 from mirror.responses import BlobResponse
 from mirror.routing import Route
 from mirror.sharedstore import SharedStore
+from mirror.store import ImageKey
 from mirror.tls import client_common_name
 
 router = APIRouter()
@@ -308,6 +309,9 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
         return Response(status_code=304, headers=headers)
     if not head:
         _metrics(request).served_bytes.labels(manifest.source).inc(len(stored.body))
+        # A pull as registries count them (Docker Hub: manifest GETs), for the inventory.
+        image = ImageKey(route.proxy.name, route.proxy.repo(route.name), str(ref))
+        _components(request).store.record_pull(image, stored.digest)
     # uvicorn drops the body of a HEAD response but keeps our Content-Length.
     return Response(stored.body, media_type=stored.media_type, headers=headers)
 

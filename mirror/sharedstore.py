@@ -34,7 +34,16 @@ from mirror.metrics import CacheUsage, Metrics
 from mirror.objects import ObjectBody, Objects, ObjectStoreError, Upload
 from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.reference import Digest
-from mirror.store import BlobEntry, Recovery, Scan, StoredManifest, TagEntry, TagKey
+from mirror.store import (
+    BlobEntry,
+    ImageKey,
+    PullRecord,
+    Recovery,
+    Scan,
+    StoredManifest,
+    TagEntry,
+    TagKey,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ class SharedStore:
         self._touch_lock = threading.Lock()
         self._touched_blobs: dict[Digest, float] = {}
         self._touched_manifests: dict[Digest, float] = {}
+        self._pulled: dict[ImageKey, tuple[Digest, int, float]] = {}
 
     # -- manifests and tags -----------------------------------------------------------
 
@@ -281,11 +291,25 @@ class SharedStore:
             if len(self._touched_manifests) < MAX_TOUCHED or digest in self._touched_manifests:
                 self._touched_manifests[digest] = self._clock()
 
+    def record_pull(self, key: ImageKey, digest: Digest) -> None:
+        with self._touch_lock:
+            old = self._pulled.get(key)
+            if old is not None or len(self._pulled) < MAX_TOUCHED:
+                self._pulled[key] = (digest, (old[1] if old else 0) + 1, self._clock())
+
     def flush_access(self) -> None:
         """Every replica's accesses reach Redis (ZADD GT), whoever evicts."""
         with self._touch_lock:
             blobs, self._touched_blobs = self._touched_blobs, {}
             manifests, self._touched_manifests = self._touched_manifests, {}
+            pulled, self._pulled = self._pulled, {}
+        try:
+            self.index.add_pulls(pulled)
+        except IndexUnavailable:
+            with self._touch_lock:
+                for key, (digest, count, when) in pulled.items():
+                    old = self._pulled.get(key)
+                    self._pulled[key] = (digest, count + (old[1] if old else 0), when)
         try:
             self.index.touch(blobs, manifests)
         except IndexUnavailable:
@@ -319,6 +343,23 @@ class SharedStore:
 
     def drop_tags(self, keys: list[TagKey]) -> None:
         self.index.drop_tags(keys)
+
+    # -- pulls and pins: in Redis (the cluster's), as tags are -------------------------
+
+    def pulls(self) -> list[PullRecord]:
+        return self.index.pulls()
+
+    def drop_pulls(self, keys: list[ImageKey]) -> None:
+        self.index.drop_pulls(keys)
+
+    def pins(self) -> dict[ImageKey, float]:
+        return self.index.pins()
+
+    def set_pin(self, key: ImageKey, pinned_at: float | None) -> None:
+        self.index.set_pin(key, pinned_at)
+
+    def tag_entries(self) -> list[tuple[TagKey, TagEntry]]:
+        return self.index.tag_entries()
 
     def sweep_temp(self, older_than: float) -> int:
         return self.l1.sweep_temp(older_than)

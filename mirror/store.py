@@ -48,6 +48,28 @@ class TagEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageKey:
+    """An image as clients name it on one upstream: by a tag, or by a digest (a pull
+    by digest, or a pin of one). What pull records and pins are kept by."""
+
+    upstream: str
+    repo: str
+    ref: str  # a tag, or "sha256:<hex>"
+
+    def __str__(self) -> str:
+        sep = "@" if ":" in self.ref else ":"
+        return f"{self.upstream}/{self.repo}{sep}{self.ref}"
+
+
+@dataclass(frozen=True, slots=True)
+class PullRecord:
+    key: ImageKey
+    digest: Digest  # what the last pull got
+    count: int
+    last: float  # wall-clock seconds of the last pull
+
+
+@dataclass(frozen=True, slots=True)
 class BlobEntry:
     digest: Digest
     size: int
@@ -225,8 +247,31 @@ class Store(Protocol):
 
     def touch_manifest(self, digest: Digest) -> None: ...
 
+    def record_pull(self, key: ImageKey, digest: Digest) -> None:
+        """A client pulled `key` (a manifest GET); counted in memory, written by
+        `flush_access` (counts add up across processes and replicas)."""
+        ...
+
     def flush_access(self) -> None:
-        """Write the accesses recorded since the last flush (a lifecycle round)."""
+        """Write the accesses and pulls recorded since the last flush (a lifecycle
+        round, or an admin listing that wants them current)."""
+        ...
+
+    # -- what operators see and steer (mirror.inventory); blocking: a worker thread ----
+    def pulls(self) -> list[PullRecord]: ...
+
+    def drop_pulls(self, keys: list[ImageKey]) -> None: ...
+
+    def pins(self) -> dict[ImageKey, float]:
+        """Pinned images, with when they were pinned."""
+        ...
+
+    def set_pin(self, key: ImageKey, pinned_at: float | None) -> None:
+        """Pin `key` (at `pinned_at`), or unpin it (None)."""
+        ...
+
+    def tag_entries(self) -> list[tuple[TagKey, TagEntry]]:
+        """Every tag entry with its digest, in one read."""
         ...
 
     def scan(self) -> Scan:

@@ -45,3 +45,13 @@ def parse_duration(value: Any) -> float:
     if m is None:
         raise ValueError(f"invalid duration {value!r}: use a number of seconds or e.g. 5m, 7d")
     return float(m[1]) * _UNITS[m[2]]
+
+
+def human_bytes(n: int | float) -> str:
+    """1536 -> "1.5 KiB": sizes for people (tables, the status page's twin)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

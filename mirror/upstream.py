@@ -436,6 +436,11 @@ class Upstream:
                 method = "GET"
         raise UpstreamError("UNAVAILABLE", "upstream redirected too many times", status=502)
 
+    @property
+    def trouble(self) -> str | None:
+        """Why the last request failed (a transport error, a 5xx); None: it answered."""
+        return self._trouble
+
     def _health(self, trouble: str | None) -> None:
         """One log line when the upstream starts failing, and one when it recovers:
         not one per request (the access log has those)."""

@@ -8,7 +8,7 @@ from fakes.cache import commit_bytes
 
 from mirror.diskstore import DiskStore
 from mirror.reference import Digest
-from mirror.store import Stats
+from mirror.store import ImageKey, Stats
 
 
 async def test_recover_after_a_crash(tmp_path: Path) -> None:
@@ -70,3 +70,23 @@ async def test_open_blob_drops_an_entry_whose_file_vanished(tmp_path: Path) -> N
     assert await store.open_blob(d) is None
     assert await store.blob_size(d) is None
     store.close()
+
+
+async def test_pulls_from_two_processes_sharing_the_index_add_up(tmp_path: Path) -> None:
+    one, two = DiskStore(tmp_path), DiskStore(tmp_path)  # as two workers would
+    key = ImageKey("docker.io", "library/alpine", "3.20")
+    d1, d2 = Digest("sha256", "1" * 64), Digest("sha256", "2" * 64)
+    one.record_pull(key, d1)
+    one.record_pull(key, d1)
+    two.record_pull(key, d2)
+    assert one.pulls() == []  # counted in memory until a flush
+    one.flush_access()
+    two.flush_access()
+    [record] = one.pulls()
+    assert (record.key, record.count, record.digest) == (key, 3, d2)
+    two.set_pin(key, 5.0)
+    assert one.pins() == {key: 5.0}
+    one.drop_pulls([key])
+    assert two.pulls() == []
+    one.close()
+    two.close()

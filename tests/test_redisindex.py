@@ -12,7 +12,7 @@ from harness.redisserver import RedisServer
 from mirror.metrics import Metrics
 from mirror.redisindex import IndexUnavailable, RedisIndex
 from mirror.reference import Digest
-from mirror.store import TagEntry, TagKey
+from mirror.store import ImageKey, TagEntry, TagKey
 
 D1 = Digest("sha256", "1" * 64)
 D2 = Digest("sha256", "2" * 64)
@@ -89,3 +89,29 @@ async def test_a_redis_that_is_down_fails_fast_logs_once_and_recovers(
     assert "redis reachable again" in caplog.text
     assert metrics.shared_degraded.labels("redis")._value.get() == 0
     await index.aclose()
+
+
+async def test_pull_counts_add_up_across_replicas_and_pins_round_trip(
+    index: RedisIndex, redis_server: RedisServer
+) -> None:
+    other = RedisIndex(redis_server.url, Metrics(), prefix=index._p)  # a second replica
+    alpine = ImageKey("docker.io", "library/alpine", "3.20")
+    by_digest = ImageKey("docker.io", "library/alpine", str(D2))
+    index.add_pulls({alpine: (D1, 3, 100.0)})
+    other.add_pulls({alpine: (D2, 2, 200.0), by_digest: (D2, 1, 150.0)})
+    records = sorted(index.pulls(), key=lambda r: str(r.key))
+    assert [(r.key, r.digest, r.count, r.last) for r in records] == [
+        (alpine, D2, 5, 200.0),
+        (by_digest, D2, 1, 150.0),
+    ]
+    index.drop_pulls([alpine])
+    assert [r.key for r in other.pulls()] == [by_digest]
+    assert index.pins() == {}
+    index.set_pin(alpine, 300.5)
+    assert other.pins() == {alpine: 300.5}
+    other.set_pin(alpine, None)
+    assert index.pins() == {}
+    key = TagKey("docker.io", "library/alpine", "3.20", "application/vnd.oci.image.index.v1+json")
+    await index.put_tag(key, TagEntry(D1, MT, 1000.5))
+    assert other.tag_entries() == [(key, TagEntry(D1, MT, 1000.5))]
+    await other.aclose()
