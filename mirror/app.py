@@ -37,6 +37,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         built = components.build(settings, metrics, clock)
+        built.events.start()
         collector = None
         eviction = pinning = None
         try:

@@ -22,6 +22,7 @@ from mirror.clientauth import ClientAuth, token_key
 from mirror.cluster import Cluster
 from mirror.config import Endpoint, Settings
 from mirror.diskstore import DiskStore
+from mirror.events import Events
 from mirror.eviction import Evictor, SharedRounds
 from mirror.fairness import Fairness
 from mirror.inventory import Inventory, Protected
@@ -100,6 +101,7 @@ def evictor(
     clock: Callable[[], float] = time.time,
     *,
     wait: bool = False,
+    events: Events | None = None,
     protected: Callable[[], Protected] = Protected,
 ) -> Evictor | SharedRounds:
     """The eviction rounds; one process at a time per cache directory (the others skip
@@ -119,6 +121,8 @@ def evictor(
             # lock in Redis (SharedRounds).
             lock=target.evicting if isinstance(target, DiskStore) else None,
             wait=wait,
+            # What goes from the cache, not from a replica's local copy of it.
+            events=events if counted is not None else None,
             protected=protected,
         )
 
@@ -150,6 +154,7 @@ class Components:
     inventory: Inventory
     registries: dict[str, Upstream]  # each upstream's registry client (its health)
     cluster: Cluster | None = None
+    events: Events = field(default_factory=Events)
     catalog: Catalog = field(init=False)
     jobs: Jobs = field(init=False)
     pins: Pins = field(init=False)
@@ -162,6 +167,7 @@ class Components:
         self.evictor.prepare = self.inventory.refresh_protected
 
     async def aclose(self) -> None:
+        self.events.stopping()  # its flush runs alongside the rest of the stop
         await self.jobs.aclose()
         await self.router.aclose()  # downloads and flights first: they use the upstreams
         for upstream in self.upstreams:
@@ -171,6 +177,7 @@ class Components:
         if isinstance(self.store, SharedStore):
             await self.store.aclose()
         self.store.close()
+        await self.events.aclose()  # last: stopping downloads may still report fills
 
 
 def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Components:
@@ -179,6 +186,8 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
     # Before the store: a bad htpasswd or key file fails the start with nothing open.
     auth = client_auth(settings, metrics, clock)
     store = open_store(settings, clock, metrics)
+    # Started by the app's lifespan (its senders are tasks of the running loop).
+    events = Events(settings.notifications, metrics, listen=settings.listen)
     cluster = None
     if isinstance(store, SharedStore):
         assert settings.peer_url is not None
@@ -275,6 +284,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             fairness=fairness,
             # Single flight across the processes sharing the cache directory.
             sharing=None if disk is None else Sharing(disk, config.name),
+            events=events,
         )
     router = Router(
         proxies,
@@ -288,12 +298,15 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
         metrics,
         store,
         router,
-        evictor(settings, store, metrics, clock, protected=lambda: inventory.protected),
+        evictor(
+            settings, store, metrics, clock, events=events, protected=lambda: inventory.protected
+        ),
         upstreams,
         auth,
         inventory,
         registries,
         cluster,
+        events,
     )
 
 

@@ -277,6 +277,117 @@ class AccessRule(BaseModel):
         return [v if v == "*" else dockerhub.canonical(v) for v in values]
 
 
+# What the mirror reports to webhooks (mirror.events); `ignore.actions` names these.
+EVENT_ACTIONS = ("pull", "fill", "evict", "mismatch", "upstream_failure", "delete")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+_ENDPOINT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _header_values(value: Any) -> Any:
+    # Distribution writes `Authorization: [Bearer x]`; a single value is accepted too.
+    return [value] if isinstance(value, str) else value
+
+
+HeaderValues = Annotated[list[SecretStr], BeforeValidator(_header_values)]
+
+
+class NotificationIgnore(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mediatypes: list[str] = Field(default_factory=list)
+    actions: list[str] = Field(default_factory=list)
+
+    @field_validator("actions")
+    @classmethod
+    def _actions(cls, values: list[str]) -> list[str]:
+        for action in values:
+            if action not in EVENT_ACTIONS:
+                raise ValueError(f"unknown action {action!r} (known: {', '.join(EVENT_ACTIONS)})")
+        return values
+
+
+class NotificationEndpoint(BaseModel):
+    """A webhook that gets events, in Distribution's `notifications.endpoints` shape.
+    Header values are secrets (an Authorization token): they never print."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    url: str
+    headers: dict[str, HeaderValues] = Field(default_factory=dict)
+    timeout: Duration = Field(default=1.0, gt=0, le=300)  # one POST, whole
+    # After `threshold` failed POSTs in a row, the next waits `backoff` (Distribution's).
+    threshold: int = Field(default=10, ge=1)
+    backoff: Duration = Field(default=1.0, gt=0, le=3600)
+    ignoredmediatypes: list[str] = Field(default_factory=list)
+    ignore: NotificationIgnore = Field(default_factory=NotificationIgnore)
+    disabled: bool = False
+    # Events waiting for this endpoint, at most (ours; Distribution's queue has no
+    # bound): a full queue drops new events, and counts them.
+    queue: int = Field(default=1024, ge=1, le=1_000_000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _ENDPOINT_NAME_RE.fullmatch(value):
+            raise ValueError(
+                "an endpoint name is letters, digits, '.', '_' or '-' (it labels metrics)"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        # Never echoed back: a webhook URL may carry a token in its path.
+        if not re.fullmatch(r"https?://[^/\s@]+(/\S*)?", value):
+            raise ValueError(
+                "an endpoint url is http(s)://host[:port]/path, without credentials "
+                "(put them in headers, e.g. Authorization)"
+            )
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, list[SecretStr]]) -> dict[str, list[SecretStr]]:
+        for name, values in value.items():
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            if any(re.search(r"[\r\n\x00]", v.get_secret_value()) for v in values):
+                raise ValueError(f"header {name}: a value may not hold line breaks")
+        return value
+
+    def ignores(self, action: str, media_type: str | None) -> bool:
+        if action in self.ignore.actions:
+            return True
+        return media_type is not None and (
+            media_type in self.ignoredmediatypes or media_type in self.ignore.mediatypes
+        )
+
+
+class NotificationEvents(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Manifest events list the manifest's descriptors (config, layers, children).
+    includereferences: bool = False
+
+
+class NotificationSettings(BaseModel):
+    """Distribution's `notifications` section (README, "Events (webhooks)")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[NotificationEndpoint] = Field(default_factory=list)
+    events: NotificationEvents = Field(default_factory=NotificationEvents)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique(cls, values: list[NotificationEndpoint]) -> list[NotificationEndpoint]:
+        names = [e.name for e in values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"notification endpoint names must be unique: {names}")
+        return values
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", yaml_file=None)
 
@@ -412,6 +523,8 @@ class Settings(BaseSettings):
     # Upstream manifest requests (GETs, tag revalidations, tag lists) a client may
     # cause per minute; cache hits and requests joining a fetch in flight are free.
     client_manifest_requests_per_minute: int = Field(default=0, ge=0)
+    # -- events to webhooks (mirror.events; README, "Events (webhooks)") ----------------
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for Loki & co.
     access_log: bool = True  # one line per request (method, route, status, bytes, ...)

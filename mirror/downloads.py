@@ -28,6 +28,7 @@ from typing import Any
 from mirror.diskstore import unlink_temp
 from mirror.download import BlobDownload, DownloadReader
 from mirror.errors import RegistryError, UpstreamError
+from mirror.events import Events
 from mirror.hashing import HashingWriter
 from mirror.metrics import Metrics
 from mirror.reference import Digest
@@ -64,7 +65,9 @@ class Downloads:
         commit_grace: float = 25.0,
         source: OpenSource | None = None,
         sharing: Sharing | None = None,
+        events: Events | None = None,
     ) -> None:
+        self._events = events or Events()
         self._store = store
         self._sharing = sharing
         # Downloads that follow another process's (their repo: the leader's, or "").
@@ -286,6 +289,13 @@ class Downloads:
                     total,
                 )
                 await body.mismatched()
+                self._events.mismatch(
+                    "blob",
+                    upstream=self._upstream.name,
+                    repository=dl.repo,
+                    digest=str(dl.digest),
+                    actual=f"{dl.digest.algorithm}:{hexdigest}",
+                )
                 raise DigestMismatch(str(dl.digest))
             dl.verified(total)  # readers may finish now; the disk catches up below
             if dl.spilled:
@@ -293,6 +303,14 @@ class Downloads:
                 return
             await writer.synced()
             dl.committed(await write.commit(total))
+            self._events.fill(
+                "blob",
+                upstream=self._upstream.name,
+                repository=dl.repo,
+                digest=str(dl.digest),
+                media_type=None,
+                size=total,
+            )
             if lease is not None:
                 lease.committed(total)
         except BaseException as exc:

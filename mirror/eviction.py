@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from mirror.events import Events
 from mirror.inventory import Protected
 from mirror.locks import FileLock
 from mirror.metrics import EvictionReason, Kind, Metrics
@@ -91,8 +92,10 @@ class Evictor(Rounds):
         clock: Callable[[], float] = time.time,
         lock: FileLock | None = None,
         wait: bool = False,
+        events: Events | None = None,
         protected: Callable[[], Protected] = Protected,
     ) -> None:
+        self._events = events or Events()
         self._protected = protected
         self._lock = lock
         self._wait = wait
@@ -147,6 +150,7 @@ class Evictor(Rounds):
             else:
                 blobs.append((atime, entry))
         store.drop_blobs([e.digest for e in expired])
+        self._events.evicted("blob", ((e.digest, e.size) for e in expired), "ttl")
         for entry in expired:
             ttl_blobs += 1
             freed += entry.size
@@ -158,6 +162,7 @@ class Evictor(Rounds):
             if now - (atime or now) > self._content_ttl and d not in pinned.digests
         ]
         store.drop_manifests(stale)
+        self._events.evicted("manifest", ((d, None) for d in stale), "ttl")
         ttl_manifests = len(stale)
         for _ in stale:
             self._count("manifest", "ttl", 0)
@@ -190,6 +195,7 @@ class Evictor(Rounds):
                 size_blobs += 1
                 self._count("blob", "size", entry.size)
             store.drop_blobs([e.digest for e in victims])
+            self._events.evicted("blob", ((e.digest, e.size) for e in victims), "size")
         result = Round(
             ttl_blobs,
             ttl_manifests,

@@ -27,6 +27,10 @@ from mirror.config import (
     ENV_PREFIX,
     AccessRule,
     Endpoint,
+    NotificationEndpoint,
+    NotificationEvents,
+    NotificationIgnore,
+    NotificationSettings,
     Settings,
     StaticToken,
     TTLRuleSetting,
@@ -123,7 +127,18 @@ def _model_at(loc: list[str]) -> type[pydantic.BaseModel]:
         return AccessRule
     if loc[:1] == ["auth_tokens"] and len(loc) > 2:
         return StaticToken
+    if loc[:1] == ["notifications"]:
+        return _notifications_model(loc[1:-1])
     return UpstreamSettings if loc[:1] == ["upstreams"] else Settings
+
+
+def _notifications_model(inner: list[str]) -> type[pydantic.BaseModel]:
+    """notifications -> endpoints[i] -> ignore, or notifications -> events."""
+    if inner[:1] == ["events"]:
+        return NotificationEvents
+    if inner[:1] == ["endpoints"] and len(inner) > 1:
+        return NotificationIgnore if inner[2:3] == ["ignore"] else NotificationEndpoint
+    return NotificationSettings
 
 
 def _source(key: str, config_file: Path | None, given: Mapping[str, Any]) -> str:

@@ -75,6 +75,8 @@ AUTH_SERIES = (
     ("anonymous", "denied"),
     ("user", "denied"),
 )
+# What became of an event for a webhook endpoint (mirror.events).
+EventResult = Literal["delivered", "dropped"]
 # A per-client limit that refused a request (mirror.fairness).
 Throttle = Literal["cold_fetch", "manifest"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
@@ -375,6 +377,35 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        # Webhook events (mirror.events), per endpoint: each process sends its own.
+        self.events = Counter(
+            "mirror_events",
+            "Events for webhook endpoints, by endpoint and result (delivered; dropped: "
+            "the endpoint's queue was full, or the process stopped before delivering).",
+            ["endpoint", "result"],
+            registry=r,
+        )
+        self.event_posts = Counter(
+            "mirror_event_posts",
+            "POSTs of event batches to webhook endpoints, by endpoint and result (ok: "
+            "2xx or 3xx; error: another status, a timeout, unreachable).",
+            ["endpoint", "result"],
+            registry=r,
+        )
+        self.events_queued = Gauge(
+            "mirror_events_queued",
+            "Events waiting for a webhook endpoint (in its bounded queue).",
+            ["endpoint"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.event_post_duration = Histogram(
+            "mirror_event_post_duration_seconds",
+            "Time of POSTs of event batches to webhook endpoints, by endpoint.",
+            ["endpoint"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         # An Info has no multiprocess form: it is the same in every worker, so it is
         # rendered once, by the worker answering the scrape.
         self.build_info = Info(
@@ -412,6 +443,15 @@ class Metrics:
             self.tier_requests.labels(upstream, tier, result)
         self.tier_bytes.labels(upstream, tier)
         self.tier_state.labels(upstream, tier).set(0)
+
+    def add_event_endpoint(self, endpoint: str) -> None:
+        """Initialise a webhook endpoint's series, so a drop alert reads 0, not no data."""
+        for result in get_args(EventResult):
+            self.events.labels(endpoint, result)
+        for posted in ("ok", "error"):
+            self.event_posts.labels(endpoint, posted)
+        self.events_queued.labels(endpoint).set(0)
+        self.event_post_duration.labels(endpoint)
 
     def add_shared_store(self) -> None:
         """Initialise the shared store's series (only a mirror with store s3 has them)."""

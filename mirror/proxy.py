@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 from mirror import dockerhub, manifests, referrers
 from mirror.downloads import Downloads, OpenSource
 from mirror.errors import RegistryError, UpstreamError
+from mirror.events import Events
 from mirror.fairness import UNLIMITED, Fairness, Slot
 from mirror.freshness import Freshness
 from mirror.inflight import SingleFlight
@@ -99,7 +100,9 @@ class Proxy:
         stale_after: float | None = None,
         fairness: Fairness | None = None,
         sharing: Sharing | None = None,
+        events: Events | None = None,
     ) -> None:
+        self._events = events or Events()
         # Per-client limits, charged only where a request makes us go upstream.
         self.fairness = fairness or Fairness()
         self._stale_after = stale_after
@@ -119,7 +122,13 @@ class Proxy:
         self.scopes = Scopes(store, upstream.name, metrics)
         # This upstream's downloads: isolation between upstreams is ownership.
         self.downloads = Downloads(
-            store, upstream, metrics, commit_grace=commit_grace, source=source, sharing=sharing
+            store,
+            upstream,
+            metrics,
+            commit_grace=commit_grace,
+            source=source,
+            sharing=sharing,
+            events=self._events,
         )
         self._fetches: SingleFlight[StoredManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
@@ -338,6 +347,13 @@ class Proxy:
         actual = Digest(algorithm, hashlib.new(algorithm, remote.body).hexdigest())
         if expected is not None and actual != expected:
             self._metrics.digest_mismatches.labels("manifest").inc()
+            self._events.mismatch(
+                "manifest",
+                upstream=self.name,
+                repository=repo,
+                digest=str(expected),
+                actual=str(actual),
+            )
             log.error(
                 "manifest %s/%s from upstream is %s, expected %s; not cached",
                 repo,
@@ -364,6 +380,16 @@ class Proxy:
             await self._store.put_tag(
                 key, TagEntry(stored.digest, stored.media_type, self._clock() - age)
             )
+        self._events.fill(
+            "manifest",
+            upstream=self.name,
+            repository=repo,
+            digest=str(stored.digest),
+            media_type=stored.media_type,
+            size=len(stored.body),
+            tag=tag,
+            manifest=stored.body,
+        )
 
     async def _may_serve_manifest(self, repo: str, stored: StoredManifest) -> None:
         """A cached manifest by digest, for `repo`: known there, or asked (a HEAD)."""

@@ -12,15 +12,15 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from mirror import identity, logs, referrers
+from mirror import events, identity, logs, referrers
 from mirror.catalog import next_link, parse_n
 from mirror.clientauth import AuthFailed, ClientAuth, parse_scopes
 from mirror.cluster import PEER_PATH, open_for_peer
 from mirror.components import Components
-from mirror.errors import RegistryError
+from mirror.errors import RegistryError, UpstreamError
 from mirror.identity import Principal
 from mirror.mediatypes import OCI_INDEX, AcceptSet
-from mirror.metrics import Metrics
+from mirror.metrics import Kind, Metrics
 from mirror.proxy import Blob, answer
 from mirror.ranges import parse_length, parse_range
 from mirror.reference import Digest, Reference, parse_path, validate_tag
@@ -258,7 +258,9 @@ async def registry(request: Request, rest: str) -> Response:
         )
     path = parse_path(rest)
     request.state.route = path.route
-    await _authenticate(request, path.name)
+    who = await _authenticate(request, path.name)
+    if _components(request).events.enabled:
+        events.caller.set(_caller(request, who))
     if (record := logs.current.get()) is not None:
         record.repository, record.reference = path.name, path.reference
     head = request.method == "HEAD"
@@ -275,7 +277,11 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
     accept = AcceptSet.from_headers(request.headers.getlist("accept"))
     route = _route(request, name)
     max_age = _max_age(request.headers.get("cache-control"))
-    manifest = await route.proxy.manifest(route.name, ref, accept, max_age)
+    try:
+        manifest = await route.proxy.manifest(route.name, ref, accept, max_age)
+    except UpstreamError as exc:
+        _upstream_failed(request, route, str(ref), exc)
+        raise
     stored = manifest.stored
     etag = f'"{stored.digest}"'
     headers = {
@@ -287,6 +293,18 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
         # How long ago the tag was confirmed with the registry: a downstream mirror
         # tier counts its own TTL from then (RFC 9111 `Age`).
         headers["Age"] = str(int(manifest.age))
+    if not head:
+        _pulled(
+            request,
+            route,
+            "manifest",
+            str(stored.digest),
+            stored.media_type,
+            len(stored.body),
+            manifest.result,
+            ref.tag,
+            stored.body,
+        )
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     if not head:
@@ -317,7 +335,14 @@ async def _referrers(request: Request, name: str, digest: Digest, head: bool) ->
 async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Response:
     spec = parse_range(request.headers.get("range"))
     route = _route(request, name)
-    blob = await route.proxy.blob(route.name, digest, spec, head=head)
+    try:
+        blob = await route.proxy.blob(route.name, digest, spec, head=head)
+    except UpstreamError as exc:
+        _upstream_failed(request, route, str(digest), exc)
+        raise
+    if not head:
+        cache = "hit" if blob.source == "cache" else "miss"
+        _pulled(request, route, "blob", str(digest), None, blob.size, cache, None, None)
     if blob.location is not None:
         # The client fetches it from the object store (with its Range, if any).
         return Response(
@@ -338,6 +363,72 @@ async def _blob(request: Request, name: str, digest: Digest, head: bool) -> Resp
         "X-Cache": "HIT" if blob.source == "cache" else "MISS",
     }
     return _blob_response(blob, headers, _metrics(request).served_bytes.labels(blob.source).inc)
+
+
+# -- events (mirror.events) ----------------------------------------------------------
+
+# Client-sent values in events (Host, User-Agent) are cut to this many characters.
+EVENT_FIELD_MAX = 256
+
+
+def _caller(request: Request, who: Principal) -> events.Caller:
+    record = logs.current.get()
+    client = request.client
+    return events.Caller(
+        id=record.request_id if record is not None else "",
+        addr=f"{client.host}:{client.port}" if client is not None else "",
+        host=request.headers.get("host", "")[:EVENT_FIELD_MAX],
+        method=request.method,
+        useragent=request.headers.get("user-agent", "")[:EVENT_FIELD_MAX],
+        user=who.user,
+    )
+
+
+def _pulled(
+    request: Request,
+    route: Route,
+    kind: Kind,
+    digest: str,
+    media_type: str | None,
+    size: int | None,
+    cache: str,
+    tag: str | None,
+    manifest: bytes | None,
+) -> None:
+    """A pull event (a GET, as Distribution reports them; never a HEAD)."""
+    sink = _components(request).events
+    if not sink.enabled:
+        return
+    path = f"/v2/{route.prefix}{route.name}/{kind}s/{digest}"
+    sink.pull(
+        kind,
+        upstream=route.proxy.name,
+        repository=route.proxy.repo(route.name),
+        digest=digest,
+        media_type=media_type,
+        size=size,
+        cache=cache,
+        tag=tag,
+        url=str(request.url.replace(path=path)),
+        manifest=manifest,
+    )
+
+
+def _upstream_failed(request: Request, route: Route, reference: str, exc: UpstreamError) -> None:
+    """An event for a pull the upstream failed (5xx, or its 429), not for its answers
+    (a 404 is the upstream's answer, not its trouble)."""
+    sink = _components(request).events
+    if not sink.enabled or (exc.status < 500 and exc.upstream_status != 429):
+        return
+    sink.upstream_failure(
+        upstream=route.proxy.name,
+        repository=route.proxy.repo(route.name),
+        reference=reference,
+        status=exc.status,
+        code=exc.code,
+        message=exc.message,
+        upstream_status=exc.upstream_status,
+    )
 
 
 def _blob_response(
