@@ -216,6 +216,19 @@ def router(admin_listener: bool) -> APIRouter:
         built = _components(request)
         target = _target(await body(request), built)
         purged = await built.inventory.purge(target)
+        upstream = target.upstream or "*"
+        for digest in purged.manifests_gone:
+            built.events.deleted(
+                "manifest",
+                upstream=upstream,
+                repository=target.repo,
+                digest=str(digest),
+                tag=target.tag,
+            )
+        for digest, size in purged.blobs_freed:
+            built.events.deleted(
+                "blob", upstream=upstream, repository=target.repo, digest=str(digest), size=size
+            )
         return _json({"target": str(target), **purged.as_json()})
 
     @api.get("/pins")

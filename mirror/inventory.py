@@ -163,6 +163,9 @@ class Purged:
     bytes_freed: int
     blobs_kept: int  # the purged images' cached blobs another cached manifest still names
     pins: int
+    # What went, for the events (not in the answer: a repository may free thousands).
+    manifests_gone: tuple[Digest, ...] = ()
+    blobs_freed: tuple[tuple[Digest, int], ...] = ()
 
     def as_json(self) -> dict[str, int]:
         return {
@@ -424,6 +427,8 @@ class Inventory:
             sum(snap.blobs[d] for d in set(free)),
             kept,
             len(pins),
+            tuple(sorted(gone, key=str)),
+            tuple((d, snap.blobs[d]) for d in sorted(set(free), key=str)),
         )
 
     # -- pins -------------------------------------------------------------------------

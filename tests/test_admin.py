@@ -16,7 +16,9 @@ import pytest
 from conftest import MirrorFactory, RunningMirror, until
 from fakes.server import serve
 from fakes.upstream import FakeUpstream, Fault, sha256
+from fakes.webhook import Receiver
 from test_clientauth import htpasswd
+from test_events import hook_settings
 
 from mirror.app import create_admin_app
 from mirror.components import Components
@@ -371,3 +373,31 @@ async def test_writes_need_the_admin_listener_or_an_admin(
             "/admin/v1/purge", json={"digest": "sha256:" + "0" * 64}, auth=("alice", "wonderland")
         )
         assert r.status_code == 404  # allowed, and nothing by that digest is cached
+
+
+async def test_a_purge_reports_delete_events_for_what_it_freed(
+    mirror: MirrorFactory,
+    two_images: tuple[FakeUpstream, str, dict[str, Any], dict[str, Any], bytes],
+) -> None:
+    upstream, url, a, _, _ = two_images
+    receiver = Receiver()
+    async with (
+        serve(receiver, lifespan="off") as hook,
+        mirror(url, notifications=hook_settings(f"{hook}/events")) as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+        admin(m) as api,
+    ):
+        await pull(c, "library/app", "1")
+        await pull(c, "other/tool", "2")
+        name = built(m).router.names[0]
+        r = await api.post(
+            "/admin/v1/purge", json={"upstream": name, "repository": "library/app", "tag": "1"}
+        )
+        assert r.status_code == 200
+        await until(lambda: sum(e["action"] == "delete" for e in receiver.events) == 3, "deletes")
+    deletes = [e for e in receiver.events if e["action"] == "delete"]
+    by_digest = {e["target"]["digest"]: e for e in deletes}
+    assert set(by_digest) == {a["digest"], a["config"], a["layers"][1]}  # not the shared base
+    assert by_digest[a["digest"]]["target"]["repository"] == "library/app"
+    assert by_digest[a["digest"]]["target"]["tag"] == "1"
+    assert by_digest[a["layers"][1]]["target"]["size"] == len(upstream.blobs[a["layers"][1]])
