@@ -204,6 +204,9 @@ class Inventory:
         self._store = store
         self._clock = clock
         self._platforms: dict[Digest, str | None] = {}  # config digest -> platform
+        # Parsed references by manifest digest (content by digest never changes): a
+        # listing every few seconds (the status page) then parses nothing again.
+        self._refs: dict[Digest, Refs] = {}
         # Recomputed before each eviction round (and on every pin change); read by the
         # round in its worker thread: a plain reference swap.
         self.protected = Protected()
@@ -233,6 +236,20 @@ class Inventory:
             snap.docs[digest] = await self._store.get_manifest(digest) if cached else None
         return snap.docs[digest]
 
+    async def _refs_of(self, snap: _Snapshot, digest: Digest) -> Refs | None:
+        if digest not in snap.manifests:
+            return None
+        found = self._refs.get(digest)
+        if found is None:
+            stored = await self._manifest(snap, digest)
+            if stored is None:
+                return None
+            found = refs(stored)
+            if len(self._refs) >= MAX_PLATFORMS_REMEMBERED:
+                self._refs.clear()
+            self._refs[digest] = found
+        return found
+
     async def _closure(
         self, snap: _Snapshot, roots: Iterable[Digest]
     ) -> tuple[set[Digest], dict[Digest, int]]:
@@ -245,19 +262,17 @@ class Inventory:
             if digest in seen:
                 continue
             seen.add(digest)
-            stored = await self._manifest(snap, digest)
-            if stored is None:
+            found = await self._refs_of(snap, digest)
+            if found is None:
                 continue
-            found = refs(stored)
             todo.extend(d for d, _ in found.manifests)
             blobs.update(found.blobs)
         return {d for d in seen if d in snap.manifests}, blobs
 
     async def _platforms_of(self, snap: _Snapshot, digest: Digest) -> tuple[str, ...]:
-        stored = await self._manifest(snap, digest)
-        if stored is None:
+        found = await self._refs_of(snap, digest)
+        if found is None:
             return ()
-        found = refs(stored)
         if found.manifests:
             return tuple(sorted({p for _, p in found.manifests if p}))
         if found.config is None:
@@ -324,14 +339,22 @@ class Inventory:
             if not _matches(key, upstream, repo, query):
                 continue
             _, blobs = await self._closure(snap, [digest])
-            stored = await self._manifest(snap, digest)
+            stored = (
+                None
+                if media_type is not None and digest in snap.manifests
+                else await self._manifest(snap, digest)
+            )
+            if stored is not None:
+                media_type = stored.media_type
+            elif digest not in snap.manifests:
+                media_type = None  # its manifest is no longer cached
             record = pulls.get(key)
             images.append(
                 Image(
                     key,
                     "digest" if looks_like_digest(key.ref) else "tag",
                     digest,
-                    stored.media_type if stored is not None else media_type,
+                    media_type,
                     await self._platforms_of(snap, digest),
                     sum(blobs.values()),
                     sum(size for d, size in blobs.items() if d in snap.blobs),
