@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -29,13 +30,15 @@ from mirror.clientauth import AuthFailed
 from mirror.components import Components
 from mirror.errors import RegistryError
 from mirror.identity import Principal
-from mirror.inventory import Target
+from mirror.inventory import Image, Target
 from mirror.reference import Digest, validate_name, validate_tag
 from mirror.store import ImageKey
+from mirror.tls import client_common_name
 
 PREFIX = "/admin/v1"
 MAX_BODY = 64 << 10
 MAX_IMAGES = 256  # per warm job
+MAX_RUNNING_JOBS = 8  # each fetches 2 blobs at a time
 CHALLENGE = 'Basic realm="mirror", charset="UTF-8"'
 
 
@@ -69,6 +72,8 @@ def router(admin_listener: bool) -> APIRouter:
     async def caller(request: Request, route: str, write: bool = False) -> Caller:
         request.state.route = PREFIX + route
         built = _components(request)
+        if write:
+            _same_origin(request)
         auth = built.auth
         settings = built.settings
         address = request.client.host if request.client is not None else "unknown"
@@ -84,7 +89,9 @@ def router(admin_listener: bool) -> APIRouter:
                 )
             return result
         try:
-            who = await auth.authenticate(request.headers.get("authorization"), address, None)
+            who = await auth.authenticate(
+                request.headers.get("authorization"), address, client_common_name(request.scope)
+            )
         except AuthFailed as exc:
             raise RegistryError(
                 "UNAUTHORIZED", exc.message, headers={"WWW-Authenticate": CHALLENGE}
@@ -102,12 +109,24 @@ def router(admin_listener: bool) -> APIRouter:
         return Caller(who, True, admin)
 
     async def body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
+        # Only application/json: a page elsewhere can post a form or text/plain to a
+        # loopback listener without asking, but not JSON (the browser's preflight,
+        # which this API never answers, stops it).
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise RegistryError(
+                "UNSUPPORTED", "send the body as Content-Type: application/json", status=415
+            )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
             raise RegistryError("SIZE_INVALID", "request body too large", status=413)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise RegistryError("SIZE_INVALID", "request body too large", status=413)
         try:
             value = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RegistryError("UNSUPPORTED", "the body is not JSON", status=400) from None
         if not isinstance(value, dict):
             raise RegistryError("UNSUPPORTED", "the body is not a JSON object", status=400)
@@ -173,12 +192,12 @@ def router(admin_listener: bool) -> APIRouter:
         found = await _components(request).inventory.images(
             q.get("upstream") or None, q.get("repository") or None, q.get("q") or None
         )
-        return _json({"images": [i.as_json() for i in found]})
+        return _json({"images": [i.as_json() for i in _visible(request, found)]})
 
     @api.get("/upstreams")
     async def upstreams(request: Request) -> Response:
         await caller(request, "/upstreams")
-        found = await _components(request).inventory.images()
+        found = _visible(request, await _components(request).inventory.images())
         by: dict[str, dict[str, Any]] = {
             c.name: {"name": c.name, "repositories": set(), "images": 0, "pulls": 0}
             for c in _components(request).settings.resolved_upstreams()
@@ -197,7 +216,7 @@ def router(admin_listener: bool) -> APIRouter:
     @api.get("/upstreams/{upstream}/repositories")
     async def repositories(request: Request, upstream: str) -> Response:
         await caller(request, "/upstreams/{upstream}/repositories")
-        found = await _components(request).inventory.images(upstream)
+        found = _visible(request, await _components(request).inventory.images(upstream))
         by: dict[str, dict[str, Any]] = {}
         for image in found:
             row = by.setdefault(
@@ -293,7 +312,12 @@ def router(admin_listener: bool) -> APIRouter:
             not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms)
         ):
             raise RegistryError("UNSUPPORTED", "platforms: a list of os/arch", status=400)
-        job = _components(request).jobs.start(images, platforms, "warm")
+        jobs = _components(request).jobs
+        if jobs.running >= MAX_RUNNING_JOBS:
+            raise RegistryError(
+                "TOOMANYREQUESTS", f"{jobs.running} jobs are running; wait for one to end"
+            )
+        job = jobs.start(images, platforms, "warm")
         return _json(job.as_json(), 202)
 
     @api.get("/jobs")
@@ -355,7 +379,36 @@ def _repo(value: object, upstream: str, built: Components) -> str:
     return proxy.repo(value)
 
 
+TARGET_KEYS = frozenset({"upstream", "repository", "tag", "digest"})
+
+
+def _visible(request: Request, images: list[Image]) -> list[Image]:
+    """Only what the caller may pull, where access rules exist (a listing must not name
+    repositories the rules hide)."""
+    built = _components(request)
+    who = identity.current.get()
+    if who is None or not built.auth.enabled or not built.auth.access.restricted:
+        return images
+    allows = built.auth.access.allows
+    return [i for i in images if allows(who, i.key.upstream, i.key.repo)]
+
+
+def _same_origin(request: Request) -> None:
+    """A browser names the page that sent a request: only the mirror's own may write."""
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise RegistryError("DENIED", "cross-origin writes are refused")
+
+
 def _target(value: dict[str, Any], built: Components) -> Target:
+    if unknown := sorted(set(value) - TARGET_KEYS):
+        raise RegistryError(
+            "UNSUPPORTED",
+            f"unknown field {unknown[0]!r} (fields: upstream, repository, tag, digest)",
+            status=400,
+        )
+    if any(v is None for v in value.values()):
+        raise RegistryError("UNSUPPORTED", "leave out a field rather than send null", status=400)
     upstream = _upstream(value.get("upstream"), built) if "upstream" in value else None
     if value.get("repository") is not None and upstream is None:
         raise RegistryError("NAME_INVALID", "a repository is purged on a named upstream")

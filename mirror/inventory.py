@@ -32,6 +32,9 @@ from mirror.store import ImageKey, PullRecord, Store, StoredManifest, TagEntry, 
 # remembered (content by digest never changes).
 CONFIG_MAX = 64 << 10
 MAX_PLATFORMS_REMEMBERED = 65536
+# Seconds a listing is reused. 0: every call reads the index again (a pull shows at
+# once), one call at a time; raise it to cap what pollers cost on very large caches.
+LISTING_FRESH = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,8 @@ class Inventory:
         self.protected = Protected()
         # Purges and pin changes one at a time: a purge reads, decides, then drops.
         self._writing = asyncio.Lock()
+        self._listing = asyncio.Lock()
+        self._listed: tuple[float, list[Image]] | None = None  # (monotonic time, rows)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -309,7 +314,22 @@ class Inventory:
     ) -> list[Image]:
         """Tags (newest answer per tag), digests pulled or pinned by digest (those a
         tag of the same repository already reaches are the tag's platform manifests,
-        not images of their own), and pinned tags not cached (yet)."""
+        not images of their own), and pinned tags not cached (yet).
+
+        One listing at a time (reused for LISTING_FRESH seconds): status pages polling,
+        or a client looping on the API, never read the index in parallel. This
+        process's own purges and pins show at once."""
+        async with self._listing:
+            now = time.monotonic()
+            if self._listed is None or now - self._listed[0] >= LISTING_FRESH:
+                self._listed = (now, await self._images())
+            listed = self._listed[1]
+        return [i for i in listed if _matches(i.key, upstream, repo, query)]
+
+    def _changed(self) -> None:
+        self._listed = None
+
+    async def _images(self) -> list[Image]:
         snap = await self._snapshot()
         pulls = {p.key: p for p in snap.pulls}
         rows: dict[ImageKey, tuple[Digest, str | None, float | None]] = {}
@@ -336,8 +356,6 @@ class Inventory:
                 rows[key] = (Digest.parse("sha256:" + "0" * 64), None, None)  # pinned, never pulled
         images = []
         for key, (digest, media_type, stored_at) in sorted(rows.items(), key=lambda r: str(r[0])):
-            if not _matches(key, upstream, repo, query):
-                continue
             _, blobs = await self._closure(snap, [digest])
             stored = (
                 None
@@ -373,6 +391,7 @@ class Inventory:
             return await self._purge(target)
 
     async def _purge(self, target: Target) -> Purged:
+        self._changed()
         snap = await self._snapshot()
         # Tag entries go with their tag; a repository's or upstream's go whole, with
         # their referrers answers (kept under the digest they list).
@@ -406,7 +425,10 @@ class Inventory:
         forced: set[Digest] = set()
         if target.digest is not None:
             roots.add(target.digest)
-            forced.add(target.digest)
+            if target.repo is None:
+                # Everywhere: the digest goes whatever names it. In one repository, only
+                # that repository's names go, and what others reach stays.
+                forced.add(target.digest)
         candidates, _ = await self._closure(snap, roots)
         dropped_tags = {k for k, _ in tags}
         dropped_pulls = {p.key for p in pulls}
@@ -424,7 +446,7 @@ class Inventory:
                 named.update(refs(stored).blobs)
         free = [d for d in named if d in snap.blobs and d not in kept_blobs]
         kept = sum(1 for d in named if d in snap.blobs and d in kept_blobs)
-        if target.digest is not None and target.digest in snap.blobs:
+        if target.digest is not None and target.repo is None and target.digest in snap.blobs:
             free.append(target.digest)  # a blob named by digest goes whatever names it
         if target.digest is not None and not (gone or free or tags or pulls or pins):
             raise RegistryError(
@@ -441,6 +463,7 @@ class Inventory:
                 self._store.set_pin(key, None)
 
         await asyncio.to_thread(drop)
+        self._changed()
         if pins:
             await self._refresh_protected()
         return Purged(
@@ -462,6 +485,7 @@ class Inventory:
     async def pin(self, key: ImageKey) -> None:
         async with self._writing:
             await asyncio.to_thread(self._store.set_pin, key, self._clock())
+            self._changed()
             await self._refresh_protected()
 
     async def unpin(self, key: ImageKey) -> bool:
@@ -470,6 +494,7 @@ class Inventory:
             if key not in pins:
                 return False
             await asyncio.to_thread(self._store.set_pin, key, None)
+            self._changed()
             await self._refresh_protected()
             return True
 

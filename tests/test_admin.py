@@ -199,7 +199,9 @@ async def test_bad_purges_get_an_oci_error(
         r = await api.post("/admin/v1/purge", json=body)
         assert r.status_code == status
         assert r.json()["errors"][0]["code"] == code
-        r = await api.post("/admin/v1/purge", content=b"not json")
+        r = await api.post(
+            "/admin/v1/purge", content=b"not json", headers={"Content-Type": "application/json"}
+        )
         assert r.status_code == 400 and r.json()["errors"][0]["code"] == "UNSUPPORTED"
 
 
@@ -401,3 +403,66 @@ async def test_a_purge_reports_delete_events_for_what_it_freed(
     assert by_digest[a["digest"]]["target"]["repository"] == "library/app"
     assert by_digest[a["digest"]]["target"]["tag"] == "1"
     assert by_digest[a["layers"][1]]["target"]["size"] == len(upstream.blobs[a["layers"][1]])
+
+
+async def test_writes_refuse_forms_other_origins_and_careless_bodies(
+    mirror: MirrorFactory, fake: tuple[FakeUpstream, str]
+) -> None:
+    _, url = fake
+    async with mirror(url) as m, admin(m) as api:
+        name = built(m).router.names[0]
+        # What a page elsewhere could send without a preflight: refused before anything.
+        r = await api.post(
+            "/admin/v1/purge",
+            content=json.dumps({"upstream": name}),
+            headers={"Content-Type": "text/plain"},
+        )
+        assert (r.status_code, r.json()["errors"][0]["code"]) == (415, "UNSUPPORTED")
+        r = await api.post(
+            "/admin/v1/purge", json={"upstream": name}, headers={"Origin": "http://evil.example"}
+        )
+        assert (r.status_code, r.json()["errors"][0]["code"]) == (403, "DENIED")
+        # A typo or a null must never widen a purge to the whole upstream.
+        for body in (
+            {"upstream": name, "repo": "library/nginx"},
+            {"upstream": name, "repository": None},
+        ):
+            r = await api.post("/admin/v1/purge", json=body)
+            assert (r.status_code, r.json()["errors"][0]["code"]) == (400, "UNSUPPORTED")
+        r = await api.post(
+            "/admin/v1/purge", content=b"[" * 60_000, headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 400
+        r = await api.post(
+            "/admin/v1/purge",
+            content=b" " * (128 << 10),
+            headers={"Content-Type": "application/json"},
+        )
+        assert r.status_code == 413
+
+
+async def test_purging_a_digest_in_one_repository_keeps_what_another_tag_reaches(
+    mirror: MirrorFactory,
+    two_images: tuple[FakeUpstream, str, dict[str, Any], dict[str, Any], bytes],
+) -> None:
+    _, url, a, _, _ = two_images
+    async with mirror(url) as m, httpx.AsyncClient(base_url=m.url) as c, admin(m) as api:
+        await pull(c, "library/app", "1")
+        await pull(c, "mine/app", a["digest"])  # the same image, by digest, elsewhere
+        name = built(m).router.names[0]
+        rows = (await api.get("/admin/v1/images")).json()["images"]
+        assert {(i["repository"], i["kind"]) for i in rows} == {
+            ("library/app", "tag"),
+            ("mine/app", "digest"),
+        }
+        r = await api.post(
+            "/admin/v1/purge",
+            json={"upstream": name, "repository": "mine/app", "digest": a["digest"]},
+        )
+        assert r.status_code == 200, r.text
+        assert (r.json()["manifests"], r.json()["blobs"]) == (0, 0)
+        assert {a["config"], *a["layers"]} <= cached_blobs(m)
+        rows = (await api.get("/admin/v1/images")).json()["images"]
+        assert [(i["repository"], i["cached_bytes"] == i["size"]) for i in rows] == [
+            ("library/app", True)
+        ]
