@@ -32,9 +32,6 @@ from mirror.store import ImageKey, PullRecord, Store, StoredManifest, TagEntry, 
 # remembered (content by digest never changes).
 CONFIG_MAX = 64 << 10
 MAX_PLATFORMS_REMEMBERED = 65536
-# Seconds a listing is reused. 0: every call reads the index again (a pull shows at
-# once), one call at a time; raise it to cap what pollers cost on very large caches.
-LISTING_FRESH = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +191,17 @@ class Protected:
 class _Snapshot:
     """The index, read once: tags, pulls, pins, cached blob sizes and manifests."""
 
-    tags: list[tuple[TagKey, TagEntry]]
+    tags: list[tuple[TagKey, TagEntry]]  # with referrers answers (purge drops those too)
     pulls: list[PullRecord]
     pins: dict[ImageKey, float]
     blobs: dict[Digest, int]
     manifests: set[Digest]
     docs: dict[Digest, StoredManifest | None] = field(default_factory=dict)
+
+    @property
+    def image_tags(self) -> list[tuple[TagKey, TagEntry]]:
+        """Tags as clients name images: not the referrers answers kept as tags."""
+        return [(k, e) for k, e in self.tags if k.accept != REFERRERS]
 
 
 class Inventory:
@@ -215,8 +217,9 @@ class Inventory:
         self.protected = Protected()
         # Purges and pin changes one at a time: a purge reads, decides, then drops.
         self._writing = asyncio.Lock()
+        # One listing at a time: status pages polling, or a client looping on the API,
+        # never read the whole index in parallel.
         self._listing = asyncio.Lock()
-        self._listed: tuple[float, list[Image]] | None = None  # (monotonic time, rows)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -226,7 +229,7 @@ class Inventory:
             store.flush_access()  # this process's pulls, current
             scan = store.scan()
             return _Snapshot(
-                [(k, e) for k, e in store.tag_entries() if k.accept != REFERRERS],
+                store.tag_entries(),
                 store.pulls(),
                 store.pins(),
                 {b.digest: b.size for b in scan.blobs},
@@ -314,26 +317,16 @@ class Inventory:
     ) -> list[Image]:
         """Tags (newest answer per tag), digests pulled or pinned by digest (those a
         tag of the same repository already reaches are the tag's platform manifests,
-        not images of their own), and pinned tags not cached (yet).
-
-        One listing at a time (reused for LISTING_FRESH seconds): status pages polling,
-        or a client looping on the API, never read the index in parallel. This
-        process's own purges and pins show at once."""
+        not images of their own), and pinned tags not cached (yet)."""
         async with self._listing:
-            now = time.monotonic()
-            if self._listed is None or now - self._listed[0] >= LISTING_FRESH:
-                self._listed = (now, await self._images())
-            listed = self._listed[1]
+            listed = await self._images()
         return [i for i in listed if _matches(i.key, upstream, repo, query)]
-
-    def _changed(self) -> None:
-        self._listed = None
 
     async def _images(self) -> list[Image]:
         snap = await self._snapshot()
         pulls = {p.key: p for p in snap.pulls}
         rows: dict[ImageKey, tuple[Digest, str | None, float | None]] = {}
-        for tag, entry in snap.tags:
+        for tag, entry in snap.image_tags:
             image = ImageKey(tag.upstream, tag.repo, tag.tag)
             old = rows.get(image)
             if old is None or (old[2] or 0) < entry.stored_at:
@@ -391,14 +384,12 @@ class Inventory:
             return await self._purge(target)
 
     async def _purge(self, target: Target) -> Purged:
-        self._changed()
         snap = await self._snapshot()
         # Tag entries go with their tag; a repository's or upstream's go whole, with
         # their referrers answers (kept under the digest they list).
-        with_referrers = [(k, e) for k, e in await asyncio.to_thread(self._store.tag_entries)]
         tags = [
             (k, e)
-            for k, e in with_referrers
+            for k, e in snap.tags
             if target.names(k.upstream, k.repo)
             and (target.tag is None or (k.tag == target.tag and k.accept != REFERRERS))
             and (target.digest is None or e.digest == target.digest)
@@ -463,7 +454,6 @@ class Inventory:
                 self._store.set_pin(key, None)
 
         await asyncio.to_thread(drop)
-        self._changed()
         if pins:
             await self._refresh_protected()
         return Purged(
@@ -485,7 +475,6 @@ class Inventory:
     async def pin(self, key: ImageKey) -> None:
         async with self._writing:
             await asyncio.to_thread(self._store.set_pin, key, self._clock())
-            self._changed()
             await self._refresh_protected()
 
     async def unpin(self, key: ImageKey) -> bool:
@@ -494,7 +483,6 @@ class Inventory:
             if key not in pins:
                 return False
             await asyncio.to_thread(self._store.set_pin, key, None)
-            self._changed()
             await self._refresh_protected()
             return True
 
@@ -516,7 +504,7 @@ class Inventory:
                 roots.add(Digest.parse(key.ref))
             else:
                 tags.add((key.upstream, key.repo, key.ref))
-        for tag, entry in snap.tags:
+        for tag, entry in snap.image_tags:
             if (tag.upstream, tag.repo, tag.tag) in tags:
                 roots.add(entry.digest)
         manifests, blobs = await self._closure(snap, roots)

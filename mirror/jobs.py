@@ -27,7 +27,7 @@ from mirror.mediatypes import MANIFEST_TYPES, AcceptSet
 from mirror.reference import Digest, Reference
 from mirror.routing import Router
 from mirror.store import ImageKey, Store
-from mirror.warm import parse_image
+from mirror.warm import parse_image, platform_wanted
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,6 @@ class Job:
         }
 
 
-def image_name(key: ImageKey) -> str:
-    """How a job names a pinned image: `ns` is the upstream's name."""
-    sep = "@" if ":" in key.ref else ":"
-    return f"{key.upstream}/{key.repo}{sep}{key.ref}"
-
-
 class Jobs:
     def __init__(
         self,
@@ -126,7 +120,7 @@ class Jobs:
         return job
 
     async def wait(self, job: Job) -> Job:
-        """For tests and the pin refresher: until the job has ended."""
+        """Until the job has ended (tests, and callers that need it done)."""
         await job.ended.wait()
         return job
 
@@ -176,7 +170,7 @@ class Jobs:
             wanted = [
                 d
                 for d, platform in found.manifests
-                if platform is not None and _wanted(platform, job.platforms)
+                if platform is not None and platform_wanted(platform, job.platforms)
             ]
             if not wanted:
                 available = ", ".join(sorted({p for _, p in found.manifests if p}))
@@ -219,9 +213,3 @@ class Jobs:
                 raise RegistryError("UNAVAILABLE", str(result), status=502)
             if isinstance(result, BaseException):
                 raise result
-
-
-def _wanted(platform: str, wanted: list[str] | None) -> bool:
-    if wanted is None:
-        return True
-    return platform in wanted or (platform.count("/") == 2 and platform.rsplit("/", 1)[0] in wanted)

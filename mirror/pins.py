@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from mirror.inventory import Inventory
-from mirror.jobs import Job, Jobs, image_name
+from mirror.jobs import Job, Jobs
 from mirror.routing import Router
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class Pins:
         """Start a refresh job for the pinned images that need one (None: none do)."""
         if self._refreshing is not None and self._refreshing.state == "running":
             return None
+        if not await self._inventory.pins():
+            return None  # the usual case: no listing of the whole cache every round
         now = self._clock()
         due = []
         for image in await self._inventory.images():
@@ -61,7 +63,7 @@ class Pins:
             )
             incomplete = image.media_type is None or image.cached_bytes < image.size
             if stale or incomplete:
-                due.append(image_name(image.key))
+                due.append(str(image.key))  # [registry/]name:tag or @digest, as jobs take them
         if not due:
             return None
         log.info("refreshing %d pinned images: %s", len(due), ", ".join(due[:5]))

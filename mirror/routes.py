@@ -294,6 +294,10 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
         # tier counts its own TTL from then (RFC 9111 `Age`).
         headers["Age"] = str(int(manifest.age))
     if not head:
+        # A pull as registries count them (Docker Hub: manifest GETs, a conditional one
+        # too), for the inventory and the events alike.
+        image = ImageKey(route.proxy.name, route.proxy.repo(route.name), str(ref))
+        _components(request).store.record_pull(image, stored.digest)
         _pulled(
             request,
             route,
@@ -309,9 +313,6 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
         return Response(status_code=304, headers=headers)
     if not head:
         _metrics(request).served_bytes.labels(manifest.source).inc(len(stored.body))
-        # A pull as registries count them (Docker Hub: manifest GETs), for the inventory.
-        image = ImageKey(route.proxy.name, route.proxy.repo(route.name), str(ref))
-        _components(request).store.record_pull(image, stored.digest)
     # uvicorn drops the body of a HEAD response but keeps our Content-Length.
     return Response(stored.body, media_type=stored.media_type, headers=headers)
 

@@ -7,7 +7,7 @@ mirror fetches, verifies and caches as for any pull, and its coalescing applies.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import httpx
@@ -69,6 +69,13 @@ def _platform(entry: dict[str, object]) -> str:
         return "unknown"
     text = f"{p.get('os')}/{p.get('architecture')}"
     return f"{text}/{p['variant']}" if p.get("variant") else text
+
+
+def platform_wanted(platform: str, wanted: Collection[str] | None) -> bool:
+    """`linux/arm64/v8` is wanted by `linux/arm64` too; None wants every platform."""
+    if wanted is None:
+        return True
+    return platform in wanted or (platform.count("/") == 2 and platform.rsplit("/", 1)[0] in wanted)
 
 
 class WarmError(Exception):
@@ -135,12 +142,7 @@ def plan(client: httpx.Client, image: str, platforms: set[str] | None) -> Plan:
         children = top.get("manifests")
         for entry in children if isinstance(children, list) else []:
             platform = _platform(entry)
-            wanted = (
-                platforms is None
-                or platform in platforms
-                or (platform.count("/") == 2 and platform.rsplit("/", 1)[0] in platforms)
-            )
-            if wanted:
+            if platform_wanted(platform, platforms):
                 result.platforms.append(platform)
                 images.append(manifest(str(entry["digest"]))[1])
         if platforms is not None and not images:
