@@ -17,6 +17,7 @@ from typing import Any
 import click
 import httpx
 
+from mirror import errors
 from mirror.units import human_bytes
 from mirror.warm import parse_image
 
@@ -68,10 +69,8 @@ def _call(c: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     except httpx.HTTPError as exc:
         raise AdminError(f"cannot reach the mirror at {c.base_url}: {exc}") from None
     if r.status_code >= 400:
-        try:
-            error = r.json()["errors"][0]
-            told = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, IndexError, TypeError):
+        told = errors.told(r.content)
+        if told is None:
             told = (
                 f"{r.status_code} {r.reason_phrase}: is {c.base_url} the mirror's admin listener?"
             )

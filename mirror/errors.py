@@ -156,3 +156,16 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, printable(request.url.path))
     return error_response(RegistryError("UNKNOWN", "internal error"))
+
+
+def told(body: bytes, *, detail: bool = False) -> str | None:
+    """What an error envelope says, as one line ("CODE: message"), for the mirror's own
+    clients (`mirror warm`, `mirror admin`); None: the body is not an envelope."""
+    try:
+        error = json.loads(body)["errors"][0]
+        line = f"{error['code']}: {error['message']}"
+        if detail and error.get("detail"):
+            line += f" ({json.dumps(error['detail'])})"
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return line

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from mirror import errors
 from mirror.errors import RegistryError
 from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 from mirror.reference import Reference, validate_name, validate_tag
@@ -86,12 +87,8 @@ def _check(r: httpx.Response) -> None:
     """The mirror's OCI error (code, message, detail) rather than httpx's generic text."""
     if r.status_code < 400:
         return
-    try:
-        error = r.json()["errors"][0]
-        told = f"{error['code']}: {error['message']}"
-        if error.get("detail"):
-            told += f" ({json.dumps(error['detail'])})"
-    except (ValueError, KeyError, IndexError, TypeError):
+    told = errors.told(r.content, detail=True)
+    if told is None:
         told = f"{r.reason_phrase}, and not a registry's error: is {r.url.host} the mirror?"
     if r.status_code == 401:
         told += "; give credentials with --token-file, or --user and --password-file"
