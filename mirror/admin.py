@@ -143,11 +143,11 @@ def router(admin_listener: bool) -> APIRouter:
         built = _components(request)
         usage = built.store.usage()
         totals = built.metrics.totals()
-        hits, misses = totals["hits"], totals["misses"]
+        hits, misses = totals.hits, totals.misses
         upstreams = []
         for config in built.settings.resolved_upstreams():
             trouble = built.registries[config.name].trouble
-            limit, remaining = built.metrics.rate_limits.get(config.name, (None, None))
+            limit, remaining = totals.rate_limits.get(config.name, [None, None])
             upstreams.append(
                 {
                     "name": config.name,
@@ -170,13 +170,13 @@ def router(admin_listener: bool) -> APIRouter:
                     "max_size": built.settings.max_size,
                 },
                 "traffic": {
-                    "hits": int(hits),
-                    "misses": int(misses),
+                    "hits": hits,
+                    "misses": misses,
                     "hit_ratio": hits / (hits + misses) if hits + misses else None,
-                    "bytes_served": int(totals["served_cache"] + totals["served_upstream"]),
-                    "bytes_from_upstream": int(totals["from_upstream"]),
+                    "bytes_served": sum(totals.served.values()),
+                    "bytes_from_upstream": totals.from_upstream,
                     # Bytes served from the cache: what the upstream did not have to send.
-                    "bytes_saved": int(totals["served_cache"]),
+                    "bytes_saved": totals.served["cache"],
                 },
                 "upstreams": upstreams,
                 "downloads": downloads,

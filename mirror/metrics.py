@@ -14,10 +14,11 @@ size read from the store at scrape time) is rendered once, by the worker answeri
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -109,6 +110,22 @@ REQUEST_BUCKETS = (
 )
 
 
+# Rate-limit gauges -> their place in Totals.rate_limits' [limit, remaining].
+_RATE_LIMIT_SAMPLES = {
+    "mirror_upstream_ratelimit_limit": 0,
+    "mirror_upstream_ratelimit_remaining": 1,
+}
+
+
+@dataclass
+class Totals:
+    hits: int = 0  # cache lookups answered from the cache (hit, stale, revalidated)
+    misses: int = 0
+    served: dict[str, int] = field(default_factory=lambda: {"cache": 0, "upstream": 0})
+    from_upstream: int = 0  # blob bytes received from upstreams
+    rate_limits: dict[str, list[int | None]] = field(default_factory=dict)  # [limit, left]
+
+
 class Metrics:
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         # No `*_created` series: they double the series count for a timestamp that
@@ -128,8 +145,6 @@ class Metrics:
             self.exposition = CollectorRegistry(auto_describe=True)
             MultiProcessCollector(self.exposition, str(multiprocess_dir))  # type: ignore[no-untyped-call]
         r = self.registry
-        # The last rate limit each upstream announced (limit, remaining), for the page.
-        self.rate_limits: dict[str, tuple[int | None, int | None]] = {}
         self.requests = Counter(
             "mirror_http_requests",
             "HTTP requests answered, by route template and status.",
@@ -504,41 +519,36 @@ class Metrics:
 
     def rate_limit(self, upstream: str, headers: Mapping[str, str]) -> None:
         """Export Docker Hub's `ratelimit-limit: 100;w=21600` style headers."""
-        seen = list(self.rate_limits.get(upstream, (None, None)))
-        for i, (header, gauge) in enumerate(
-            (
-                ("ratelimit-limit", self.ratelimit_limit),
-                ("ratelimit-remaining", self.ratelimit_remaining),
-            )
+        for header, gauge in (
+            ("ratelimit-limit", self.ratelimit_limit),
+            ("ratelimit-remaining", self.ratelimit_remaining),
         ):
             parsed = parse_rate_limit(headers.get(header))
             if parsed is not None:
                 value, window = parsed
                 gauge.labels(upstream).set(value)
-                seen[i] = value
                 if window is not None:
                     self.ratelimit_window.labels(upstream).set(window)
-        self.rate_limits[upstream] = (seen[0], seen[1])
 
-    def totals(self) -> dict[str, float]:
-        """Whole-group totals for the status page (hits, misses, bytes), read from what
-        /metrics would render: in a worker of several, the group's, not this process's."""
-        out = dict.fromkeys(
-            ("hits", "misses", "served_cache", "served_upstream", "from_upstream"), 0.0
-        )
+    def totals(self) -> Totals:
+        """Whole-group figures for the status page, read from what /metrics would
+        render: in a worker of several, the group's, not this process's."""
+        out = Totals()
         for family in self.exposition.collect():
             for sample in family.samples:
-                if sample.name == "mirror_cache_requests_total":
-                    result = sample.labels.get("result")
-                    if result in ("hit", "stale", "revalidated"):
-                        out["hits"] += sample.value
-                    elif result == "miss":
-                        out["misses"] += sample.value
-                elif sample.name == "mirror_served_bytes_total":
-                    key = "served_" + sample.labels.get("source", "cache")
-                    out[key] = out.get(key, 0.0) + sample.value
-                elif sample.name == "mirror_upstream_bytes_total":
-                    out["from_upstream"] += sample.value
+                name, labels, value = sample.name, sample.labels, sample.value
+                if name == "mirror_cache_requests_total":
+                    if labels.get("result") in ("hit", "stale", "revalidated"):
+                        out.hits += int(value)
+                    elif labels.get("result") == "miss":
+                        out.misses += int(value)
+                elif name == "mirror_served_bytes_total":
+                    out.served[labels.get("source", "cache")] += int(value)
+                elif name == "mirror_upstream_bytes_total":
+                    out.from_upstream += int(value)
+                elif name in _RATE_LIMIT_SAMPLES and not math.isnan(value):  # NaN: not told
+                    seen = out.rate_limits.setdefault(labels["upstream"], [None, None])
+                    seen[_RATE_LIMIT_SAMPLES[name]] = int(value)
         return out
 
     def render(self) -> bytes:
