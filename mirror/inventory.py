@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from mirror.errors import RegistryError
 from mirror.filespan import as_bytes
+from mirror.manifests import descriptor_sizes
+from mirror.manifests import references as required
 from mirror.mediatypes import INDEX_TYPES
 from mirror.reference import Digest, looks_like_digest
 from mirror.referrers import CACHE_KEY as REFERRERS
@@ -53,25 +55,18 @@ def refs(stored: StoredManifest) -> Refs:
     if not isinstance(document, dict):
         return Refs((), (), None)
     children: list[tuple[Digest, str | None]] = []
-    blobs: list[tuple[Digest, int]] = []
-    config = None
     if stored.media_type in INDEX_TYPES or isinstance(document.get("manifests"), list):
         for entry in document.get("manifests") or []:
             if isinstance(entry, dict) and (d := _digest(entry.get("digest"))) is not None:
                 children.append((d, _platform(entry.get("platform"))))
-    descriptors = [document.get("config"), *(document.get("layers") or [])]
-    descriptors += document.get("blobs") or []  # artifact manifests
-    for i, entry in enumerate(descriptors):
-        if not isinstance(entry, dict) or "urls" in entry:
-            continue
-        d = _digest(entry.get("digest"))
-        size = entry.get("size")
-        if d is None:
-            continue
-        blobs.append((d, size if type(size) is int and size >= 0 else 0))
-        if i == 0:
-            config = d
-    return Refs(tuple(children), tuple(blobs), config)
+    # What the registry must hold with it, as the proxy checks a fetched manifest
+    # (mirror.manifests), less the child manifests: its blobs.
+    sizes = descriptor_sizes(document)
+    named = required(document) - {d for d, _ in children}
+    blobs = tuple(sorted(((d, sizes.get(d, 0)) for d in named), key=lambda b: str(b[0])))
+    described = document.get("config")
+    config = _digest(described.get("digest")) if isinstance(described, dict) else None
+    return Refs(tuple(children), blobs, config if config in named else None)
 
 
 def _digest(value: object) -> Digest | None:

@@ -92,13 +92,13 @@ def check(content_type: str | None, body: bytes) -> Checked:
             raise _refuse("upstream manifest names no media type")
         if resolved in SCHEMA1_TYPES:
             raise _refuse(SCHEMA1)
-        return Checked(resolved, _sizes(document), _references(document))
+        return Checked(resolved, descriptor_sizes(document), references(document))
     if declared is not None and declared != announced:
         raise _refuse("upstream manifest's mediaType contradicts its Content-Type")
-    return Checked(announced, _sizes(document), _references(document))
+    return Checked(announced, descriptor_sizes(document), references(document))
 
 
-def _sizes(document: dict[str, object]) -> dict[Digest, int]:
+def descriptor_sizes(document: dict[str, object]) -> dict[Digest, int]:
     descriptors: list[object] = [document.get("config"), document.get("subject")]
     for key in ("layers", "manifests", "blobs"):
         listed = document.get(key)
@@ -117,7 +117,7 @@ def _sizes(document: dict[str, object]) -> dict[Digest, int]:
     return sizes
 
 
-def _references(document: dict[str, object]) -> frozenset[Digest]:
+def references(document: dict[str, object]) -> frozenset[Digest]:
     descriptors: list[object] = [document.get("config")]
     for key in ("layers", "manifests", "blobs"):
         listed = document.get(key)
