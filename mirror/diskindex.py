@@ -69,6 +69,9 @@ def _prefixed(index: Any, prefix: str) -> list[str]:
     return [k for k in index.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
 
 
+PINS_KEY = "pins"
+
+
 def _tag_key(key: TagKey) -> str:
     return f"tag/{key.upstream}/{key.repo}:{key.tag}#{key.accept}"
 
@@ -290,19 +293,19 @@ class DiskIndex:
                 self._index.delete(_image_key("pull", key))
 
     def pins(self) -> dict[ImageKey, float]:
-        keys = _prefixed(self._index, "pin/")
-        pins = {}
-        for key in keys:
-            value = self._index.get(key)
-            if value is not None:
-                pins[_parse_image_key("pin", key)] = float(value)
-        return pins
+        # One entry for all pins (an operator pins a handful): read before every
+        # eviction round, it must not cost a pass over every key.
+        pins = cast(dict[str, float], self._index.get(PINS_KEY) or {})
+        return {_parse_image_key("pin", k): float(t) for k, t in pins.items()}
 
     def set_pin(self, key: ImageKey, pinned_at: float | None) -> None:
-        if pinned_at is None:
-            self._index.delete(_image_key("pin", key))
-        else:
-            self._index.set(_image_key("pin", key), pinned_at)
+        with self._index.transact():  # read-modify-write: other processes share the index
+            pins = dict(cast(dict[str, float], self._index.get(PINS_KEY) or {}))
+            if pinned_at is None:
+                pins.pop(_image_key("pin", key), None)
+            else:
+                pins[_image_key("pin", key)] = pinned_at
+            self._index.set(PINS_KEY, pins)
 
     def repositories(self) -> list[tuple[str, str]]:
         pairs = set()
