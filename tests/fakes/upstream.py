@@ -16,6 +16,8 @@ from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
 
+from fakes.quota import Quota
+
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -57,6 +59,7 @@ class FakeUpstream:
     hidden_repos: set[str] = field(default_factory=set)  # 404 at once for everything
     manifest_delay: float = 0.0  # seconds before answering a manifest request
     rate_limit: tuple[str, str] | None = None  # (ratelimit-limit, ratelimit-remaining)
+    quota: Quota | None = None  # Docker Hub's pull limit, counted down per manifest GET
     # The referrers API: subject digest -> descriptors. None: no such API (404, as
     # Distribution 2.x). A fault keyed "referrers:<digest>" applies to it.
     referrers: dict[str, list[dict[str, Any]]] | None = None
@@ -122,6 +125,10 @@ class FakeUpstream:
             media_type, body = self.manifests[ref]
             digest = sha256(body)
             fault = self.faults.get(ref) or Fault()
+            if self.quota is not None and self.quota.take(scope["method"]) == 429:
+                body = b'{"errors":[{"code":"TOOMANYREQUESTS"}]}'
+                await _respond(send, 429, body, self.quota.refusal_headers())
+                return
             if fault.status is not None:
                 extra = {"retry-after": fault.retry_after} if fault.retry_after else {}
                 await _respond(send, fault.status, b'{"errors":[{"code":"UNAVAILABLE"}]}', extra)
@@ -131,6 +138,8 @@ class FakeUpstream:
             hdrs = {"content-type": media_type, "docker-content-digest": digest}
             if self.rate_limit:
                 hdrs["ratelimit-limit"], hdrs["ratelimit-remaining"] = self.rate_limit
+            if self.quota is not None:
+                hdrs.update(self.quota.headers())
             head = scope["method"] == "HEAD"
             await _respond(send, 200, b"" if head else body, hdrs, length=len(body))
             return
