@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fakes.quota import Quota
 from harness import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -27,6 +28,7 @@ from harness import (
     require_tool,
     sha256_digest,
 )
+from harness.hubfront import HubFront
 from harness.redisserver import RedisServer
 from harness.rgw import RadosGateway
 
@@ -151,6 +153,43 @@ def test_restart_keeps_content_and_log_is_parsed(upstream: Upstream) -> None:
     assert all(r.path.startswith("/v2/") for r in registry.requests())
     registry.clear_log()
     assert registry.requests() == []
+
+
+@pytest.mark.e2e
+def test_hub_front_counts_pulls_and_refuses_without_reaching_the_registry(
+    upstream: Upstream,
+) -> None:
+    image = upstream.images["oci"]
+    path = f"/v2/{image.repo}/manifests/{image.tag}"
+    token = fetch_token(upstream.tokens, image.repo)
+    with HubFront(upstream.registry.url, Quota(limit=5, remaining=1, retry_after="7")) as front:
+        # The challenge and a HEAD are free; Hub's headers come on every manifest answer.
+        status, headers, _ = registry_get(front.url, path)
+        assert (status, headers["ratelimit-remaining"]) == (401, "1;w=21600")
+        assert 'realm="' + upstream.tokens.realm in headers["WWW-Authenticate"]
+        status, headers, _ = registry_get(front.url, path, token, method="HEAD")
+        assert (status, headers["Docker-Content-Digest"]) == (200, image.digest)
+        status, headers, body = registry_get(front.url, path, token)
+        assert (status, body, headers["ratelimit-limit"]) == (200, image.manifest, "5;w=21600")
+        assert headers["ratelimit-remaining"] == "0;w=21600"
+        big = image.layer_digests[2]  # the 2 MiB layer: many chunks through the front
+        status, _, blob = registry_get(front.url, f"/v2/{image.repo}/blobs/{big}", token)
+        assert (status, sha256_digest(blob)) == (200, big)
+
+        upstream.registry.clear_log()
+        status, headers, body = registry_get(front.url, path, token)
+        assert (status, headers["Retry-After"]) == (429, "7")
+        assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+        # Blobs are not counted; the refused GET never reached the registry.
+        assert registry_get(front.url, f"/v2/{image.repo}/blobs/{big}", token)[0] == 200
+        upstream.registry.wait_for_request(lambda r: "/blobs/" in r.path)
+        assert [r.path for r in upstream.registry.requests()] == [f"/v2/{image.repo}/blobs/{big}"]
+        assert (front.quota.gets, front.quota.refused) == (1, 1)
+        assert front.count("GET", path, 429) == 1
+        assert [s.status for s in front.seen if s.path == path] == [401, 200, 200, 429]
+
+        front.quota.reset()
+        assert registry_get(front.url, path, token)[0] == 200
 
 
 def test_require_tool_fails_only_in_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
