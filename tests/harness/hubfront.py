@@ -69,6 +69,11 @@ class HubFront:
         self._serving: concurrent.futures.Future[None] | None = None
         self._client: httpx.AsyncClient | None = None
 
+    @property
+    def host(self) -> str:
+        """host:port, the name the mirror gives this upstream (its metrics' label)."""
+        return self.url.removeprefix("http://")
+
     def count(self, method: str, path: str, status: int | None = None) -> int:
         """Requests seen for exactly `path` (and answered `status`, if given)."""
         return sum(
