@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from mirror import dockerhub
 from mirror.access import Access
+from mirror.budget import Budget, Reserve
 from mirror.catalog import Catalog
 from mirror.clientauth import ClientAuth, token_key
 from mirror.cluster import Cluster
@@ -230,6 +231,12 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
             name=config.name,
             token_hosts=tuple(config.token_hosts),
             others=tuple(u for u in urls if u != config.base_url),
+            budget=Budget(
+                config.name,
+                Reserve.parse(config.ratelimit_reserve or settings.ratelimit_reserve),
+                metrics,
+                clock,
+            ),
         )
         registries[config.name] = registry
         upstream: RemoteStore = registry
@@ -334,6 +341,7 @@ def _upstream(
     token_hosts: tuple[str, ...] = (),
     others: tuple[str, ...] = (),
     ns: str | None = None,
+    budget: Budget | None = None,
 ) -> Upstream:
     """A client of one registry or mirror tier, with its own pool and credentials."""
     metrics.add_upstream(name)
@@ -357,6 +365,7 @@ def _upstream(
         if ns is None
         else min(settings.read_timeout, TIER_STALL),
         ns=ns,
+        budget=budget,
     )
 
 

@@ -6,9 +6,9 @@ Credentials come only from the environment or the file, never from the command l
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from mirror import dockerhub
+from mirror.budget import Reserve
 from mirror.freshness import Freshness, TTLRule
 from mirror.units import parse_duration, parse_size
 
@@ -53,6 +54,23 @@ class TTLRuleSetting(BaseModel):
 
     pattern: str
     ttl: Duration
+    # None: the upstream's (or the global) stale_while_revalidate.
+    stale_while_revalidate: Duration | None = Field(default=None, ge=0)
+
+
+def _rules(settings: list[TTLRuleSetting]) -> tuple[TTLRule, ...]:
+    return tuple(TTLRule(r.pattern, r.ttl, r.stale_while_revalidate) for r in settings)
+
+
+def _reserve(value: object) -> str:
+    """`20` (pulls) or `10%` (of the upstream's limit), kept as written once valid."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError("ratelimit_reserve is a number of pulls (20) or a share (10%)")
+    return str(Reserve.parse(value))
+
+
+# Pulls of an upstream's rate limit kept for misses (mirror.budget).
+RateReserve = Annotated[str, BeforeValidator(_reserve)]
 
 
 _REGISTRY_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
@@ -169,6 +187,8 @@ class UpstreamSettings(Endpoint):
     tag_ttl: Duration | None = None
     tag_ttl_rules: list[TTLRuleSetting] | None = None
     max_stale: Duration | None = None
+    stale_while_revalidate: Duration | None = Field(default=None, ge=0)
+    ratelimit_reserve: RateReserve | None = None
 
     @field_validator("name")
     @classmethod
@@ -223,11 +243,15 @@ class UpstreamSettings(Endpoint):
     def freshness(self, default: Freshness) -> Freshness:
         rules = default.rules
         if self.tag_ttl_rules is not None:
-            rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)
-        return Freshness(
-            default.default_ttl if self.tag_ttl is None else self.tag_ttl,
-            default.max_stale if self.max_stale is None else self.max_stale,
-            rules,
+            rules = _rules(self.tag_ttl_rules)
+        return dataclasses.replace(
+            default,
+            default_ttl=default.default_ttl if self.tag_ttl is None else self.tag_ttl,
+            max_stale=default.max_stale if self.max_stale is None else self.max_stale,
+            rules=rules,
+            stale_while_revalidate=default.stale_while_revalidate
+            if self.stale_while_revalidate is None
+            else self.stale_while_revalidate,
         )
 
 
@@ -422,6 +446,16 @@ class Settings(BaseSettings):
     max_stale: Duration = Field(
         default=7 * 86400.0, ge=0, description="Serve a tag stale this long"
     )
+    # Past a tag's TTL, this long more it is answered at once from the cache while one
+    # revalidation runs in the background (X-Cache: UPDATING); 0: clients wait for it.
+    stale_while_revalidate: Duration = Field(default=0.0, ge=0)
+    # Tags pulled more than this many times within their TTL are revalidated in the
+    # background `refresh_ahead` before they expire; 0: off.
+    refresh_ahead_pulls: int = Field(default=0, ge=0)
+    refresh_ahead: Duration = Field(default=10.0, gt=0)
+    # While an upstream's ratelimit-remaining is below this (pulls, or a share of
+    # ratelimit-limit), revalidations spend no pulls: the rest is kept for misses.
+    ratelimit_reserve: RateReserve = "0"
     content_ttl: Duration = Field(
         default=7 * 86400.0, gt=0, description="Evict content unused this long"
     )
@@ -748,8 +782,14 @@ class Settings(BaseSettings):
         return dockerhub.NAME if dockerhub.NAME in names else names[0]
 
     def freshness(self) -> Freshness:
-        rules = tuple(TTLRule(r.pattern, r.ttl) for r in self.tag_ttl_rules)
-        return Freshness(self.tag_ttl, self.max_stale, rules)
+        return Freshness(
+            self.tag_ttl,
+            self.max_stale,
+            _rules(self.tag_ttl_rules),
+            self.stale_while_revalidate,
+            self.refresh_ahead_pulls,
+            self.refresh_ahead,
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -764,7 +804,7 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SharedSecrets:
     s3_secret_access_key: str | None
     redis_password: str | None

@@ -29,14 +29,20 @@ class SingleFlight(Generic[T]):
 
     async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Run `work` unless a call for `key` is in flight; returns (result, joined)."""
-        task = self._tasks.get(key)
-        joined = task is not None
-        if task is None:
-            task = asyncio.ensure_future(work())
-            self._tasks[key] = task
-            task.add_done_callback(lambda t: self._forget(key, t))
+        joined = not self.start(key, work)
+        task = self._tasks[key]
         # shield: a cancelled caller stops waiting, the shared work goes on.
         return await asyncio.shield(task), joined
+
+    def start(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> bool:
+        """Start `work` in the background unless a call for `key` is in flight (callers
+        of `run` join it as any other); whether it started."""
+        if key in self._tasks:
+            return False
+        task = asyncio.ensure_future(work())
+        self._tasks[key] = task
+        task.add_done_callback(lambda t: self._forget(key, t))
+        return True
 
     def _forget(self, key: Hashable, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:

@@ -41,7 +41,7 @@ class RequestLog:
     upstream_status: int | None = None  # the last upstream response's status
     status: int = 0
     bytes: int = 0
-    cache: str | None = None  # X-Cache: HIT, MISS, REVALIDATED, STALE
+    cache: str | None = None  # X-Cache: HIT, MISS, REVALIDATED, STALE, UPDATING
 
     def fields(self, duration: float) -> dict[str, object]:
         return {

@@ -54,7 +54,13 @@ ROUTES = (
 # The closed label sets, as types: a typo is a type error, not a new time series.
 Kind = Literal["manifest", "blob"]
 # How a request was answered; also the X-Cache header, upper-cased.
-CacheResult = Literal["hit", "miss", "revalidated", "stale"]
+# updating: a tag past its TTL served at once while a revalidation runs in the
+# background (stale-while-revalidate; nginx's $upstream_cache_status says the same).
+CacheResult = Literal["hit", "miss", "revalidated", "stale", "updating"]
+# How a background revalidation ended: the tag unchanged, moved (new body fetched),
+# failed (upstream trouble or error: the entry stays), deferred (the rate-limit
+# budget kept the GET a moved tag needs).
+BackgroundResult = Literal["unchanged", "moved", "failed", "deferred"]
 Source = Literal["cache", "upstream"]  # where served bytes came from
 UpstreamKind = Literal["manifest", "blob", "tags", "token", "ping"]
 EvictionReason = Literal["ttl", "size"]
@@ -321,6 +327,34 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=r,
         )
+        self.budget_mode = Gauge(
+            "mirror_upstream_budget_mode",
+            "Rate-limit budget mode: 0 normal, 1 reserve (revalidations spend no pulls), "
+            "2 exhausted (misses answered 429 without asking).",
+            ["upstream"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.budget_changes = Counter(
+            "mirror_upstream_budget_changes",
+            "Times the rate-limit budget entered each mode.",
+            ["upstream", "mode"],
+            registry=r,
+        )
+        self.budget_saved = Counter(
+            "mirror_upstream_budget_saved",
+            "Manifest GETs the budget kept from the upstream (deferred: a moved tag "
+            "served stale; refused: a miss answered 429).",
+            ["upstream", "action"],
+            registry=r,
+        )
+        self.background_revalidations = Counter(
+            "mirror_background_revalidations",
+            "Tag revalidations run in the background (stale-while-revalidate, refresh "
+            "ahead), by result.",
+            ["upstream", "result"],
+            registry=r,
+        )
         self.tier_hits = Counter(
             "mirror_shared_cache_hits",
             "Blob hits with the shared store, by tier (l1: local disk; shared: the bucket).",
@@ -498,6 +532,13 @@ class Metrics:
         # never 0, which would read as "exhausted".
         for gauge in (self.ratelimit_limit, self.ratelimit_remaining):
             gauge.labels(upstream).set(float("nan"))
+        self.budget_mode.labels(upstream).set(0)
+        for mode in ("normal", "reserve", "exhausted"):
+            self.budget_changes.labels(upstream, mode)
+        for action in ("deferred", "refused"):
+            self.budget_saved.labels(upstream, action)
+        for background in get_args(BackgroundResult):
+            self.background_revalidations.labels(upstream, background)
 
     def watch_cache(
         self, usage: Callable[[], CacheUsage], limit: int | None, root: Path
@@ -538,7 +579,7 @@ class Metrics:
             for sample in family.samples:
                 name, labels, value = sample.name, sample.labels, sample.value
                 if name == "mirror_cache_requests_total":
-                    if labels.get("result") in ("hit", "stale", "revalidated"):
+                    if labels.get("result") in ("hit", "stale", "revalidated", "updating"):
                         out.hits += int(value)
                     elif labels.get("result") == "miss":
                         out.misses += int(value)

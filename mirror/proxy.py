@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from mirror import dockerhub, manifests, referrers
+from mirror.budget import Deferred
 from mirror.downloads import Downloads, OpenSource
 from mirror.errors import RegistryError, UpstreamError
 from mirror.events import Events
@@ -43,6 +44,12 @@ TAGS_LIST_MAX_BYTES = 16 << 20
 CHECK_INLINE_MAX = 64 << 10
 
 T = TypeVar("T")
+# Background revalidations of one upstream running at once; more wait their turn.
+BACKGROUND_MAX = 8
+# Seconds before a tag whose background revalidation failed gets another.
+BACKGROUND_RETRY = 30.0
+# Tags whose pulls (refresh ahead) and failures are remembered, most recent kept.
+PULL_COUNTS_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,18 @@ class Blob:
     body: Body | None
     source: Source
     location: str | None = None  # a redirect to the blob elsewhere (a presigned URL)
+
+
+@dataclass(frozen=True, slots=True)
+class _Revalidation:
+    """A cached tag past its TTL, and what asking the upstream about it needs."""
+
+    key: TagKey
+    ref: Reference
+    accept: AcceptSet
+    stored: StoredManifest
+    entry: TagEntry
+    age: float
 
 
 class Coordinator(Protocol):
@@ -132,6 +151,12 @@ class Proxy:
         )
         self._fetches: SingleFlight[StoredManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
+        # Background revalidations (stale-while-revalidate, refresh ahead): pulls per
+        # tag since it was last confirmed, when a failed one may be tried again, and
+        # how many run at once.
+        self._pulls: OrderedDict[TagKey, tuple[float, int]] = OrderedDict()
+        self._retry_at: OrderedDict[TagKey, float] = OrderedDict()
+        self._background_slots = asyncio.Semaphore(BACKGROUND_MAX)
 
     @property
     def name(self) -> str:
@@ -205,9 +230,20 @@ class Proxy:
         if entry is None or stored is None:
             return await self._shared_fetch(repo, ref, accept)
         age = self._clock() - entry.stored_at
-        ttl = self._freshness.ttl(repo, ref.tag)
-        if age < (ttl if max_age is None else min(ttl, max_age)):
+        fresh = self._freshness.of(repo, ref.tag)
+        revalidate = _Revalidation(key, ref, accept, stored, entry, age)
+        if age < (fresh.ttl if max_age is None else min(fresh.ttl, max_age)):
+            if self._popular(key, entry, age, fresh.ttl):
+                self._background(revalidate)
             return Manifest(stored, "hit", max(0.0, age))
+        if (
+            max_age is None  # a downstream tier asking for its own TTL waits, as it asked
+            and age < fresh.ttl + fresh.stale_while_revalidate
+            and age < self._freshness.max_stale
+        ):
+            # Stale-while-revalidate: answered now, the HEAD runs behind the answer.
+            result: CacheResult = "updating" if self._background(revalidate) else "stale"
+            return Manifest(stored, result, max(0.0, age))
         # Charged before the flight, and only to the client that starts it: joining a
         # revalidation in progress costs no upstream request, and must never fail
         # because of another client's limit.
@@ -219,23 +255,69 @@ class Proxy:
             return Manifest(stored, "stale", max(0.0, age))
         # N concurrent requests for an expired tag cause one revalidation; with
         # replicas, one for the whole cluster.
-        return await self._coalesced(
-            self._revalidations,
-            key,
-            lambda: self._revalidate_once(key, ref, accept, stored, entry, age),
-        )
+        try:
+            return await self._coalesced(
+                self._revalidations, key, lambda: self._revalidate_once(revalidate)
+            )
+        except UpstreamError as exc:
+            if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
+                raise
+            return Manifest(stored, "stale", max(0.0, age))  # logged once, by the flight
 
-    async def _revalidate_once(
-        self,
-        key: TagKey,
-        ref: Reference,
-        accept: AcceptSet,
-        stored: StoredManifest,
-        entry: TagEntry,
-        age: float,
-    ) -> Manifest:
+    def _popular(self, key: TagKey, entry: TagEntry, age: float, ttl: float) -> bool:
+        """Whether a fresh tag has been pulled often enough since it was last confirmed
+        to be revalidated before it expires (refresh ahead)."""
+        threshold = self._freshness.refresh_ahead_pulls
+        if threshold <= 0:
+            return False
+        since, pulls = self._pulls.pop(key, (entry.stored_at, 0))
+        if since != entry.stored_at:  # confirmed again since: a new count
+            since, pulls = entry.stored_at, 0
+        self._pulls[key] = (since, pulls + 1)
+        if len(self._pulls) > PULL_COUNTS_MAX:
+            self._pulls.popitem(last=False)
+        return pulls + 1 > threshold and age >= ttl - min(self._freshness.refresh_ahead, ttl / 2)
+
+    def _background(self, revalidate: _Revalidation) -> bool:
+        """Start a revalidation nobody waits for; False if one may not start now (one
+        failed a moment ago: the upstream is not asked again on every request)."""
+        key = revalidate.key
+        if key in self._revalidations:
+            return True  # the one in flight will do
+        if self._clock() < self._retry_at.get(key, 0.0):
+            return False
+        self._retry_at.pop(key, None)
+        return self._revalidations.start(key, lambda: self._in_background(revalidate))
+
+    async def _in_background(self, revalidate: _Revalidation) -> Manifest:
+        """A revalidation behind an answer already sent: counted, and on failure the
+        entry stays as it was and the next one waits a while."""
+        key = revalidate.key
+        async with self._background_slots:  # an expiry wave is not a HEAD storm
+            try:
+                manifest = await self._revalidate_once(revalidate)
+            except UpstreamError as exc:
+                deferred = isinstance(exc, Deferred)
+                self._metrics.background_revalidations.labels(
+                    self.name, "deferred" if deferred else "failed"
+                ).inc()
+                if not _upstream_trouble(exc):  # trouble was logged by _revalidate
+                    log.warning(
+                        "background revalidation of %s:%s failed: %s", key.repo, key.tag, exc
+                    )
+                self._retry_at[key] = self._clock() + BACKGROUND_RETRY
+                if len(self._retry_at) > PULL_COUNTS_MAX:
+                    self._retry_at.popitem(last=False)
+                raise
+        result = "moved" if manifest.result == "miss" else "unchanged"
+        self._metrics.background_revalidations.labels(self.name, result).inc()
+        return manifest
+
+    async def _revalidate_once(self, revalidate: _Revalidation) -> Manifest:
+        key, entry = revalidate.key, revalidate.entry
+
         def work() -> Awaitable[Manifest]:
-            return self._revalidate(key, ref, accept, stored, age)
+            return self._revalidate(revalidate)
 
         if self._cluster is None:
             return await work()
@@ -251,15 +333,21 @@ class Proxy:
         name = f"reval:{key.upstream}/{key.repo}:{key.tag}#{key.accept}"
         return await self._cluster.once(name, work, done_elsewhere, self._revalidate_wait)
 
-    async def _revalidate(
-        self, key: TagKey, ref: Reference, accept: AcceptSet, stored: StoredManifest, age: float
-    ) -> Manifest:
-        """HEAD the tag; fetch the body only if the digest moved; stale if upstream fails.
+    async def _revalidate(self, revalidate: _Revalidation) -> Manifest:
+        """HEAD the tag; fetch the body only if the digest moved. Raises UpstreamError
+        when the upstream fails (each caller then serves stale, or not).
 
         With a stale answer at hand, the upstream gets `stale_after` seconds, not a whole
         fetch_timeout: a downstream mirror tier waiting on us with the same deadline
         must get the stale answer before its deadline takes us for unreachable."""
-        budget = self._stale_after if age < self._freshness.max_stale else None
+        key, ref, accept, stored = (
+            revalidate.key,
+            revalidate.ref,
+            revalidate.accept,
+            revalidate.stored,
+        )
+        stale_ok = revalidate.age < self._freshness.max_stale
+        budget = self._stale_after if stale_ok else None
         try:
             try:
                 async with asyncio.timeout(budget):
@@ -270,17 +358,27 @@ class Proxy:
                         entry = TagEntry(stored.digest, stored.media_type, when)
                         await self._cache_write(self._store.put_tag(key, entry))
                         return Manifest(stored, "revalidated")
-                    # The tag moved (or the upstream named no digest): fetch the body.
-                    return Manifest(await self._fetch_manifest(key.repo, ref, accept), "miss")
+                    # The tag moved (or the upstream named no digest): fetch the body,
+                    # unless the rate-limit budget keeps its GET for misses.
+                    fetched = await self._fetch_manifest(key.repo, ref, accept, refresh=stale_ok)
+                    return Manifest(fetched, "miss")
             except TimeoutError:
                 raise UpstreamError(
                     "UNAVAILABLE", f"no answer within {budget:.0f} s", status=504
                 ) from None
         except UpstreamError as exc:
-            if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
-                raise
-            log.warning("serving %s:%s stale (%.0f s old): %s", key.repo, key.tag, age, exc.message)
-            return Manifest(stored, "stale", max(0.0, age))
+            if stale_ok and _upstream_trouble(exc):
+                # Once per revalidation, however many clients wait for it.
+                level = logging.DEBUG if isinstance(exc, Deferred) else logging.WARNING
+                log.log(
+                    level,
+                    "serving %s:%s stale (%.0f s old): %s",
+                    key.repo,
+                    key.tag,
+                    revalidate.age,
+                    exc.message,
+                )
+            raise
 
     async def _shared_fetch(self, repo: str, ref: Reference, accept: AcceptSet) -> Manifest:
         # N concurrent misses for one manifest (a rollout) cause one upstream request;
@@ -334,8 +432,12 @@ class Proxy:
             self._metrics.coalesced.labels("manifest").inc()
         return result
 
-    async def _fetch_manifest(self, repo: str, ref: Reference, accept: AcceptSet) -> StoredManifest:
-        remote = await self._upstream.get_manifest(repo, ref, accept.header(), self._manifest_max)
+    async def _fetch_manifest(
+        self, repo: str, ref: Reference, accept: AcceptSet, *, refresh: bool = False
+    ) -> StoredManifest:
+        remote = await self._upstream.get_manifest(
+            repo, ref, accept.header(), self._manifest_max, refresh=refresh
+        )
         # Validated before anything else: a schema1 answer, or one that is no manifest,
         # is refused as such, never counted as a digest mismatch.
         if len(remote.body) > CHECK_INLINE_MAX:  # parsing takes a while: not in the loop

@@ -287,7 +287,7 @@ async def _manifest(request: Request, name: str, ref: Reference, head: bool) -> 
     headers = {
         "Docker-Content-Digest": str(stored.digest),
         "ETag": etag,
-        "X-Cache": manifest.result.upper(),  # HIT, MISS, REVALIDATED or STALE
+        "X-Cache": manifest.result.upper(),  # HIT, MISS, REVALIDATED, STALE, UPDATING
     }
     if manifest.age is not None:
         # How long ago the tag was confirmed with the registry: a downstream mirror

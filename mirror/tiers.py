@@ -188,10 +188,14 @@ class Tiers:
         accept: str | None,
         max_bytes: int,
         max_age: float | None = None,
+        *,
+        refresh: bool = False,
     ) -> RemoteManifest:
         async def get(tier: Tier) -> RemoteManifest:
             fresh = self._max_age(tier, repo, ref)
-            remote = await tier.upstream.get_manifest(repo, ref, accept, max_bytes, fresh)
+            remote = await tier.upstream.get_manifest(
+                repo, ref, accept, max_bytes, fresh, refresh=refresh
+            )
             if fresh is not None and remote.age >= fresh:
                 # Older than we asked: a tier serving stale (its registry is down) or
                 # one that ignores max-age. Counted from now, or the tag would expire

@@ -25,6 +25,7 @@ import httpx
 
 from mirror import dockerhub, logs, referrers
 from mirror.auth import Credentials, UpstreamAuth, parse_www_authenticate
+from mirror.budget import Budget
 from mirror.errors import RegistryError, UpstreamError
 from mirror.mediatypes import OCI_INDEX
 from mirror.metrics import Metrics, UpstreamKind
@@ -108,6 +109,8 @@ class RemoteStore(Protocol):
         accept: str | None,
         max_bytes: int,
         max_age: float | None = None,
+        *,
+        refresh: bool = False,
     ) -> RemoteManifest: ...
 
     async def head_manifest(
@@ -149,8 +152,11 @@ class Upstream:
         stall_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         ns: str | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # The registry's pull budget (a tier's answers from its cache spend none).
+        self.budget = budget
         # A mirror tier is asked for the registry it stands in for (`?ns=`), as
         # containerd asks a mirror: a central tier with several upstreams routes it.
         self._ns = ns
@@ -179,6 +185,8 @@ class Upstream:
 
     async def aclose(self) -> None:
         """Close the connection pool: this upstream owns its client."""
+        if self.budget is not None:
+            self.budget.close()
         await self._client.aclose()
 
     @contextlib.asynccontextmanager
@@ -205,13 +213,21 @@ class Upstream:
         accept: str | None,
         max_bytes: int,
         max_age: float | None = None,
+        *,
+        refresh: bool = False,
     ) -> RemoteManifest:
+        """`refresh`: the GET would refresh a tag the cache can still serve stale, which
+        the rate-limit budget may put off; a miss has nothing else to answer with."""
+        if self.budget is not None:
+            self.budget.spend(refresh=refresh)  # 429 without asking, when it must
         too_big = UpstreamError("MANIFEST_INVALID", "manifest exceeds the size limit", status=502)
         async with self._deadline():
             path = f"/v2/{repo}/manifests/{ref}"
-            resp = await self._request(
-                "GET", path, repo, "manifest", accept, freshness_header(max_age)
-            )
+            async with self._pull_counted() as told:
+                resp = await self._request(
+                    "GET", path, repo, "manifest", accept, freshness_header(max_age)
+                )
+                told(resp)
             body = await read_bounded(resp, max_bytes, too_big)
         headers = resp.headers
         return RemoteManifest(
@@ -227,7 +243,7 @@ class Upstream:
         """The digest the upstream names for `ref` now (a HEAD: free on Docker Hub)."""
         path = f"/v2/{repo}/manifests/{ref}"
         fresh = freshness_header(max_age)
-        async with self._deadline():
+        async with self._deadline(), self._pull_counted() as told:
             try:
                 resp = await self._request("HEAD", path, repo, "manifest", accept, fresh)
             except InvalidResponse as exc:
@@ -241,8 +257,25 @@ class Upstream:
                     exc.message,
                 )
                 resp = await self._request("GET", path, repo, "manifest", accept, fresh)
+            told(resp)
         await resp.aclose()
         return ManifestHead(_digest(resp.headers, "docker-content-digest"), self._age(resp.headers))
+
+    @contextlib.asynccontextmanager
+    async def _pull_counted(self) -> AsyncIterator[Callable[[httpx.Response], None]]:
+        """The budget hears what a manifest answer (GET or HEAD) says of the pull limit,
+        and of a 429: the requests the upstream counts as pulls, and no others."""
+
+        def told(resp: httpx.Response) -> None:
+            if self.budget is not None:
+                self.budget.observe(resp.status_code, resp.headers)
+
+        try:
+            yield told
+        except UpstreamError as exc:
+            if self.budget is not None and exc.upstream_status == 429:
+                self.budget.observe(429, {k.lower(): v for k, v in exc.headers.items()})
+            raise
 
     def _age(self, headers: Mapping[str, str]) -> float:
         """A mirror tier's `Age`; a registry's (or a CDN's in front of it) means

@@ -58,6 +58,7 @@ class FakeUpstream:
     deny_repos: set[str] = field(default_factory=set)  # 404 (after 0.2 s) for these
     hidden_repos: set[str] = field(default_factory=set)  # 404 at once for everything
     manifest_delay: float = 0.0  # seconds before answering a manifest request
+    manifest_gate: asyncio.Event | None = None  # manifest answers wait until it is set
     rate_limit: tuple[str, str] | None = None  # (ratelimit-limit, ratelimit-remaining)
     quota: Quota | None = None  # Docker Hub's pull limit, counted down per manifest GET
     # The referrers API: subject digest -> descriptors. None: no such API (404, as
@@ -119,6 +120,8 @@ class FakeUpstream:
             return
         if "/manifests/" in scope["path"]:
             await asyncio.sleep(self.manifest_delay)
+            if self.manifest_gate is not None:
+                await self.manifest_gate.wait()
             if ref not in self.manifests:
                 await _respond(send, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}', {})
                 return
