@@ -107,7 +107,7 @@ def test_query_extraction_sees_every_panel_and_alert() -> None:
     assert len(panels) == 20
     shared = {title for title, _ in dashboard_queries(shared=True)}
     assert len(shared) == 7
-    assert len({alert for alert, _ in alert_signals()}) == 9
+    assert len({alert for alert, _ in alert_signals()}) == 10
     assert {alert for alert, _ in alert_signals(tls=True)} == TLS_ALERTS
 
 
@@ -161,7 +161,7 @@ def test_every_dashboard_and_alert_query_returns_data(
         with urllib.request.urlopen(prom.url + "/api/v1/rules?type=alert") as resp:
             groups = json.load(resp)["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 11
+        assert len(rules) == 12
         assert all(r["health"] == "ok" for r in rules), rules
         assert [r["name"] for r in rules if r["state"] == "firing"] == []
         pending = {r["name"] for r in rules if r["state"] == "pending"}

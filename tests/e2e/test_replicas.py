@@ -495,8 +495,9 @@ async def test_the_peer_endpoint_needs_the_secret_and_never_fetches(
             assert (r.status_code, r.content) == (206, pulled.content[10:])
 
 
+@pytest.mark.parametrize("swr", [False, True], ids=["waiting", "stale-while-revalidate"])
 async def test_a_tag_is_fetched_and_revalidated_once_for_the_whole_cluster(
-    shared: Shared, real_upstream: RealUpstream, tmp_path: Path
+    shared: Shared, real_upstream: RealUpstream, tmp_path: Path, swr: bool
 ) -> None:
     image = real_upstream.images["oci"]
     path = f"/v2/{image.repo}/manifests/{image.tag}"
@@ -510,22 +511,43 @@ async def test_a_tag_is_fetched_and_revalidated_once_for_the_whole_cluster(
             if r.method == method and r.path.endswith(f"/manifests/{image.tag}") and r.status == 200
         )
 
-    with Replicas(shared, tmp_path, registry.url, MIRROR_TAG_TTL="2") as replicas:
+    window = {"MIRROR_STALE_WHILE_REVALIDATE": "1h"} if swr else {}
+    with Replicas(shared, tmp_path, registry.url, MIRROR_TAG_TTL="2", **window) as replicas:
         registry.clear_log()
         async with httpx.AsyncClient(timeout=30) as c:
 
-            async def burst() -> None:
+            async def burst() -> set[str]:
                 rs = await asyncio.gather(
                     *(c.get(replicas[i % 3].url + path, headers=accept) for i in range(9))
                 )
                 assert {r.status_code for r in rs} == {200}
                 assert {r.content for r in rs} == {image.manifest}
+                return {r.headers["x-cache"] for r in rs}
 
             await burst()  # cold on every replica
             assert (manifest_requests("GET"), manifest_requests("HEAD")) == (1, 0)
             fetched = time.monotonic()
             await asyncio.sleep(max(0.0, fetched + 2.2 - time.monotonic()))  # the TTL passes
-            await burst()  # expired on every replica
+            results = await burst()  # expired on every replica
+            if swr:
+                # Answered at once everywhere; each replica's background check ends,
+                # one by asking the registry, the others by finding its answer.
+                assert results == {"UPDATING"}
+                await until(
+                    lambda: (
+                        sum(
+                            replicas[i].metric(
+                                "mirror_background_revalidations_total",
+                                upstream=registry.url.removeprefix("http://"),
+                                result="unchanged",
+                            )
+                            for i in range(3)
+                        )
+                        == 3
+                    ),
+                    "every replica's background revalidation",
+                    timeout=30,
+                )
             assert (manifest_requests("GET"), manifest_requests("HEAD")) == (1, 1)
 
 
