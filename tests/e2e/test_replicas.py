@@ -511,8 +511,14 @@ async def test_a_tag_is_fetched_and_revalidated_once_for_the_whole_cluster(
             if r.method == method and r.path.endswith(f"/manifests/{image.tag}") and r.status == 200
         )
 
-    window = {"MIRROR_STALE_WHILE_REVALIDATE": "1h"} if swr else {}
-    with Replicas(shared, tmp_path, registry.url, MIRROR_TAG_TTL="2", **window) as replicas:
+    window = "1h" if swr else "0"
+    with Replicas(
+        shared,
+        tmp_path,
+        registry.url,
+        MIRROR_TAG_TTL="2",
+        MIRROR_STALE_WHILE_REVALIDATE=window,
+    ) as replicas:
         registry.clear_log()
         async with httpx.AsyncClient(timeout=30) as c:
 
