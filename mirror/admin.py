@@ -155,7 +155,11 @@ def router(admin_listener: bool) -> APIRouter:
                     "url": config.base_url,
                     "healthy": trouble is None,
                     "last_error": trouble,
-                    "ratelimit": {"limit": limit, "remaining": remaining},
+                    "ratelimit": {
+                        "limit": limit,
+                        "remaining": remaining,
+                        "budget": totals.budgets.get(config.name, "normal"),
+                    },
                 }
             )
         downloads = sum(len(d.listing()) for d in built.router.downloads())

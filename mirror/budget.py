@@ -31,15 +31,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Literal
 
 from mirror.errors import UpstreamError
-from mirror.metrics import Metrics, parse_rate_limit
+from mirror.metrics import BUDGET_MODES, BudgetMode, Metrics, parse_rate_limit
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["normal", "reserve", "exhausted"]
-MODES: tuple[Mode, ...] = ("normal", "reserve", "exhausted")
 # Seconds misses wait after the limit is spent when the upstream names no time. Docker
 # Hub's window slides: one pull frees up as the oldest in the window ages out, at a
 # time it does not tell. A GET refused with 429 is not counted, so trying once a
@@ -99,7 +96,7 @@ class Budget:
         self.limit: int | None = None
         self.remaining: int | None = None
         self._until: float | None = None  # exhausted until then
-        self.mode: Mode = "normal"
+        self.mode: BudgetMode = "normal"
         self._timer: asyncio.TimerHandle | None = None
 
     # -- what the upstream says ---------------------------------------------------
@@ -156,7 +153,7 @@ class Budget:
 
     # -- modes --------------------------------------------------------------------
 
-    def _current(self, now: float) -> Mode:
+    def _current(self, now: float) -> BudgetMode:
         if self._until is not None:
             if now < self._until:
                 return "exhausted"
@@ -167,15 +164,15 @@ class Budget:
             return "reserve"
         return "normal"
 
-    def _update(self, now: float) -> Mode:
+    def _update(self, now: float) -> BudgetMode:
         mode = self._current(now)
         if mode != self.mode:
             self._change(mode, now)
         return mode
 
-    def _change(self, mode: Mode, now: float) -> None:
+    def _change(self, mode: BudgetMode, now: float) -> None:
         before, self.mode = self.mode, mode
-        self._metrics.budget_mode.labels(self._upstream).set(MODES.index(mode))
+        self._metrics.budget_mode.labels(self._upstream).set(BUDGET_MODES.index(mode))
         self._metrics.budget_changes.labels(self._upstream, mode).inc()
         left = f"{self.remaining} of {self.limit}" if self.remaining is not None else "unknown"
         if mode == "exhausted":

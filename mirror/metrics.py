@@ -57,6 +57,9 @@ Kind = Literal["manifest", "blob"]
 # updating: a tag past its TTL served at once while a revalidation runs in the
 # background (stale-while-revalidate; nginx's $upstream_cache_status says the same).
 CacheResult = Literal["hit", "miss", "revalidated", "stale", "updating"]
+# An upstream's rate-limit budget (mirror.budget), as the gauge's value indexes it.
+BudgetMode = Literal["normal", "reserve", "exhausted"]
+BUDGET_MODES: tuple[BudgetMode, ...] = get_args(BudgetMode)
 # How a background revalidation ended: the tag unchanged, moved (new body fetched),
 # failed (upstream trouble or error: the entry stays), deferred (the rate-limit
 # budget kept the GET a moved tag needs).
@@ -125,11 +128,12 @@ _RATE_LIMIT_SAMPLES = {
 
 @dataclass
 class Totals:
-    hits: int = 0  # cache lookups answered from the cache (hit, stale, revalidated)
+    hits: int = 0  # cache lookups answered from the cache (hit, stale, revalidated, updating)
     misses: int = 0
     served: dict[str, int] = field(default_factory=lambda: {"cache": 0, "upstream": 0})
     from_upstream: int = 0  # blob bytes received from upstreams
     rate_limits: dict[str, list[int | None]] = field(default_factory=dict)  # [limit, left]
+    budgets: dict[str, str] = field(default_factory=dict)  # upstream -> budget mode
 
 
 class Metrics:
@@ -533,7 +537,7 @@ class Metrics:
         for gauge in (self.ratelimit_limit, self.ratelimit_remaining):
             gauge.labels(upstream).set(float("nan"))
         self.budget_mode.labels(upstream).set(0)
-        for mode in ("normal", "reserve", "exhausted"):
+        for mode in BUDGET_MODES:
             self.budget_changes.labels(upstream, mode)
         for action in ("deferred", "refused"):
             self.budget_saved.labels(upstream, action)
@@ -587,6 +591,8 @@ class Metrics:
                     out.served[labels.get("source", "cache")] += int(value)
                 elif name == "mirror_upstream_bytes_total":
                     out.from_upstream += int(value)
+                elif name == "mirror_upstream_budget_mode" and 0 <= value < len(BUDGET_MODES):
+                    out.budgets[labels["upstream"]] = BUDGET_MODES[int(value)]
                 elif name in _RATE_LIMIT_SAMPLES and not math.isnan(value):  # NaN: not told
                     seen = out.rate_limits.setdefault(labels["upstream"], [None, None])
                     seen[_RATE_LIMIT_SAMPLES[name]] = int(value)

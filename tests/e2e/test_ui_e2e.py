@@ -22,7 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import RealUpstream
+from fakes.quota import Quota
 from harness import Layout, free_port, push, require_module
+from harness.hubfront import HubFront
 from harness.images import seeded_bytes
 from harness.mirror import MirrorProcess, skopeo_copy
 from harness.throttle import ThrottledRelay
@@ -284,3 +286,29 @@ def test_an_image_listed_during_its_pull_gets_its_platform(
         cold.result(timeout=60)
         (image,) = httpx.get(images, params={"q": big_image.repo}).json()["images"]
         assert image["platforms"] == ["linux/amd64"]
+
+
+def test_a_spent_pull_limit_shows_on_the_page(real_upstream: RealUpstream, tmp_path: Path) -> None:
+    """Before Docker Hub's quota (a Hub-like front), one pull spends the last pull: the
+    page says misses now get 429, in the upstream's row."""
+    image = real_upstream.images["schema2"]
+    quota = Quota(limit=10, remaining=1, retry_after="600")
+    with (
+        HubFront(real_upstream.registry.url, quota) as front,
+        AdminMirror(tmp_path / "mirror", front.url) as mirror,
+        Browser(tmp_path / "browser") as browser,
+    ):
+        pull(mirror, image.repo, image.tag, tmp_path / "pulled")
+        assert quota.remaining == 0
+        browser.driver.get(f"{mirror.admin_url}/ui")
+        cell = wait_for(
+            lambda: next(iter(rows(browser, "#upstreams td[data-budget=exhausted]")), None),
+            "the spent budget to show",
+        )
+        assert cell.text == "0 / 10 (spent: misses get 429)"
+        assert "bad" in (cell.get_attribute("class") or "").split()
+        # What the page says is what a client gets: a miss is refused, upstream unasked.
+        asked = len(front.seen)
+        r = httpx.get(f"{mirror.url}/v2/{image.repo}/manifests/other", timeout=30)
+        assert (r.status_code, r.json()["errors"][0]["code"]) == (429, "TOOMANYREQUESTS")
+        assert len(front.seen) == asked
