@@ -13,6 +13,8 @@ import pytest
 import yaml
 from harness import require_tool
 
+from mirror.budget import Reserve
+from mirror.freshness import TagFreshness
 from mirror.loading import load_settings, unknown_environment
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -348,3 +350,29 @@ def test_example_config_tls_block_loads_uncommented(tmp_path: Path) -> None:
     assert settings.tls_cert_file == Path("/etc/mirror/tls/tls.crt")
     assert settings.tls_client_ca is not None and settings.tls_client_auth == "require"
     assert (settings.tls_reload_interval, settings.admin_listen) == (10, "127.0.0.1:9090")
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_readme_worked_example_of_tags_that_never_wait_loads(tmp_path: Path) -> None:
+    """The README's worked example means what its table says: `latest` trusted a minute,
+    then answered at once for an hour; other tags an hour; 10% of the limit kept."""
+    text = (DEPLOY.parent / "README.md").read_text()
+    start = text.index("\n## Tags that never wait, and the rate limit\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    [block] = re.findall(r"^```yaml\n(.*?)^```$", section, re.M | re.S)
+    config = tmp_path / "mirror.yaml"
+    config.write_text(block)
+    settings = load_settings(config)
+    freshness = settings.freshness()
+    assert freshness.of("library/alpine", "latest") == TagFreshness(60, 3600)
+    assert freshness.of("library/alpine", "3.20") == TagFreshness(3600, 0)
+    assert Reserve.parse(settings.ratelimit_reserve).of(100) == 10
+    assert settings.refresh_ahead_pulls == 20
+
+
+@pytest.mark.usefixtures("no_mirror_env")
+def test_example_config_tag_windows_and_budget() -> None:
+    settings = load_settings(DEPLOY / "mirror.yaml")
+    hub = settings.resolved_upstreams()[0].freshness(settings.freshness())
+    assert hub.of("library/alpine", "latest") == TagFreshness(60, 3600)
+    assert settings.ratelimit_reserve == "10%"
