@@ -254,11 +254,20 @@ class Proxy:
             self.fairness.throttled_stale()
             return Manifest(stored, "stale", max(0.0, age))
         # N concurrent requests for an expired tag cause one revalidation; with
-        # replicas, one for the whole cluster.
+        # replicas, one for the whole cluster. The flight joined may be a background
+        # one still queued for its slot behind an expiry wave: with a stale answer at
+        # hand it is waited for no longer than the upstream would be (`stale_after`).
+        stale_ok = age < self._freshness.max_stale
+        joining = stale_ok and key in self._revalidations
         try:
-            return await self._coalesced(
-                self._revalidations, key, lambda: self._revalidate_once(revalidate)
-            )
+            async with asyncio.timeout(self._stale_after if joining else None):
+                return await self._coalesced(
+                    self._revalidations, key, lambda: self._revalidate_once(revalidate)
+                )
+        except TimeoutError:
+            if not joining:
+                raise
+            return Manifest(stored, "stale", max(0.0, age))  # the flight goes on, shielded
         except UpstreamError as exc:
             if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
                 raise
