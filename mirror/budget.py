@@ -48,6 +48,10 @@ EXHAUSTED_RETRY = 60.0
 # Longer waits named by a Retry-After are believed only up to this (a hostile or
 # broken upstream must not shut misses out for days).
 RETRY_MAX = 6 * 3600.0
+# A mode's log line is not repeated sooner than this: a count hovering at the reserve
+# (or an upstream alternating it) changes the mode on every answer, and the metrics
+# count each change already.
+LOG_EVERY = 60.0
 
 _RESERVE_RE = re.compile(r"(\d{1,9})(%?)")
 
@@ -101,6 +105,8 @@ class Budget:
         self._until: float | None = None  # exhausted until then
         self.mode: Mode = "normal"
         self._timer: asyncio.TimerHandle | None = None
+        self._logged: dict[Mode, float] = {}  # when each mode's line was last logged
+        self._unlogged = 0  # changes since the last line
 
     # -- what the upstream says ---------------------------------------------------
 
@@ -177,32 +183,43 @@ class Budget:
         before, self.mode = self.mode, mode
         self._metrics.budget_mode.labels(self._upstream).set(MODES.index(mode))
         self._metrics.budget_changes.labels(self._upstream, mode).inc()
+        if mode == "exhausted":
+            assert self._until is not None
+            self._wake(self._until - now)
+        if now - self._logged.get(mode, -math.inf) < LOG_EVERY:
+            self._unlogged += 1
+            return
+        self._logged[mode] = now
         left = f"{self.remaining} of {self.limit}" if self.remaining is not None else "unknown"
+        note = f" ({self._unlogged} changes since the last line)" if self._unlogged else ""
+        self._unlogged = 0
         if mode == "exhausted":
             assert self._until is not None
             log.warning(
                 "upstream %s: pull rate limit reached (%s pulls left): misses are answered "
-                "429 for %.0f s without asking it; cached tags are served stale",
+                "429 for %.0f s without asking it; cached tags are served stale%s",
                 self._upstream,
                 left,
                 self._until - now,
+                note,
             )
-            self._wake(self._until - now)
         elif mode == "reserve":
             log.warning(
                 "upstream %s: %s pulls left, under the reserve of %d (%s): revalidations "
-                "spend no pulls (moved tags are served stale), misses still go upstream",
+                "spend no pulls (moved tags are served stale), misses still go upstream%s",
                 self._upstream,
                 left,
                 self._reserve.of(self.limit),
                 self._reserve,
+                note,
             )
         else:
             log.info(
-                "upstream %s: rate-limit budget back to normal after %s (%s pulls left)",
+                "upstream %s: rate-limit budget back to normal after %s (%s pulls left)%s",
                 self._upstream,
                 before,
                 left,
+                note,
             )
 
     def _wake(self, delay: float) -> None:

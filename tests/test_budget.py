@@ -94,6 +94,38 @@ def test_modes_follow_the_headers_and_each_change_is_logged_once(
     assert saved == {"deferred": 1, "refused": 1}
 
 
+def test_a_count_flapping_around_the_reserve_logs_each_mode_at_most_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Replicas behind one address hovering at the reserve, or a hostile upstream
+    alternating its count, change the mode on every answer: the metrics count each
+    change, the log does not repeat a line per request."""
+    caplog.set_level(logging.INFO, "mirror.budget")
+    clock = Clock()
+    metrics = Metrics()
+    metrics.add_upstream("hub")
+    budget = Budget("hub", Reserve.parse("10"), metrics, clock)
+    for i in range(100):
+        remaining = 9 if i % 2 == 0 else 50
+        budget.observe(200, {"ratelimit-limit": "100", "ratelimit-remaining": str(remaining)})
+        if i % 10 == 9:  # and now and then a free HEAD saying none are left
+            budget.observe(200, {"ratelimit-limit": "100", "ratelimit-remaining": "0"})
+            clock.now += 60  # (the wait passes)
+        clock.now += 0.1
+    changes = metrics.registry.get_sample_value(
+        "mirror_upstream_budget_changes_total", {"upstream": "hub", "mode": "reserve"}
+    )
+    assert changes is not None and changes >= 50  # every change counted
+    lines = [r.getMessage() for r in caplog.records]
+    # ~10 minutes passed: at most a line per mode per minute, and the ones repeated
+    # say how many changes they stand for.
+    assert len(lines) <= 3 * 11, len(lines)
+    assert any("changes since" in line for line in lines)
+    clock.now += 61
+    budget.observe(200, {"ratelimit-limit": "100", "ratelimit-remaining": "9"})
+    assert "under the reserve" in caplog.records[-1].getMessage()
+
+
 def test_the_last_pull_exhausts_without_a_429_and_a_http_date_is_read() -> None:
     clock = Clock()
     budget = Budget("hub", Reserve(), Metrics(), clock)
