@@ -144,7 +144,7 @@ class Budget:
             assert self._until is not None
             self._metrics.budget_saved.labels(self._upstream, "refused").inc()
             wait = max(1, math.ceil(self._until - self._clock()))
-            raise UpstreamError(
+            raise Refused(
                 "TOOMANYREQUESTS",
                 f"upstream {self._upstream} pull rate limit reached; retry in {wait} s",
                 status=429,
@@ -239,6 +239,10 @@ class Budget:
 
 class Deferred(UpstreamError):
     """A revalidation's GET not spent: the tag is served stale instead."""
+
+
+class Refused(UpstreamError):
+    """A GET not sent: the pull limit is spent (the upstream's own 429 is not this)."""
 
 
 def _retry_after(value: str | None) -> float:
