@@ -652,7 +652,7 @@ class Proxy:
             # With a stale answer at hand, the upstream gets `stale_after` (as for tags).
             async with asyncio.timeout(self._stale_after if stale_ok else None):
                 fresh = await self._coalesced(
-                    self._fetches, key, lambda: self._fetch_referrers(key, digest)
+                    self._fetches, key, lambda: self._fetch_referrers(key, digest, stale_ok)
                 )
         except TimeoutError:
             if stored is None:
@@ -662,16 +662,25 @@ class Proxy:
         except UpstreamError as exc:
             if stored is None or not stale_ok or not _upstream_trouble(exc):
                 raise
-            log.warning("serving referrers of %s@%s stale: %s", repo, digest, exc.message)
+            level = logging.DEBUG if isinstance(exc, Deferred) else logging.WARNING
+            log.log(level, "serving referrers of %s@%s stale: %s", repo, digest, exc.message)
             return Manifest(stored, "stale", age)
         return Manifest(fresh, "miss" if stored is None else "revalidated", 0.0)
 
-    async def _fetch_referrers(self, key: TagKey, digest: Digest) -> StoredManifest:
+    async def _fetch_referrers(
+        self, key: TagKey, digest: Digest, refresh: bool = False
+    ) -> StoredManifest:
+        """`refresh`: a cached answer can be served stale, so the rate-limit budget may
+        keep the tag schema's manifest GET for misses."""
         body = await self._upstream.referrers(key.repo, digest, self._manifest_max)
         if body is None:  # no referrers API: the referrers tag schema
             try:
                 remote = await self._upstream.get_manifest(
-                    key.repo, Reference(tag=key.tag), OCI_INDEX, self._manifest_max
+                    key.repo,
+                    Reference(tag=key.tag),
+                    OCI_INDEX,
+                    self._manifest_max,
+                    refresh=refresh,
                 )
                 body = remote.body
             except UpstreamError as exc:

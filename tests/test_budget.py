@@ -13,7 +13,7 @@ from fakes.upstream import FakeUpstream
 
 from mirror.budget import Budget, Reserve
 from mirror.errors import UpstreamError
-from mirror.mediatypes import DOCKER_MANIFEST_V2
+from mirror.mediatypes import DOCKER_MANIFEST_V2, OCI_INDEX
 from mirror.metrics import Metrics
 
 MANIFEST = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_V2, "layers": []}
@@ -231,3 +231,32 @@ async def test_at_zero_a_miss_gets_429_without_asking_then_resumes_after_the_res
         assert (r.status_code, r.headers["x-cache"]) == (200, "MISS")
         assert m.metric("mirror_upstream_budget_mode", upstream=host) == 0
         assert m.metric("mirror_upstream_budget_saved_total", upstream=host, action="refused") == 3
+
+
+async def test_under_the_reserve_a_cached_referrers_answer_spends_no_get_on_its_refresh(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    """Without a referrers API the answer is the referrers tag, fetched by a manifest
+    GET: refreshing one the cache holds is a revalidation, and under the reserve it
+    is served stale rather than spend a pull kept for misses."""
+    upstream, url = fake
+    subject = upstream.add_manifest(DOCKER_MANIFEST_V2, MANIFEST, tag="v1")
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    upstream.add_manifest(OCI_INDEX, index, tag=subject.replace(":", "-"))
+    upstream.quota = Quota(limit=10, remaining=7)
+    clock = Clock()
+    async with (
+        mirror(url, clock=clock, tag_ttl=60, ratelimit_reserve="50%") as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        r = await c.get(f"/v2/a/referrers/{subject}")
+        assert (r.status_code, r.headers["x-cache"]) == (200, "MISS")  # 6 left
+        for tag in ("x", "y"):  # misses take it to 4 of 10, under the reserve of 5
+            upstream.add_manifest(DOCKER_MANIFEST_V2, {**MANIFEST, "t": tag}, tag=tag)
+            assert (await c.get(f"/v2/a/manifests/{tag}", headers=ACCEPT)).status_code == 200
+        assert m.metric("mirror_upstream_budget_mode", upstream=url.removeprefix("http://")) == 1
+        clock.now += 61
+        gets = upstream.quota.gets
+        r = await c.get(f"/v2/a/referrers/{subject}")
+        assert (r.status_code, r.headers["x-cache"]) == (200, "STALE")
+        assert upstream.quota.gets == gets
