@@ -318,7 +318,10 @@ class Proxy:
                 if len(self._retry_at) > PULL_COUNTS_MAX:
                     self._retry_at.popitem(last=False)
                 raise
-        result = "moved" if manifest.result == "miss" else "unchanged"
+        # By the digest: another replica's revalidation is read back as "revalidated",
+        # and a GET after a HEAD that named no digest may find the same one.
+        moved = manifest.stored.digest != revalidate.stored.digest
+        result = "moved" if moved else "unchanged"
         self._metrics.background_revalidations.labels(self.name, result).inc()
         return manifest
 
