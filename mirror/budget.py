@@ -120,6 +120,7 @@ class Budget:
         if remaining is not None:
             self.remaining = remaining[0]
         now = self._clock()
+        before = self.mode
         if status == 429:
             self.remaining = 0
             self._until = now + _retry_after(headers.get("retry-after"))
@@ -130,7 +131,11 @@ class Budget:
                     self._until = now + EXHAUSTED_RETRY
             else:
                 self._until = None  # the window slid: pulls again
-        self._update(now)
+        if self._update(now) == before == "exhausted":
+            # Still exhausted, and the wait named anew (longer, or shorter): the timer
+            # set on entering it follows.
+            assert self._until is not None
+            self._wake(self._until - now)
 
     # -- what the proxy may spend ---------------------------------------------------
 

@@ -6,7 +6,7 @@ import logging
 
 import httpx
 import pytest
-from conftest import MirrorFactory
+from conftest import MirrorFactory, until
 from fakes.clock import Clock
 from fakes.quota import Quota
 from fakes.upstream import FakeUpstream
@@ -260,3 +260,20 @@ async def test_under_the_reserve_a_cached_referrers_answer_spends_no_get_on_its_
         r = await c.get(f"/v2/a/referrers/{subject}")
         assert (r.status_code, r.headers["x-cache"]) == (200, "STALE")
         assert upstream.quota.gets == gets
+
+
+async def test_the_gauge_leaves_exhausted_when_a_longer_wait_named_later_is_over() -> None:
+    """The wait was made longer by another 429 while exhausted: the gauge still goes
+    back to normal once it is over, with no request asking (real time: the timer's)."""
+    metrics = Metrics()
+    metrics.add_upstream("hub")
+    budget = Budget("hub", Reserve(), metrics)
+    budget.observe(429, {"retry-after": "1"})
+    budget.observe(429, {"retry-after": "2"})  # a HEAD refused too, with a longer wait
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("mirror_upstream_budget_mode", {"upstream": "hub"})
+
+    assert gauge() == 2
+    await until(lambda: gauge() == 0, "the end of the longer wait", timeout=5)
+    budget.close()
