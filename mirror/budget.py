@@ -45,6 +45,10 @@ EXHAUSTED_RETRY = 60.0
 # Longer waits named by a Retry-After are believed only up to this (a hostile or
 # broken upstream must not shut misses out for days).
 RETRY_MAX = 6 * 3600.0
+# A mode's log line is not repeated sooner than this: a count hovering at the reserve
+# (or an upstream alternating it) changes the mode on every answer, and the metrics
+# count each change already.
+LOG_EVERY = 60.0
 
 _RESERVE_RE = re.compile(r"(\d{1,9})(%?)")
 
@@ -98,6 +102,8 @@ class Budget:
         self._until: float | None = None  # exhausted until then
         self.mode: BudgetMode = "normal"
         self._timer: asyncio.TimerHandle | None = None
+        self._logged: dict[Mode, float] = {}  # when each mode's line was last logged
+        self._unlogged = 0  # changes since the last line
 
     # -- what the upstream says ---------------------------------------------------
 
@@ -111,6 +117,7 @@ class Budget:
         if remaining is not None:
             self.remaining = remaining[0]
         now = self._clock()
+        before = self.mode
         if status == 429:
             self.remaining = 0
             self._until = now + _retry_after(headers.get("retry-after"))
@@ -121,7 +128,11 @@ class Budget:
                     self._until = now + EXHAUSTED_RETRY
             else:
                 self._until = None  # the window slid: pulls again
-        self._update(now)
+        if self._update(now) == before == "exhausted":
+            # Still exhausted, and the wait named anew (longer, or shorter): the timer
+            # set on entering it follows.
+            assert self._until is not None
+            self._wake(self._until - now)
 
     # -- what the proxy may spend ---------------------------------------------------
 
@@ -135,7 +146,7 @@ class Budget:
             assert self._until is not None
             self._metrics.budget_saved.labels(self._upstream, "refused").inc()
             wait = max(1, math.ceil(self._until - self._clock()))
-            raise UpstreamError(
+            raise Refused(
                 "TOOMANYREQUESTS",
                 f"upstream {self._upstream} pull rate limit reached; retry in {wait} s",
                 status=429,
@@ -174,32 +185,43 @@ class Budget:
         before, self.mode = self.mode, mode
         self._metrics.budget_mode.labels(self._upstream).set(BUDGET_MODES.index(mode))
         self._metrics.budget_changes.labels(self._upstream, mode).inc()
+        if mode == "exhausted":
+            assert self._until is not None
+            self._wake(self._until - now)
+        if now - self._logged.get(mode, -math.inf) < LOG_EVERY:
+            self._unlogged += 1
+            return
+        self._logged[mode] = now
         left = f"{self.remaining} of {self.limit}" if self.remaining is not None else "unknown"
+        note = f" ({self._unlogged} changes since the last line)" if self._unlogged else ""
+        self._unlogged = 0
         if mode == "exhausted":
             assert self._until is not None
             log.warning(
                 "upstream %s: pull rate limit reached (%s pulls left): misses are answered "
-                "429 for %.0f s without asking it; cached tags are served stale",
+                "429 for %.0f s without asking it; cached tags are served stale%s",
                 self._upstream,
                 left,
                 self._until - now,
+                note,
             )
-            self._wake(self._until - now)
         elif mode == "reserve":
             log.warning(
                 "upstream %s: %s pulls left, under the reserve of %d (%s): revalidations "
-                "spend no pulls (moved tags are served stale), misses still go upstream",
+                "spend no pulls (moved tags are served stale), misses still go upstream%s",
                 self._upstream,
                 left,
                 self._reserve.of(self.limit),
                 self._reserve,
+                note,
             )
         else:
             log.info(
-                "upstream %s: rate-limit budget back to normal after %s (%s pulls left)",
+                "upstream %s: rate-limit budget back to normal after %s (%s pulls left)%s",
                 self._upstream,
                 before,
                 left,
+                note,
             )
 
     def _wake(self, delay: float) -> None:
@@ -219,6 +241,10 @@ class Budget:
 
 class Deferred(UpstreamError):
     """A revalidation's GET not spent: the tag is served stale instead."""
+
+
+class Refused(UpstreamError):
+    """A GET not sent: the pull limit is spent (the upstream's own 429 is not this)."""
 
 
 def _retry_after(value: str | None) -> float:

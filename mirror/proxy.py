@@ -254,11 +254,20 @@ class Proxy:
             self.fairness.throttled_stale()
             return Manifest(stored, "stale", max(0.0, age))
         # N concurrent requests for an expired tag cause one revalidation; with
-        # replicas, one for the whole cluster.
+        # replicas, one for the whole cluster. The flight joined may be a background
+        # one still queued for its slot behind an expiry wave: with a stale answer at
+        # hand it is waited for no longer than the upstream would be (`stale_after`).
+        stale_ok = age < self._freshness.max_stale
+        joining = stale_ok and key in self._revalidations
         try:
-            return await self._coalesced(
-                self._revalidations, key, lambda: self._revalidate_once(revalidate)
-            )
+            async with asyncio.timeout(self._stale_after if joining else None):
+                return await self._coalesced(
+                    self._revalidations, key, lambda: self._revalidate_once(revalidate)
+                )
+        except TimeoutError:
+            if not joining:
+                raise
+            return Manifest(stored, "stale", max(0.0, age))  # the flight goes on, shielded
         except UpstreamError as exc:
             if not _upstream_trouble(exc) or age >= self._freshness.max_stale:
                 raise
@@ -309,7 +318,10 @@ class Proxy:
                 if len(self._retry_at) > PULL_COUNTS_MAX:
                     self._retry_at.popitem(last=False)
                 raise
-        result = "moved" if manifest.result == "miss" else "unchanged"
+        # By the digest: another replica's revalidation is read back as "revalidated",
+        # and a GET after a HEAD that named no digest may find the same one.
+        moved = manifest.stored.digest != revalidate.stored.digest
+        result = "moved" if moved else "unchanged"
         self._metrics.background_revalidations.labels(self.name, result).inc()
         return manifest
 
@@ -643,7 +655,7 @@ class Proxy:
             # With a stale answer at hand, the upstream gets `stale_after` (as for tags).
             async with asyncio.timeout(self._stale_after if stale_ok else None):
                 fresh = await self._coalesced(
-                    self._fetches, key, lambda: self._fetch_referrers(key, digest)
+                    self._fetches, key, lambda: self._fetch_referrers(key, digest, stale_ok)
                 )
         except TimeoutError:
             if stored is None:
@@ -653,16 +665,25 @@ class Proxy:
         except UpstreamError as exc:
             if stored is None or not stale_ok or not _upstream_trouble(exc):
                 raise
-            log.warning("serving referrers of %s@%s stale: %s", repo, digest, exc.message)
+            level = logging.DEBUG if isinstance(exc, Deferred) else logging.WARNING
+            log.log(level, "serving referrers of %s@%s stale: %s", repo, digest, exc.message)
             return Manifest(stored, "stale", age)
         return Manifest(fresh, "miss" if stored is None else "revalidated", 0.0)
 
-    async def _fetch_referrers(self, key: TagKey, digest: Digest) -> StoredManifest:
+    async def _fetch_referrers(
+        self, key: TagKey, digest: Digest, refresh: bool = False
+    ) -> StoredManifest:
+        """`refresh`: a cached answer can be served stale, so the rate-limit budget may
+        keep the tag schema's manifest GET for misses."""
         body = await self._upstream.referrers(key.repo, digest, self._manifest_max)
         if body is None:  # no referrers API: the referrers tag schema
             try:
                 remote = await self._upstream.get_manifest(
-                    key.repo, Reference(tag=key.tag), OCI_INDEX, self._manifest_max
+                    key.repo,
+                    Reference(tag=key.tag),
+                    OCI_INDEX,
+                    self._manifest_max,
+                    refresh=refresh,
                 )
                 body = remote.body
             except UpstreamError as exc:

@@ -25,7 +25,7 @@ import httpx
 
 from mirror import dockerhub, logs, referrers
 from mirror.auth import Credentials, UpstreamAuth, parse_www_authenticate
-from mirror.budget import Budget
+from mirror.budget import Budget, Refused
 from mirror.errors import RegistryError, UpstreamError
 from mirror.mediatypes import OCI_INDEX
 from mirror.metrics import Metrics, UpstreamKind
@@ -256,6 +256,8 @@ class Upstream:
                     self.name,
                     exc.message,
                 )
+                if self.budget is not None:  # the GET is a pull, as any other
+                    self.budget.spend(refresh=False)
                 resp = await self._request("GET", path, repo, "manifest", accept, fresh)
             told(resp)
         await resp.aclose()
@@ -273,7 +275,12 @@ class Upstream:
         try:
             yield told
         except UpstreamError as exc:
-            if self.budget is not None and exc.upstream_status == 429:
+            # The budget's own refusal is no news to it.
+            if (
+                self.budget is not None
+                and exc.upstream_status == 429
+                and not isinstance(exc, Refused)
+            ):
                 self.budget.observe(429, {k.lower(): v for k, v in exc.headers.items()})
             raise
 

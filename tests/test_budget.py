@@ -6,14 +6,14 @@ import logging
 
 import httpx
 import pytest
-from conftest import MirrorFactory
+from conftest import MirrorFactory, until
 from fakes.clock import Clock
 from fakes.quota import Quota
 from fakes.upstream import FakeUpstream
 
 from mirror.budget import Budget, Reserve
 from mirror.errors import UpstreamError
-from mirror.mediatypes import DOCKER_MANIFEST_V2
+from mirror.mediatypes import DOCKER_MANIFEST_V2, OCI_INDEX
 from mirror.metrics import Metrics
 
 MANIFEST = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_V2, "layers": []}
@@ -92,6 +92,38 @@ def test_modes_follow_the_headers_and_each_change_is_logged_once(
         for a in ("deferred", "refused")
     }
     assert saved == {"deferred": 1, "refused": 1}
+
+
+def test_a_count_flapping_around_the_reserve_logs_each_mode_at_most_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Replicas behind one address hovering at the reserve, or a hostile upstream
+    alternating its count, change the mode on every answer: the metrics count each
+    change, the log does not repeat a line per request."""
+    caplog.set_level(logging.INFO, "mirror.budget")
+    clock = Clock()
+    metrics = Metrics()
+    metrics.add_upstream("hub")
+    budget = Budget("hub", Reserve.parse("10"), metrics, clock)
+    for i in range(100):
+        remaining = 9 if i % 2 == 0 else 50
+        budget.observe(200, {"ratelimit-limit": "100", "ratelimit-remaining": str(remaining)})
+        if i % 10 == 9:  # and now and then a free HEAD saying none are left
+            budget.observe(200, {"ratelimit-limit": "100", "ratelimit-remaining": "0"})
+            clock.now += 60  # (the wait passes)
+        clock.now += 0.1
+    changes = metrics.registry.get_sample_value(
+        "mirror_upstream_budget_changes_total", {"upstream": "hub", "mode": "reserve"}
+    )
+    assert changes is not None and changes >= 50  # every change counted
+    lines = [r.getMessage() for r in caplog.records]
+    # ~10 minutes passed: at most a line per mode per minute, and the ones repeated
+    # say how many changes they stand for.
+    assert len(lines) <= 3 * 11, len(lines)
+    assert any("changes since" in line for line in lines)
+    clock.now += 61
+    budget.observe(200, {"ratelimit-limit": "100", "ratelimit-remaining": "9"})
+    assert "under the reserve" in caplog.records[-1].getMessage()
 
 
 def test_the_last_pull_exhausts_without_a_429_and_a_http_date_is_read() -> None:
@@ -199,3 +231,49 @@ async def test_at_zero_a_miss_gets_429_without_asking_then_resumes_after_the_res
         assert (r.status_code, r.headers["x-cache"]) == (200, "MISS")
         assert m.metric("mirror_upstream_budget_mode", upstream=host) == 0
         assert m.metric("mirror_upstream_budget_saved_total", upstream=host, action="refused") == 3
+
+
+async def test_under_the_reserve_a_cached_referrers_answer_spends_no_get_on_its_refresh(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory
+) -> None:
+    """Without a referrers API the answer is the referrers tag, fetched by a manifest
+    GET: refreshing one the cache holds is a revalidation, and under the reserve it
+    is served stale rather than spend a pull kept for misses."""
+    upstream, url = fake
+    subject = upstream.add_manifest(DOCKER_MANIFEST_V2, MANIFEST, tag="v1")
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    upstream.add_manifest(OCI_INDEX, index, tag=subject.replace(":", "-"))
+    upstream.quota = Quota(limit=10, remaining=7)
+    clock = Clock()
+    async with (
+        mirror(url, clock=clock, tag_ttl=60, ratelimit_reserve="50%") as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        r = await c.get(f"/v2/a/referrers/{subject}")
+        assert (r.status_code, r.headers["x-cache"]) == (200, "MISS")  # 6 left
+        for tag in ("x", "y"):  # misses take it to 4 of 10, under the reserve of 5
+            upstream.add_manifest(DOCKER_MANIFEST_V2, {**MANIFEST, "t": tag}, tag=tag)
+            assert (await c.get(f"/v2/a/manifests/{tag}", headers=ACCEPT)).status_code == 200
+        assert m.metric("mirror_upstream_budget_mode", upstream=url.removeprefix("http://")) == 1
+        clock.now += 61
+        gets = upstream.quota.gets
+        r = await c.get(f"/v2/a/referrers/{subject}")
+        assert (r.status_code, r.headers["x-cache"]) == (200, "STALE")
+        assert upstream.quota.gets == gets
+
+
+async def test_the_gauge_leaves_exhausted_when_a_longer_wait_named_later_is_over() -> None:
+    """The wait was made longer by another 429 while exhausted: the gauge still goes
+    back to normal once it is over, with no request asking (real time: the timer's)."""
+    metrics = Metrics()
+    metrics.add_upstream("hub")
+    budget = Budget("hub", Reserve(), metrics)
+    budget.observe(429, {"retry-after": "1"})
+    budget.observe(429, {"retry-after": "2"})  # a HEAD refused too, with a longer wait
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("mirror_upstream_budget_mode", {"upstream": "hub"})
+
+    assert gauge() == 2
+    await until(lambda: gauge() == 0, "the end of the longer wait", timeout=5)
+    budget.close()

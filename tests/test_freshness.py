@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,6 +13,7 @@ from conftest import MirrorFactory, until
 from fakes.clock import Clock
 from fakes.upstream import FakeUpstream, Fault
 
+from mirror import proxy
 from mirror.config import Settings
 from mirror.freshness import Freshness, TagFreshness, TTLRule
 from mirror.mediatypes import DOCKER_MANIFEST_V2
@@ -351,6 +353,39 @@ async def test_a_popular_tag_is_refreshed_before_it_expires(
         assert r.headers["x-cache"] == "HIT"
         r = await c.get("/v2/a/manifests/cold", headers=ACCEPT)
         assert r.headers["x-cache"] == "REVALIDATED"
+
+
+async def test_past_the_window_a_request_is_not_held_behind_queued_background_work(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expiry wave queues background revalidations for their slots; a request for
+    one of those tags after the window joins it, and with a stale answer at hand must
+    get it within `stale_after`, not after every revalidation queued before it."""
+    monkeypatch.setattr(proxy, "BACKGROUND_MAX", 1)
+    upstream, url = fake
+    tags = [f"t{i}" for i in range(6)]
+    for tag in tags:
+        upstream.add_manifest(DOCKER_MANIFEST_V2, {**MANIFEST, "t": tag}, tag=tag)
+    clock = Clock()
+    gate = asyncio.Event()
+    # fetch_timeout 1 s: the upstream gets stale_after = 0.5 s with a stale answer at hand.
+    settings = {"tag_ttl": 60, "stale_while_revalidate": "1h", "fetch_timeout": 1}
+    async with mirror(url, clock=clock, **settings) as m, httpx.AsyncClient(base_url=m.url) as c:
+        for tag in tags:
+            assert (await c.get(f"/v2/a/manifests/{tag}", headers=ACCEPT)).status_code == 200
+        upstream.manifest_gate = gate  # the upstream hangs: each HEAD takes stale_after
+        with _opened_at_the_end(gate):
+            clock.now += 61
+            for tag in tags:  # one revalidation runs, the others wait for its slot
+                r = await c.get(f"/v2/a/manifests/{tag}", headers=ACCEPT)
+                assert r.headers["x-cache"] == "UPDATING"
+            clock.now += 3600  # past the window: this request waits, but only so long
+            started = time.monotonic()
+            r = await c.get(f"/v2/a/manifests/{tags[-1]}", headers=ACCEPT, timeout=10)
+            waited = time.monotonic() - started
+        assert (r.status_code, r.headers["x-cache"]) == (200, "STALE")
+        # Six queued HEADs of 0.5 s each would be 3 s.
+        assert waited < 1.5, f"held {waited:.1f} s behind the background queue"
 
 
 def _unchanged(url: str) -> dict[str, str]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from conftest import until
@@ -24,12 +25,14 @@ from mirror.policy import RepoPolicy
 from mirror.proxy import Blob, Proxy
 from mirror.ranges import parse_range
 from mirror.reference import Digest, Reference
+from mirror.store import StoredManifest, TagEntry, TagKey
 from mirror.upstream import Upstream, make_client
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 ANY = AcceptSet.from_headers([])
 DATA = bytes(range(256)) * 4096  # 1 MiB
+T = TypeVar("T")
 
 
 @dataclass
@@ -176,3 +179,64 @@ async def test_official_docker_hub_names_are_not_rewritten_elsewhere(setup: Setu
     assert json.loads(body)["name"] == "alpine"  # not library/alpine: no Hub here
     assert link is not None
     assert setup.upstream.requests[0].query == "n=2"
+
+
+async def test_a_background_revalidation_another_replica_did_counts_a_moved_tag_as_moved(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """With replicas, the background revalidation may be done by another one (its
+    entry is read back): the metric says what happened to the tag, not who asked."""
+    upstream, url = fake
+    upstream.add_manifest(OCI, {"mediaType": OCI, "n": 1}, tag="v1")
+    moved = StoredManifest(Digest("sha256", hashlib.sha256(b"{}").hexdigest()), OCI, b"{}")
+    clock = Clock()
+    store = DiskStore(tmp_path, clock)
+    client = make_client(5.0, 5.0)
+    metrics = Metrics()
+    metrics.add_upstream("hub")
+
+    class ElsewhereCluster:
+        """Another replica holds the lease, and its revalidation found the tag moved."""
+
+        async def once(
+            self,
+            name: str,
+            work: Callable[[], Awaitable[T]],
+            done_elsewhere: Callable[[], Awaitable[T | None]],
+            wait: float,
+        ) -> T:
+            if not name.startswith("reval:"):
+                return await work()
+            await store.put_manifest(moved)
+            key = TagKey(proxy.name, "app", "v1", ANY.cache_key)
+            await store.put_tag(key, TagEntry(moved.digest, OCI, clock()))
+            found = await done_elsewhere()
+            assert found is not None
+            return found
+
+    proxy = Proxy(
+        store,
+        Upstream(url, client, metrics, name="hub"),
+        metrics,
+        freshness=Freshness(default_ttl=60, max_stale=3600, stale_while_revalidate=600),
+        manifest_max_bytes=1 << 20,
+        clock=clock,
+        cluster=ElsewhereCluster(),
+    )
+    try:
+        assert (await proxy.manifest("app", Reference(tag="v1"), ANY)).result == "miss"
+        clock.now += 61
+        assert (await proxy.manifest("app", Reference(tag="v1"), ANY)).result == "updating"
+
+        def counted(result: str) -> float | None:
+            return metrics.registry.get_sample_value(
+                "mirror_background_revalidations_total",
+                {"upstream": proxy.name, "result": result},
+            )
+
+        await until(lambda: bool(counted("moved") or counted("unchanged")), "the revalidation")
+        assert (counted("moved"), counted("unchanged")) == (1, 0)
+    finally:
+        await proxy.aclose()
+        await client.aclose()
+        store.close()

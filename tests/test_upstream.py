@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fakes.clock import Clock
+from fakes.rawupstream import OCI, RawUpstream, Request, Script, manifest, manifest_response
 from fakes.upstream import FakeUpstream
 
+from mirror.budget import Budget, Reserve
 from mirror.errors import UpstreamError
 from mirror.metrics import Metrics
 from mirror.reference import Digest, Reference
@@ -323,3 +325,30 @@ async def test_a_refused_connection_says_so_and_failure_and_recovery_log_once(
         f"upstream 127.0.0.1:{port} (http://127.0.0.1:{port}) is failing: {err.value.message}",
         f"upstream 127.0.0.1:{port} answers again",
     ]
+
+
+async def test_the_get_a_broken_head_falls_back_to_is_a_pull_the_budget_may_refuse(
+    client: httpx.AsyncClient,
+) -> None:
+    """A HEAD is free, its GET fallback is not: with the pull limit spent (a 429 said
+    so), the fallback is refused here, as any manifest GET is, not sent upstream."""
+    body, digest = manifest("x")
+
+    def answer(request: Request) -> Script:
+        if request.method == "HEAD":  # an answer that cannot be parsed
+            return Script([b"HTTP/1.1 2OO OK\r\ncontent-length: 0\r\n\r\n", None])
+        return Script([manifest_response(body, digest)])
+
+    raw = RawUpstream(answer)
+    metrics = Metrics()
+    metrics.add_upstream("hub")
+    budget = Budget("hub", Reserve(), metrics, Clock())
+    budget.observe(429, {"retry-after": "600"})
+    async with raw.serve() as url:
+        up = Upstream(url, client, metrics, name="hub", budget=budget)
+        with pytest.raises(UpstreamError) as err:
+            await up.head_manifest("a", Reference(tag="v1"), OCI)
+    assert err.value.status == 429
+    assert err.value.headers == {"Retry-After": "600"}
+    assert raw.count("HEAD", "/manifests/v1") == 1
+    assert raw.count("GET", "/manifests/v1") == 0
