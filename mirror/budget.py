@@ -102,7 +102,7 @@ class Budget:
         self._until: float | None = None  # exhausted until then
         self.mode: BudgetMode = "normal"
         self._timer: asyncio.TimerHandle | None = None
-        self._logged: dict[Mode, float] = {}  # when each mode's line was last logged
+        self._logged: dict[BudgetMode, float] = {}  # when each mode's line was last logged
         self._unlogged = 0  # changes since the last line
 
     # -- what the upstream says ---------------------------------------------------
