@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 # time it does not tell. A GET refused with 429 is not counted, so trying once a
 # minute costs nothing and finds the freed pulls soon enough.
 EXHAUSTED_RETRY = 60.0
-# Longer waits named by a Retry-After are believed only up to this (a hostile or
-# broken upstream must not shut misses out for days).
-RETRY_MAX = 6 * 3600.0
+# Longer waits named by a Retry-After are believed only up to the upstream's own
+# rate-limit window (`;w=`), or this when it names none: a hostile or broken upstream
+# must not shut misses out for days with one answer.
+RETRY_MAX = 3600.0
+WINDOW_MAX = 6 * 3600.0  # Docker Hub's own window: the longest wait ever believed
 # A mode's log line is not repeated sooner than this: a count hovering at the reserve
 # (or an upstream alternating it) changes the mode on every answer, and the metrics
 # count each change already.
@@ -100,6 +102,7 @@ class Budget:
         self.limit: int | None = None
         self.remaining: int | None = None
         self._until: float | None = None  # exhausted until then
+        self._window = RETRY_MAX  # the longest wait believed: the upstream's window
         self.mode: BudgetMode = "normal"
         self._timer: asyncio.TimerHandle | None = None
         self._logged: dict[BudgetMode, float] = {}  # when each mode's line was last logged
@@ -114,13 +117,15 @@ class Budget:
         remaining = parse_rate_limit(headers.get("ratelimit-remaining"))
         if limit is not None:
             self.limit = limit[0]
+            if limit[1] is not None:
+                self._window = min(float(limit[1]), WINDOW_MAX)
         if remaining is not None:
             self.remaining = remaining[0]
         now = self._clock()
         before = self.mode
         if status == 429:
             self.remaining = 0
-            self._until = now + _retry_after(headers.get("retry-after"))
+            self._until = now + _retry_after(headers.get("retry-after"), self._window)
         elif remaining is not None:
             if self.remaining == 0:
                 # The pull just answered was the last: the next one would be refused.
@@ -247,13 +252,14 @@ class Refused(UpstreamError):
     """A GET not sent: the pull limit is spent (the upstream's own 429 is not this)."""
 
 
-def _retry_after(value: str | None) -> float:
-    """Seconds from a `Retry-After` (seconds or an HTTP date); EXHAUSTED_RETRY if none."""
+def _retry_after(value: str | None, longest: float) -> float:
+    """Seconds from a `Retry-After` (seconds or an HTTP date), at most `longest`;
+    EXHAUSTED_RETRY if none."""
     value = (value or "").strip()
     if value.isascii() and value.isdigit():
-        return min(float(value), RETRY_MAX)
+        return min(float(value), longest)
     try:
         when = parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return EXHAUSTED_RETRY
-    return min(max(1.0, when - time.time()), RETRY_MAX)
+    return min(max(1.0, when - time.time()), longest)

@@ -46,6 +46,8 @@ CHECK_INLINE_MAX = 64 << 10
 T = TypeVar("T")
 # Background revalidations of one upstream running at once; more wait their turn.
 BACKGROUND_MAX = 8
+# Background revalidations waiting or running per upstream; past it, stale answers.
+BACKGROUND_QUEUE_MAX = 1000
 # Seconds before a tag whose background revalidation failed gets another.
 BACKGROUND_RETRY = 30.0
 # Tags whose pulls (refresh ahead) and failures are remembered, most recent kept.
@@ -157,6 +159,7 @@ class Proxy:
         self._pulls: OrderedDict[TagKey, tuple[float, int]] = OrderedDict()
         self._retry_at: OrderedDict[TagKey, float] = OrderedDict()
         self._background_slots = asyncio.Semaphore(BACKGROUND_MAX)
+        self._queued = 0  # background revalidations started and not yet done
 
     @property
     def name(self) -> str:
@@ -295,6 +298,10 @@ class Proxy:
             return True  # the one in flight will do
         if self._clock() < self._retry_at.get(key, 0.0):
             return False
+        if self._queued >= BACKGROUND_QUEUE_MAX:
+            # An expiry wave over more tags than the queue holds (each queued task
+            # keeps its manifest): the rest are served stale and asked about later.
+            return False
         self._retry_at.pop(key, None)
         return self._revalidations.start(key, lambda: self._in_background(revalidate))
 
@@ -302,22 +309,23 @@ class Proxy:
         """A revalidation behind an answer already sent: counted, and on failure the
         entry stays as it was and the next one waits a while."""
         key = revalidate.key
-        async with self._background_slots:  # an expiry wave is not a HEAD storm
-            try:
+        self._queued += 1
+        try:
+            async with self._background_slots:  # an expiry wave is not a HEAD storm
                 manifest = await self._revalidate_once(revalidate)
-            except UpstreamError as exc:
-                deferred = isinstance(exc, Deferred)
-                self._metrics.background_revalidations.labels(
-                    self.name, "deferred" if deferred else "failed"
-                ).inc()
-                if not _upstream_trouble(exc):  # trouble was logged by _revalidate
-                    log.warning(
-                        "background revalidation of %s:%s failed: %s", key.repo, key.tag, exc
-                    )
-                self._retry_at[key] = self._clock() + BACKGROUND_RETRY
-                if len(self._retry_at) > PULL_COUNTS_MAX:
-                    self._retry_at.popitem(last=False)
-                raise
+        except UpstreamError as exc:
+            deferred = isinstance(exc, Deferred)
+            self._metrics.background_revalidations.labels(
+                self.name, "deferred" if deferred else "failed"
+            ).inc()
+            if not _upstream_trouble(exc):  # trouble was logged by _revalidate
+                log.warning("background revalidation of %s:%s failed: %s", key.repo, key.tag, exc)
+            self._retry_at[key] = self._clock() + BACKGROUND_RETRY
+            if len(self._retry_at) > PULL_COUNTS_MAX:
+                self._retry_at.popitem(last=False)
+            raise
+        finally:
+            self._queued -= 1
         # By the digest: another replica's revalidation is read back as "revalidated",
         # and a GET after a HEAD that named no digest may find the same one.
         moved = manifest.stored.digest != revalidate.stored.digest
@@ -376,7 +384,7 @@ class Proxy:
                     return Manifest(fetched, "miss")
             except TimeoutError:
                 raise UpstreamError(
-                    "UNAVAILABLE", f"no answer within {budget:.0f} s", status=504
+                    "UNAVAILABLE", f"no answer within {budget:g} s", status=504
                 ) from None
         except UpstreamError as exc:
             if stale_ok and _upstream_trouble(exc):

@@ -140,7 +140,14 @@ def test_the_last_pull_exhausts_without_a_429_and_a_http_date_is_read() -> None:
     other.observe(429, {"retry-after": "Wed, 21 Oct 2099 07:28:00 GMT"})
     with pytest.raises(UpstreamError) as capped:
         other.spend(refresh=False)
-    assert capped.value.headers == {"Retry-After": str(6 * 3600)}  # believed up to 6 h
+    assert capped.value.headers == {"Retry-After": "3600"}  # no window named: 1 h at most
+    # An upstream that names its window is believed up to it (Hub's: 6 h), never longer.
+    for window, believed in (("21600", 21600), ("999999999", 21600), ("600", 600)):
+        hub = Budget("hub", Reserve(), Metrics(), clock)
+        hub.observe(429, {"ratelimit-limit": f"100;w={window}", "retry-after": "99999999"})
+        with pytest.raises(UpstreamError) as waited:
+            hub.spend(refresh=False)
+        assert waited.value.headers == {"Retry-After": str(believed)}
 
 
 async def test_under_the_reserve_no_get_is_spent_on_revalidation(

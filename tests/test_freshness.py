@@ -400,3 +400,40 @@ def _opened_at_the_end(gate: asyncio.Event) -> Iterator[None]:
         yield
     finally:
         gate.set()
+
+
+async def test_an_expiry_wave_past_the_queue_is_served_stale_not_queued(
+    fake: tuple[FakeUpstream, str], mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mirror.proxy.BACKGROUND_QUEUE_MAX", 2)
+    upstream, url = fake
+    tags = [f"t{i}" for i in range(4)]
+    for tag in tags:
+        upstream.add_manifest(DOCKER_MANIFEST_V2, {**MANIFEST, "t": tag}, tag=tag)
+    clock = Clock()
+    gate = asyncio.Event()
+    async with (
+        mirror(url, clock=clock, tag_ttl=60, stale_while_revalidate="1h") as m,
+        httpx.AsyncClient(base_url=m.url) as c,
+    ):
+        for tag in tags:
+            await c.get(f"/v2/a/manifests/{tag}", headers=ACCEPT)
+        upstream.manifest_gate = gate
+        clock.now += 61
+        with _opened_at_the_end(gate):
+            answers = [
+                (await c.get(f"/v2/a/manifests/{tag}", headers=ACCEPT)).headers["x-cache"]
+                for tag in tags
+            ]
+            # Two held in the queue; the others answered stale, with nothing started.
+            assert answers == ["UPDATING", "UPDATING", "STALE", "STALE"]
+        await until(
+            lambda: m.metric("mirror_background_revalidations_total", **_unchanged(url)) == 2,
+            "the queued two",
+        )
+        assert (
+            upstream.count("HEAD", "/manifests/t2") == upstream.count("HEAD", "/manifests/t3") == 0
+        )
+        # The queue has room again: the next request for t2 starts its revalidation.
+        r = await c.get("/v2/a/manifests/t2", headers=ACCEPT)
+        assert r.headers["x-cache"] == "UPDATING"
