@@ -113,7 +113,6 @@ class Cluster:
         the next to claim it does the work. Redis down: just work."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait + self.lease_ttl
-        waited = False
         while True:
             try:
                 holder = await self.index.claim(name, self.owner, wait)
@@ -121,8 +120,11 @@ class Cluster:
                 return await work()
             if holder is None:
                 try:
-                    if waited and (result := await done_elsewhere()) is not None:
-                        return result  # finished just before we claimed
+                    # Finished just before we claimed: while we waited, or before we
+                    # ever asked (the caller read its state before another replica's
+                    # work ended and released the lease).
+                    if (result := await done_elsewhere()) is not None:
+                        return result
                     return await work()
                 finally:
                     with contextlib.suppress(IndexUnavailable):
@@ -130,7 +132,6 @@ class Cluster:
             if loop.time() > deadline:
                 return await work()
             await asyncio.sleep(POLL / 2)
-            waited = True
             result = await done_elsewhere()
             if result is not None:
                 return result

@@ -121,3 +121,31 @@ async def test_once_after_a_failed_holder_the_next_replica_works_at_once(
     for r in (first, second):
         await r.index.aclose()
         await r.aclose()
+
+
+async def test_once_after_the_work_ended_elsewhere_does_not_work_again(
+    redis_server: RedisServer,
+) -> None:
+    """A replica that read its state before another's work ended, and claims the lease
+    only after it was released, finds the result instead of doing the work twice (a
+    second HEAD for one expired tag)."""
+    prefix = f"{uuid.uuid4().hex}:"
+    first, late = (_replica(redis_server, prefix, n) for n in range(2))
+    ran: list[str] = []
+
+    async def work() -> str:
+        ran.append("work")
+        return "fresh"
+
+    async def nothing_yet() -> str | None:
+        return None
+
+    async def done() -> str | None:
+        return "fresh" if ran else None
+
+    assert await first.once("reval:x", work, nothing_yet, 5) == "fresh"
+    assert await late.once("reval:x", work, done, 5) == "fresh"
+    assert ran == ["work"]
+    for r in (first, late):
+        await r.index.aclose()
+        await r.aclose()
