@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ from harness import (
     push,
     registry_get,
 )
+from harness.daemon import wait_for
 from harness.hubfront import HubFront
 from harness.mirror import MirrorProcess, skopeo_copy
 
@@ -30,14 +30,6 @@ pytestmark = pytest.mark.e2e
 
 ACCEPT = {"Accept": ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))}
 TTL_PASSED = 1.1  # past a tag TTL of 1 s (a real process has no injectable clock)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def push_tiny(real_upstream: RealUpstream, layout: Layout, name: str, repo: str, tag: str) -> str:

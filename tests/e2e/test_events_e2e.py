@@ -5,28 +5,19 @@ receiver is down arrive once it is back; a tiny queue drops, and counts, the res
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import RealUpstream
+from harness.daemon import wait_for
 from harness.mirror import MirrorProcess, skopeo_copy
 from harness.receiver import WebhookReceiver
 
 from mirror.events import MEDIA_TYPE
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def blobs_of(manifest: bytes) -> list[str]:
