@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from mirror import logs
+from mirror.budget import Deferred, Refused
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import Metrics
 from mirror.reference import Digest, Reference
@@ -145,6 +146,11 @@ class Tiers:
             settled = False
             try:
                 result = await call(tier)
+            except (Refused, Deferred):
+                # The registry's own budget kept the GET: no request was made, so no
+                # answer to count for or against it.
+                settled = True
+                raise
             except UpstreamError as exc:
                 settled = True
                 if unreachable(exc):

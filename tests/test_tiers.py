@@ -80,6 +80,27 @@ async def test_a_429_from_a_tier_is_passed_on_not_spent_again_at_the_registry(
     assert chain.registry.requests == []
 
 
+async def test_the_registrys_spent_budget_refuses_only_what_the_tier_cannot_answer(
+    chain: Chain,
+) -> None:
+    """A tier's answers spend none of the registry's pulls: with the registry's limit
+    spent, the tier still answers; only a manifest it lacks is refused, without a
+    request to the registry, and that refusal is no error of the registry tier."""
+    body = {"schemaVersion": 2, "mediaType": OCI}
+    chain.tier.add_manifest(OCI, body, tag="v1")
+    chain.registry.add_manifest(OCI, body, tag="v1")
+    chain.registry.add_manifest(OCI, {**body, "n": 2}, tag="v2")
+    chain.budget.observe(429, {"retry-after": "60"})  # the registry said: spent
+    remote = await chain.tiers.get_manifest("app", Reference(tag="v1"), OCI, 1 << 20)
+    assert remote.body == chain.tier.manifests["v1"][1]
+    with pytest.raises(UpstreamError) as err:
+        await chain.tiers.get_manifest("app", Reference(tag="v2"), OCI, 1 << 20)
+    assert (err.value.status, err.value.headers) == (429, {"Retry-After": "60"})
+    assert chain.registry.requests == []
+    errors = chain.metrics.tier_requests.labels("docker.io", "docker.io", "error")
+    assert errors._value.get() == 0
+
+
 async def test_an_unreachable_tier_opens_its_circuit(chain: Chain) -> None:
     metrics = Metrics()
     registry = chain.tiers._tiers[-1]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from fakes.clock import Clock
 from fakes.server import serve
 from fakes.upstream import FakeUpstream
+from mirror.budget import Budget, Reserve
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.tiers import Tier, Tiers
@@ -22,6 +23,7 @@ class Chain:
     tiers: Tiers
     clock: Clock
     metrics: Metrics
+    budget: Budget  # the registry's
 
     def state(self) -> float:
         value = self.metrics.tier_state.labels("docker.io", "central")._value.get()
@@ -33,6 +35,7 @@ async def tier_chain() -> AsyncIterator[Chain]:
     tier, registry = FakeUpstream(), FakeUpstream()
     clock = Clock()
     metrics = Metrics()
+    budget = Budget("docker.io", Reserve(), metrics, clock)
     async with serve(tier) as tier_url, serve(registry) as registry_url:
         tiers = Tiers(
             [
@@ -43,7 +46,13 @@ async def tier_chain() -> AsyncIterator[Chain]:
                 ),
                 Tier(
                     "docker.io",
-                    Upstream(registry_url, make_client(2, 2), metrics, name="docker.io"),
+                    Upstream(
+                        registry_url,
+                        make_client(2, 2),
+                        metrics,
+                        name="docker.io",
+                        budget=budget,
+                    ),
                     registry=True,
                 ),
             ],
@@ -52,7 +61,7 @@ async def tier_chain() -> AsyncIterator[Chain]:
             ttl=lambda repo, tag: 120.0,
             clock=clock,
         )
-        yield Chain(tier, registry, tiers, clock, metrics)
+        yield Chain(tier, registry, tiers, clock, metrics, budget)
         await tiers.aclose()
 
 
