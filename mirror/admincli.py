@@ -7,6 +7,7 @@ files or the environment, never from the command line.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -102,6 +103,11 @@ def ago(when: float | None, now: float | None = None) -> str:
     return f"{seconds}s ago"
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 tag`, `2 tags`, `0 blobs`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _short(digest: str) -> str:
     return digest.split(":", 1)[-1][:12]
 
@@ -133,11 +139,13 @@ def admin() -> None:
 @click.argument("search", required=False)
 @click.option("--upstream", help="Only this upstream's images.")
 @click.option("--repository", help="Only this repository's images.")
+@click.option("--json", "as_json", is_flag=True, help="The API's rows as JSON, for scripts.")
 @_connection
 def images(
     search: str | None,
     upstream: str | None,
     repository: str | None,
+    as_json: bool,
     admin_url: str,
     user: str | None,
     password_file: Path | None,
@@ -148,6 +156,9 @@ def images(
     }
     with _client(admin_url, user, password_file) as c:
         found = _call(c, "GET", "/images", params=params)["images"]
+    if as_json:  # table cells hold spaces ("3 min ago"): scripts read this instead
+        click.echo(json.dumps(found, indent=2))
+        return
     now = time.time()
     rows = [
         [
@@ -177,7 +188,7 @@ def images(
         "PIN",
     ]
     click.echo(table(headers, rows))
-    click.echo(f"{len(rows)} images")
+    click.echo(counted(len(rows), "image"))
 
 
 @admin.command()
@@ -220,9 +231,10 @@ def purge(
                 body["repository"] = repository
         done = _call(c, "POST", "/purge", json=body)
     click.echo(
-        f"purged {done['target']}: {done['tags']} tags, {done['manifests']} manifests, "
-        f"{done['blobs']} blobs ({human_bytes(done['bytes_freed'])} freed); "
-        f"{done['blobs_kept']} blobs kept (used by other images)"
+        f"purged {done['target']}: {counted(done['tags'], 'tag')}, "
+        f"{counted(done['manifests'], 'manifest')}, {counted(done['blobs'], 'blob')} "
+        f"({human_bytes(done['bytes_freed'])} freed); "
+        f"{counted(done['blobs_kept'], 'blob')} kept (used by other images)"
     )
 
 

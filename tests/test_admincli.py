@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -67,11 +68,20 @@ async def test_images_purge_pin_and_warm_from_the_terminal(
         assert lines[-1] == "2 images"
         shown = await _cli("admin", "images", "tool", "--admin", at)
         assert "library/tool" in shown.output and "library/app" not in shown.output
+        assert shown.output.splitlines()[-1] == "1 image"
+        # For scripts: the API's rows as they are, with nothing to parse out of cells.
+        shown = await _cli("admin", "images", "--json", "--admin", at)
+        rows = json.loads(shown.output)
+        assert [(r["repository"], r["reference"], r["pulls"]) for r in rows] == [
+            ("library/app", "1", 1),
+            ("library/tool", "2", 1),
+        ]
+        assert rows[0]["digest"] == a["digest"] and rows[0]["platforms"] == ["linux/amd64"]
 
         done = await _cli("admin", "purge", f"{name}/library/app:1", "--admin", at)
         assert done.exit_code == 0, done.output
-        assert done.output.startswith(f"purged {name}/library/app:1: 1 tags, 1 manifests, 2 blobs")
-        assert done.output.rstrip().endswith("1 blobs kept (used by other images)")
+        assert done.output.startswith(f"purged {name}/library/app:1: 1 tag, 1 manifest, 2 blobs")
+        assert done.output.rstrip().endswith("1 blob kept (used by other images)")
         assert a["layers"][0] in cached_blobs(m) and a["layers"][1] not in cached_blobs(m)
 
         # The default upstream needs no name.

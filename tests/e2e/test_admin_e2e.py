@@ -22,6 +22,7 @@ from harness import Layout, free_port, push
 from harness.images import seeded_bytes
 from harness.mirror import MirrorProcess, skopeo_copy
 
+from mirror.admincli import counted
 from mirror.units import human_bytes
 
 pytestmark = pytest.mark.e2e
@@ -136,7 +137,7 @@ def _image_rows(listing: str) -> dict[str, dict[str, str]]:
     """`mirror admin images` rows by REPOSITORY:TAG, each by column: the table's columns
     start where their headers do (cells such as "1.5 KiB" hold spaces)."""
     header, *rows, count = listing.splitlines()
-    assert count == f"{len(rows)} images", listing
+    assert count == counted(len(rows), "image"), listing
     starts = [header.index(name) for name in COLUMNS]
     assert starts == sorted(starts), header
     found = {}
@@ -173,10 +174,10 @@ def test_purge_keeps_shared_blobs_and_a_pin_survives_a_size_cap_round(
 
         purged = mirror.admin("purge", a.reference).strip()
         assert purged.startswith(
-            f"purged {upstream}/{a.reference}: 1 tags, 1 manifests, "
+            f"purged {upstream}/{a.reference}: 1 tag, 1 manifest, "
             f"2 blobs ({human_bytes(a_own)} freed)"
         ), purged
-        assert purged.endswith("; 1 blobs kept (used by other images)"), purged
+        assert purged.endswith("; 1 blob kept (used by other images)"), purged
         assert set(_image_rows(mirror.admin("images"))) == {b.reference}
         assert mirror.blob_bytes() == b.size
         # What the registry API of the mirror answers: the base through b, from the
