@@ -185,7 +185,7 @@ def router(admin_listener: bool) -> APIRouter:
                 "upstreams": upstreams,
                 "downloads": downloads,
                 "pins": len(pins),
-                "jobs_running": built.jobs.running,
+                "jobs_running": sum(r["state"] == "running" for r in await built.jobs.records()),
             }
         )
 
@@ -327,15 +327,15 @@ def router(admin_listener: bool) -> APIRouter:
     @api.get("/jobs")
     async def jobs(request: Request) -> Response:
         await caller(request, "/jobs")
-        return _json({"jobs": [j.as_json() for j in _components(request).jobs.list()]})
+        return _json({"jobs": await _components(request).jobs.records()})
 
     @api.get("/jobs/{job_id}")
     async def job(request: Request, job_id: str) -> Response:
         await caller(request, "/jobs/{id}")
-        found = _components(request).jobs.get(job_id)
+        found = await _components(request).jobs.record(job_id)
         if found is None:
             raise RegistryError("NAME_UNKNOWN", "no such job", detail={"id": job_id[:64]})
-        return _json(found.as_json())
+        return _json(found)
 
     @api.get("/downloads")
     async def downloads(request: Request) -> Response:

@@ -70,6 +70,7 @@ def _prefixed(index: Any, prefix: str) -> list[str]:
 
 
 PINS_KEY = "pins"
+JOBS_KEY = "jobs"  # one entry for the last hundred jobs' records
 
 
 def _tag_key(key: TagKey) -> str:
@@ -306,6 +307,22 @@ class DiskIndex:
             else:
                 pins[_image_key("pin", key)] = pinned_at
             self._index.set(PINS_KEY, pins)
+
+    def put_job(self, job_id: str, record: str) -> None:
+        with self._index.transact():  # read-modify-write: other processes share the index
+            jobs = dict(cast(dict[str, str], self._index.get(JOBS_KEY) or {}))
+            jobs[job_id] = record
+            self._index.set(JOBS_KEY, jobs)
+
+    def jobs(self) -> dict[str, str]:
+        return dict(cast(dict[str, str], self._index.get(JOBS_KEY) or {}))
+
+    def drop_jobs(self, job_ids: list[str]) -> None:
+        with self._index.transact():
+            jobs = dict(cast(dict[str, str], self._index.get(JOBS_KEY) or {}))
+            for job_id in job_ids:
+                jobs.pop(job_id, None)
+            self._index.set(JOBS_KEY, jobs)
 
     def repositories(self) -> list[tuple[str, str]]:
         pairs = set()

@@ -6,19 +6,26 @@ digest verification, per-upstream isolation), so the admin API, the status page 
 pins can start one and watch it. Blob bodies are drained without reading them: a cached
 blob's body is spans of its file, and a download's is the download itself.
 
-Jobs are per process and kept in memory (the last MAX_KEPT finished ones): a job is
-an operator's action, and its record is for watching it, not an audit log.
+A job runs in the process that started it; its record is written to the store (the
+disk index, or Redis with `store: s3`) when it starts, every PUBLISH_EVERY while it
+runs, and when it ends, so any worker or replica answering the admin API can show it:
+`mirror admin warm --wait` polls whichever one its requests reach. The last MAX_KEPT
+finished ones are kept: a job is an operator's action, and its record is for watching
+it, not an audit log. A record left "running" by a process that died is shown failed
+once it has not been written for ORPHANED seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
+import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from mirror.errors import AbortResponse, RegistryError
 from mirror.filespan import FileSpan
@@ -32,6 +39,8 @@ from mirror.warm import parse_image, platform_wanted
 log = logging.getLogger(__name__)
 
 MAX_KEPT = 100
+PUBLISH_EVERY = 1.0  # seconds between a running job's record writes
+ORPHANED = 30.0  # a running record not written this long: its process is gone
 # Blobs of one job fetched at once: a warm must not take every cold-fetch slot.
 PARALLEL_BLOBS = 2
 ACCEPT = AcceptSet.from_headers([", ".join(sorted(MANIFEST_TYPES))])
@@ -57,7 +66,7 @@ class Job:
     failed_images: dict[str, str] = field(default_factory=dict)
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
-    def as_json(self) -> dict[str, object]:
+    def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "kind": self.kind,
@@ -85,18 +94,43 @@ class Jobs:
         self._router = router
         self._store = store
         self._clock = clock
-        self._ids = itertools.count(1)
         self._jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def list(self) -> list[Job]:
+    def mine(self) -> list[Job]:
+        """This process's jobs, newest first."""
         return sorted(self._jobs.values(), key=lambda j: j.started, reverse=True)
 
     def get(self, job_id: str) -> Job | None:
+        """One of this process's jobs."""
         return self._jobs.get(job_id)
+
+    async def records(self) -> list[dict[str, Any]]:
+        """Every process's jobs, newest first: this one's as they are, the others' as
+        last written."""
+        stored = await asyncio.to_thread(self._store.jobs)
+        found: dict[str, dict[str, Any]] = {}
+        now = self._clock()
+        for job_id, text in stored.items():
+            record = _parse(text)
+            if record is None:
+                continue
+            if record["state"] == "running" and now - record.get("updated", 0) > ORPHANED:
+                record = {**record, "state": "failed", "error": "its process stopped"}
+            found[job_id] = record
+        for job in self._jobs.values():
+            found[job.id] = job.as_json()
+        return sorted(found.values(), key=lambda r: r.get("started", 0), reverse=True)
+
+    async def record(self, job_id: str) -> dict[str, Any] | None:
+        own = self._jobs.get(job_id)
+        if own is not None:
+            return own.as_json()
+        return next((r for r in await self.records() if r["id"] == job_id), None)
 
     @property
     def running(self) -> int:
+        """This process's running jobs (the limit on them is per process)."""
         return sum(1 for j in self._jobs.values() if j.state == "running")
 
     def start(self, images: Iterable[str], platforms: Iterable[str] | None, kind: Kind) -> Job:
@@ -111,7 +145,8 @@ class Jobs:
                     "NAME_INVALID", f"{image!r}: {message}", detail={"image": image[:256]}
                 ) from None
         wanted = sorted(set(platforms)) if platforms else None
-        job = Job(f"{kind}-{next(self._ids)}", kind, names, wanted, self._clock())
+        # Random, not counted: workers and replicas write to one place.
+        job = Job(f"{kind}-{secrets.token_hex(4)}", kind, names, wanted, self._clock())
         self._jobs[job.id] = job
         self._trim()
         task = asyncio.create_task(self._run(job))
@@ -130,11 +165,46 @@ class Jobs:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _trim(self) -> None:
-        done = [j for j in self.list() if j.state != "running"]
+        done = [j for j in self.mine() if j.state != "running"]
         for job in done[MAX_KEPT:]:
             self._jobs.pop(job.id, None)
 
+    async def _publish(self, job: Job) -> None:
+        record = {**job.as_json(), "updated": self._clock()}
+        try:
+            await asyncio.to_thread(self._store.put_job, job.id, json.dumps(record))
+        except Exception as exc:  # shown by this process still; others lag behind
+            log.warning("%s job %s: its record could not be written: %s", job.kind, job.id, exc)
+
+    async def _publishing(self, job: Job) -> None:
+        while not job.ended.is_set():
+            await self._publish(job)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.ended.wait(), PUBLISH_EVERY)
+
+    async def _forget_old(self) -> None:
+        """Past MAX_KEPT finished records in the store, the oldest go."""
+        try:
+            stored = await asyncio.to_thread(self._store.jobs)
+            done = [r for r in map(_parse, stored.values()) if r and r["state"] != "running"]
+            done.sort(key=lambda r: r.get("started", 0), reverse=True)
+            old = [r["id"] for r in done[MAX_KEPT:]]
+            if old:
+                await asyncio.to_thread(self._store.drop_jobs, old)
+        except Exception as exc:
+            log.warning("old job records could not be dropped: %s", exc)
+
     async def _run(self, job: Job) -> None:
+        publisher = asyncio.create_task(self._publishing(job))
+        try:
+            await self._work(job)
+        finally:
+            await publisher
+            if job.state != "running":
+                await self._publish(job)  # the final state, after the last progress
+                await self._forget_old()
+
+    async def _work(self, job: Job) -> None:
         try:
             for image in job.images:
                 try:
@@ -213,3 +283,13 @@ class Jobs:
                 raise RegistryError("UNAVAILABLE", str(result), status=502)
             if isinstance(result, BaseException):
                 raise result
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or "id" not in record or "state" not in record:
+        return None
+    return record

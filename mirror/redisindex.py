@@ -13,6 +13,7 @@ The one module that imports redis. Keys, all under the configured prefix::
     pullcount   hash  "<upstream>/<repo>@<ref>" -> pulls (HINCRBY from every replica)
     pulllast    hash  "<upstream>/<repo>@<ref>" -> "<when> <digest>" (the last pull)
     pins        hash  "<upstream>/<repo>@<ref>" -> pinned at
+    jobs        hash  job id -> its record (JSON)
 
 Request-path calls use the asyncio client; lifecycle rounds run in a worker thread and
 use the blocking client. A Redis that cannot be reached costs at most one short
@@ -361,6 +362,17 @@ class RedisIndex:
             self._run_sync(
                 lambda: self._sync.hset(self._p + "pins", image_field(key), repr(pinned_at))
             )
+
+    def put_job(self, job_id: str, record: str) -> None:
+        self._run_sync(lambda: self._sync.hset(self._p + "jobs", job_id, record))
+
+    def jobs(self) -> dict[str, str]:
+        raw = self._run_sync(lambda: self._sync.hgetall(self._p + "jobs"))
+        return {str(k): str(v) for k, v in raw.items()}
+
+    def drop_jobs(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self._run_sync(lambda: self._sync.hdel(self._p + "jobs", *job_ids))
 
     def tag_entries(self) -> list[tuple[TagKey, TagEntry]]:
         raw = self._run_sync(lambda: self._sync.hgetall(self._p + "tags"))

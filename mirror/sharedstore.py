@@ -361,6 +361,15 @@ class SharedStore:
     def tag_entries(self) -> list[tuple[TagKey, TagEntry]]:
         return self.index.tag_entries()
 
+    def put_job(self, job_id: str, record: str) -> None:
+        self.index.put_job(job_id, record)
+
+    def jobs(self) -> dict[str, str]:
+        return self.index.jobs()
+
+    def drop_jobs(self, job_ids: list[str]) -> None:
+        self.index.drop_jobs(job_ids)
+
     def sweep_temp(self, older_than: float) -> int:
         return self.l1.sweep_temp(older_than)
 

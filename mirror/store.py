@@ -274,6 +274,17 @@ class Store(Protocol):
         """Every tag entry with its digest, in one read."""
         ...
 
+    def put_job(self, job_id: str, record: str) -> None:
+        """Write a warm job's record (JSON text), where every process sharing the
+        store reads it: a job runs in one worker, and any worker answers for it."""
+        ...
+
+    def jobs(self) -> dict[str, str]:
+        """Every job record, by id."""
+        ...
+
+    def drop_jobs(self, job_ids: list[str]) -> None: ...
+
     def scan(self) -> Scan:
         """Read every entry. No side effects."""
         ...

@@ -293,6 +293,40 @@ async def test_warm_job_reports_progress_and_failures(
         assert (await api.get("/admin/v1/jobs/nope")).status_code == 404
 
 
+async def test_a_job_is_shown_by_every_process_sharing_the_cache(
+    mirror: MirrorFactory,
+    two_images: tuple[FakeUpstream, str, dict[str, Any], dict[str, Any], bytes],
+    tmp_path: Path,
+) -> None:
+    """Workers share one admin listener: a job started through one is watched through
+    another. Two mirrors on one cache directory stand in for two workers."""
+    upstream, url, _a, _b, _ = two_images
+    upstream.manifest_delay = 0.3  # the job is still running when the other looks
+    cache = tmp_path / "shared-cache"
+    async with (
+        mirror(url, cache_dir=cache) as one,
+        mirror(url, cache_dir=cache) as other,
+        admin(one) as api_one,
+        admin(other) as api_other,
+    ):
+        r = await api_one.post("/admin/v1/warm", json={"images": ["library/app:1"]})
+        job_id = r.json()["id"]
+        seen = (await api_other.get(f"/admin/v1/jobs/{job_id}")).json()
+        assert (seen["id"], seen["state"]) == (job_id, "running")
+        summary = (await api_other.get("/admin/v1/summary")).json()
+        assert summary["jobs_running"] == 1
+        job = built(one).jobs.get(job_id)
+        assert job is not None and (await built(one).jobs.wait(job)).state == "done"
+        seen = (await api_other.get(f"/admin/v1/jobs/{job_id}")).json()
+        assert (seen["state"], seen["blobs_done"], seen["blobs_total"]) == ("done", 3, 3)
+        assert [j["id"] for j in (await api_other.get("/admin/v1/jobs")).json()["jobs"]] == [job_id]
+        # A record left running by a process that died is not shown running forever.
+        dead = {"id": "warm-dead", "kind": "warm", "state": "running", "started": 1.0}
+        built(other).store.put_job("warm-dead", json.dumps({**dead, "updated": 1.0}))
+        seen = (await api_one.get("/admin/v1/jobs/warm-dead")).json()
+        assert (seen["state"], seen["error"]) == ("failed", "its process stopped")
+
+
 async def test_downloads_in_flight_show_progress(
     mirror: MirrorFactory, fake: tuple[FakeUpstream, str]
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import httpx
@@ -102,8 +103,10 @@ async def test_images_purge_pin_and_warm_from_the_terminal(
         assert warmed.output.splitlines()[-1].startswith("job warm-")
         assert " done: 3/3 blobs" in warmed.output
         assert {a["config"], *a["layers"]} <= cached_blobs(m)
+        job_id = warmed.output.splitlines()[0].split()[1]  # "job warm-… started"
+        assert re.fullmatch(r"warm-[0-9a-f]{8}", job_id), warmed.output
         listed = await _cli("admin", "jobs", "--admin", at)
-        assert listed.output.splitlines()[1].split()[:3] == ["warm-1", "done", "3/3"]
+        assert listed.output.splitlines()[1].split()[:3] == [job_id, "done", "3/3"]
         failed = await _cli("admin", "warm", "nothing/here:missing", "--admin", at)
         assert failed.exit_code == 1, failed.output
         assert "nothing/here:missing: " in failed.output

@@ -88,5 +88,15 @@ async def test_pulls_from_two_processes_sharing_the_index_add_up(tmp_path: Path)
     assert one.pins() == {key: 5.0}
     one.drop_pulls([key])
     assert two.pulls() == []
+    # Job records: written by the worker running the job, read by any.
+    one.put_job("warm-a", '{"id": "warm-a"}')
+    two.put_job("warm-b", '{"id": "warm-b"}')
+    one.put_job("warm-a", '{"id": "warm-a", "state": "done"}')
+    assert two.jobs() == {
+        "warm-a": '{"id": "warm-a", "state": "done"}',
+        "warm-b": '{"id": "warm-b"}',
+    }
+    two.drop_jobs(["warm-a", "warm-gone"])
+    assert list(one.jobs()) == ["warm-b"]
     one.close()
     two.close()

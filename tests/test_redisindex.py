@@ -111,6 +111,12 @@ async def test_pull_counts_add_up_across_replicas_and_pins_round_trip(
     assert other.pins() == {alpine: 300.5}
     other.set_pin(alpine, None)
     assert index.pins() == {}
+    index.put_job("warm-a", '{"id": "warm-a"}')
+    other.put_job("warm-b", '{"id": "warm-b"}')
+    assert other.jobs() == {"warm-a": '{"id": "warm-a"}', "warm-b": '{"id": "warm-b"}'}
+    other.drop_jobs(["warm-a"])
+    other.drop_jobs([])
+    assert index.jobs() == {"warm-b": '{"id": "warm-b"}'}
     key = TagKey("docker.io", "library/alpine", "3.20", "application/vnd.oci.image.index.v1+json")
     await index.put_tag(key, TagEntry(D1, MT, 1000.5))
     assert other.tag_entries() == [(key, TagEntry(D1, MT, 1000.5))]

@@ -79,9 +79,16 @@ def images(real_upstream: RealUpstream) -> dict[str, Pushed]:
 class AdminMirror(MirrorProcess):
     """The mirror with an admin listener: /admin/v1 and /metrics are there."""
 
-    def __init__(self, workdir: Path, upstream: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, upstream: str, env: dict[str, str], workers: int | None = None
+    ) -> None:
         self.admin_host = f"127.0.0.1:{free_port()}"
-        super().__init__(workdir, upstream, env={**env, "MIRROR_ADMIN_LISTEN": self.admin_host})
+        super().__init__(
+            workdir,
+            upstream,
+            env={**env, "MIRROR_ADMIN_LISTEN": self.admin_host},
+            workers=workers,
+        )
 
     @property
     def admin_url(self) -> str:
@@ -206,3 +213,35 @@ def test_purge_keeps_shared_blobs_and_a_pin_survives_a_size_cap_round(
         rows = _image_rows(mirror.admin("images", "shared/"))
         assert (rows[b.reference]["CACHED"], rows[b.reference]["PIN"]) == ("all", "pinned")
         assert rows[c.reference]["CACHED"] != "all", rows[c.reference]
+
+
+def test_warm_jobs_are_answered_for_by_every_worker(
+    real_upstream: RealUpstream, images: dict[str, Pushed], tmp_path: Path
+) -> None:
+    """With `workers: 2` both processes answer the one admin port: each `mirror admin`
+    run reaches either. A job runs in the worker its POST reached, and the other
+    answers for it (the other worker is stopped meanwhile, so each run reaches the one
+    named)."""
+    with AdminMirror(tmp_path / "m", real_upstream.registry.url, {}, workers=2) as mirror:
+
+        def warm(name: str) -> str:
+            out = mirror.admin("warm", images[name].reference, "--wait").splitlines()
+            job_id = out[0].split()[1]  # "job warm-… started"
+            assert out[-1].startswith(f"job {job_id} done: "), out
+            return job_id
+
+        def listed() -> dict[str, str]:
+            rows = mirror.admin("jobs").splitlines()[1:]
+            return {row.split()[0]: row.split()[1] for row in rows}
+
+        with mirror.only(1):
+            a = warm("a")
+        with mirror.only(2):
+            assert listed() == {a: "done"}  # run by worker 1, shown by worker 2
+            b = warm("b")
+        with mirror.only(1):
+            assert listed() == {a: "done", b: "done"}
+            job = httpx.get(f"{mirror.admin_url}/admin/v1/jobs/{b}", timeout=10).json()
+            assert (job["state"], job["blobs_done"]) == ("done", len(images["b"].blobs))
+        for name in ("a", "b"):
+            assert all(mirror.cache(images[name].repo, d) == "HIT" for d in images[name].blobs)

@@ -15,8 +15,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,20 +29,6 @@ from harness.prometheus import Prometheus
 pytestmark = pytest.mark.e2e
 
 BLOB_ROUTE = {"route": "/v2/{name}/blobs/{digest}", "method": "GET", "status": "200"}
-
-
-@contextmanager
-def only(mirror: MirrorProcess, worker: int) -> Iterator[int]:
-    """Every other worker stopped (SIGSTOP) meanwhile: new connections go to `worker`."""
-    pids = mirror.worker_pids()
-    others = [pid for index, pid in pids.items() if index != worker]
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield pids[worker]
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
 
 
 def access_lines(mirror: MirrorProcess, worker: int, path: str) -> int:
@@ -86,11 +70,11 @@ async def test_both_workers_answer_and_metrics_count_the_whole_group(tmp_path: P
 
             def run() -> None:
                 assert sorted(mirror.worker_pids()) == [1, 2]
-                with only(mirror, 1):
+                with mirror.only(1):
                     assert get_blob(mirror, path) == (200, digest)  # the miss
                     for _ in range(2):
                         assert get_blob(mirror, path) == (200, digest)
-                with only(mirror, 2):
+                with mirror.only(2):
                     for _ in range(4):
                         assert get_blob(mirror, path) == (200, digest)
                 assert access_lines(mirror, 1, path) == 3
@@ -98,7 +82,7 @@ async def test_both_workers_answer_and_metrics_count_the_whole_group(tmp_path: P
                 # Scraped twice: each scrape may be answered by either worker, and
                 # both see the whole group.
                 for worker in (1, 2):
-                    with only(mirror, worker):
+                    with mirror.only(worker):
                         assert mirror.metric("mirror_http_requests_total", **BLOB_ROUTE) == 7
                         hits = mirror.metric(
                             "mirror_cache_requests_total", kind="blob", result="hit"
@@ -125,7 +109,7 @@ async def test_a_killed_worker_is_restarted_and_its_counts_stay(tmp_path: Path) 
         with MirrorProcess(tmp_path / "m", url, workers=2) as mirror:
 
             def run() -> None:
-                with only(mirror, 2) as old:
+                with mirror.only(2) as old:
                     for _ in range(3):
                         assert get_blob(mirror, path) == (200, digest)
                 os.kill(old, signal.SIGKILL)
@@ -134,7 +118,7 @@ async def test_a_killed_worker_is_restarted_and_its_counts_stay(tmp_path: Path) 
                 wait_for_log(mirror, rf"restarting[\s\S]*worker 2 ready \(pid (?!{old}\))")
                 new = mirror.worker_pids()[2]
                 assert new != old
-                with only(mirror, 2) as pid:
+                with mirror.only(2) as pid:
                     assert pid == new
                     assert get_blob(mirror, path) == (200, digest)
                 assert access_lines(mirror, 2, path) == 4
@@ -238,7 +222,7 @@ def test_skopeo_copy_through_two_workers_and_prometheus_sees_the_group(
     ):
         # The cold pull through worker 1, the warm one through worker 2.
         for worker, round_ in ((1, "cold"), (2, "warm")):
-            with only(mirror, worker):
+            with mirror.only(worker):
                 result = skopeo_copy(
                     f"docker://{mirror.host}/{image.repo}:{image.tag}",
                     f"oci:{tmp_path / round_}:x",

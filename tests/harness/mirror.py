@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fakes.pki import CA, client_context
@@ -69,6 +71,20 @@ class MirrorProcess(Daemon):
         """Worker index -> pid of its latest start, from the supervisor's log lines."""
         found = re.findall(r"worker (\d+) ready \(pid (\d+)\)", self.log())
         return {int(index): int(pid) for index, pid in found}
+
+    @contextmanager
+    def only(self, worker: int) -> Iterator[int]:
+        """Every other worker stopped (SIGSTOP) meanwhile: new connections go to
+        `worker` (its pid)."""
+        pids = self.worker_pids()
+        others = [pid for index, pid in pids.items() if index != worker]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pids[worker]
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
 
     def environment(self) -> dict[str, str]:
         # The developer's own MIRROR_* settings must not leak into a test's mirror;
