@@ -17,6 +17,7 @@ are the registry's own envelope (mirror.errors).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from typing import Any
@@ -80,12 +81,20 @@ def router(admin_listener: bool) -> APIRouter:
         if not auth.enabled:
             who = Principal(None, address)
             identity.current.set(who)
-            result = Caller(who, False, admin_listener)
-            if write and not result.can_write:
+            host = _host_name(request.headers.get("host", ""))
+            trusted = _trusted_host(host, settings.admin_hosts)
+            result = Caller(who, False, admin_listener and trusted)
+            if write and not admin_listener:
                 raise RegistryError(
                     "DENIED",
                     "purge, pins and warm jobs are on the admin listener (admin_listen), "
                     "or need client authentication and admin_users",
+                )
+            if write and not trusted:
+                raise RegistryError(
+                    "DENIED",
+                    f"without credentials, writes need the admin listener reached by its IP "
+                    f"address or localhost, not {host[:100]!r}: add the name to admin_hosts",
                 )
             return result
         try:
@@ -395,6 +404,26 @@ def _visible(request: Request, images: list[Image]) -> list[Image]:
         return images
     allows = built.auth.access.allows
     return [i for i in images if allows(who, i.key.upstream, i.key.repo)]
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port (`[::1]:9090` -> `::1`)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _trusted_host(host: str, allowed: list[str]) -> bool:
+    """An address, `localhost`, or a configured name: no name an attacker's DNS could
+    point at this listener (DNS rebinding) unless the operator listed it."""
+    if host == "localhost" or host in (a.lower() for a in allowed):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_origin(request: Request) -> None:

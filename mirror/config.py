@@ -548,6 +548,10 @@ class Settings(BaseSettings):
     # credentials are configured (mirror/admin.py); any logged-in user may look.
     admin_users: list[str] = Field(default_factory=list)
     admin_groups: list[str] = Field(default_factory=list)
+    # Without credentials, writes on the admin listener need it reached by an IP address
+    # or `localhost`, or by one of these host names: a page that rebinds its own name to
+    # 127.0.0.1 (DNS rebinding) is same-origin to the browser, but names itself in Host.
+    admin_hosts: list[str] = Field(default_factory=list)
     # -- per-client limits (mirror/fairness.py; README, "Fairness"); 0: no limit ------
     # Counted per user, or per address for anonymous clients. Opt-in: many clients may
     # share one address (NAT), and a central tier sees each node's mirror as a client.

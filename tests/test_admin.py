@@ -484,6 +484,33 @@ async def test_writes_refuse_forms_other_origins_and_careless_bodies(
         assert r.status_code == 413
 
 
+@pytest.mark.parametrize("host", ["rebound.evil.example", "localhost", "[::1]", "admin.internal"])
+async def test_without_credentials_writes_need_an_address_or_a_listed_host(
+    mirror: MirrorFactory, fake: tuple[FakeUpstream, str], host: str
+) -> None:
+    """DNS rebinding: a page at rebound.evil.example whose name now points at 127.0.0.1
+    is same-origin to the browser (Origin and Host agree), but its name is in Host."""
+    upstream, url = fake
+    digest = upstream.add_manifest(OCI_MANIFEST, {"schemaVersion": 2}, tag="1")
+    async with mirror(url, admin_hosts=["admin.internal"]) as m, admin(m) as api:
+        async with httpx.AsyncClient(base_url=m.url) as c:
+            pulled = await c.get("/v2/app/manifests/1", headers={"Accept": OCI_MANIFEST})
+            assert pulled.status_code == 200
+        port = api.base_url.port
+        same_origin = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+        who = (await api.get("/admin/v1/whoami", headers=same_origin)).json()
+        r = await api.post("/admin/v1/purge", json={"digest": digest}, headers=same_origin)
+        if host == "rebound.evil.example":
+            assert who["can_write"] is False  # the page shows no write buttons
+            assert (r.status_code, r.json()["errors"][0]["code"]) == (403, "DENIED")
+            assert "admin_hosts" in r.json()["errors"][0]["message"]
+        else:
+            assert who["can_write"] is True
+            assert r.status_code == 200, r.text
+        # Reads stay open: the page and `mirror admin images` work by any name.
+        assert (await api.get("/admin/v1/images", headers=same_origin)).status_code == 200
+
+
 async def test_purging_a_digest_in_one_repository_keeps_what_another_tag_reaches(
     mirror: MirrorFactory,
     two_images: tuple[FakeUpstream, str, dict[str, Any], dict[str, Any], bytes],
