@@ -18,14 +18,14 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import httpx
 
 from mirror import dockerhub, logs, referrers
 from mirror.auth import Credentials, UpstreamAuth, parse_www_authenticate
-from mirror.budget import Budget, Refused
+from mirror.budget import Budget
 from mirror.errors import RegistryError, UpstreamError
 from mirror.mediatypes import OCI_INDEX
 from mirror.metrics import Metrics, UpstreamKind
@@ -218,16 +218,18 @@ class Upstream:
     ) -> RemoteManifest:
         """`refresh`: the GET would refresh a tag the cache can still serve stale, which
         the rate-limit budget may put off; a miss has nothing else to answer with."""
-        if self.budget is not None:
-            self.budget.spend(refresh=refresh)  # 429 without asking, when it must
         too_big = UpstreamError("MANIFEST_INVALID", "manifest exceeds the size limit", status=502)
         async with self._deadline():
             path = f"/v2/{repo}/manifests/{ref}"
-            async with self._pull_counted() as told:
-                resp = await self._request(
-                    "GET", path, repo, "manifest", accept, freshness_header(max_age)
-                )
-                told(resp)
+            resp = await self._request(
+                "GET",
+                path,
+                repo,
+                "manifest",
+                accept,
+                freshness_header(max_age),
+                pull="refresh" if refresh else "miss",
+            )
             body = await read_bounded(resp, max_bytes, too_big)
         headers = resp.headers
         return RemoteManifest(
@@ -243,9 +245,11 @@ class Upstream:
         """The digest the upstream names for `ref` now (a HEAD: free on Docker Hub)."""
         path = f"/v2/{repo}/manifests/{ref}"
         fresh = freshness_header(max_age)
-        async with self._deadline(), self._pull_counted() as told:
+        async with self._deadline():
             try:
-                resp = await self._request("HEAD", path, repo, "manifest", accept, fresh)
+                resp = await self._request(
+                    "HEAD", path, repo, "manifest", accept, fresh, pull="miss"
+                )
             except InvalidResponse as exc:
                 # A common server bug sends a body after a HEAD answer, which wrecks
                 # the answer: ask with GET instead, and read only its headers. Only the
@@ -256,33 +260,11 @@ class Upstream:
                     self.name,
                     exc.message,
                 )
-                if self.budget is not None:  # the GET is a pull, as any other
-                    self.budget.spend(refresh=False)
-                resp = await self._request("GET", path, repo, "manifest", accept, fresh)
-            told(resp)
+                resp = await self._request(
+                    "GET", path, repo, "manifest", accept, fresh, pull="miss"
+                )
         await resp.aclose()
         return ManifestHead(_digest(resp.headers, "docker-content-digest"), self._age(resp.headers))
-
-    @contextlib.asynccontextmanager
-    async def _pull_counted(self) -> AsyncIterator[Callable[[httpx.Response], None]]:
-        """The budget hears what a manifest answer (GET or HEAD) says of the pull limit,
-        and of a 429: the requests the upstream counts as pulls, and no others."""
-
-        def told(resp: httpx.Response) -> None:
-            if self.budget is not None:
-                self.budget.observe(resp.status_code, resp.headers)
-
-        try:
-            yield told
-        except UpstreamError as exc:
-            # The budget's own refusal is no news to it.
-            if (
-                self.budget is not None
-                and exc.upstream_status == 429
-                and not isinstance(exc, Refused)
-            ):
-                self.budget.observe(429, {k.lower(): v for k, v in exc.headers.items()})
-            raise
 
     def _age(self, headers: Mapping[str, str]) -> float:
         """A mirror tier's `Age`; a registry's (or a CDN's in front of it) means
@@ -407,9 +389,17 @@ class Upstream:
         kind: UpstreamKind,
         accept: str | None = None,
         headers: Mapping[str, str] | None = None,
+        *,
+        pull: Pull | None = None,
     ) -> httpx.Response:
         """A response with a success status, streaming (the caller closes it); any
-        other status, or a transport failure, raises UpstreamError."""
+        other status, or a transport failure, raises UpstreamError.
+
+        `pull`: a manifest request, which the rate-limit budget hears the answer to
+        (GET or HEAD, and its 429), and which, as a GET, it may keep from being sent:
+        a `miss` only once the limit is spent, a `refresh` already under the reserve."""
+        if pull is not None and self.budget is not None and method == "GET":
+            self.budget.spend(refresh=pull == "refresh")
         hdrs = dict(headers or {})
         if accept is not None:
             hdrs["Accept"] = accept
@@ -429,6 +419,8 @@ class Upstream:
             assert challenge is not None
             auth = await self.auth.authorization(scope, rejected=auth, asked=challenge.scope)
             resp = await self._send(method, self.url + path, hdrs, auth, kind)
+        if pull is not None and self.budget is not None:
+            self.budget.observe(resp.status_code, resp.headers)
         if resp.status_code >= 400:
             await resp.aclose()
             raise status_error(resp, kind)
@@ -511,6 +503,10 @@ class Upstream:
             raise UpstreamError("UNAVAILABLE", "token service sent an encoded body", status=502)
         too_big = UpstreamError("UNAVAILABLE", "token response too large", status=502)
         return resp.status_code, await read_bounded(resp, TOKEN_MAX_BYTES, too_big)
+
+
+# What a manifest request is to the rate-limit budget (`Upstream._request`).
+Pull = Literal["miss", "refresh"]
 
 
 def _digest(headers: Mapping[str, str], name: str) -> Digest | None:
