@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 from mirror.errors import UpstreamError
-from mirror.metrics import BUDGET_MODES, BudgetMode, Metrics, parse_rate_limit
+from mirror.metrics import BUDGET_MODES, BudgetMode, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,17 @@ class Budget:
         answers from its cache spend nothing)."""
         limit = parse_rate_limit(headers.get("ratelimit-limit"))
         remaining = parse_rate_limit(headers.get("ratelimit-remaining"))
+        window = next((p[1] for p in (limit, remaining) if p is not None and p[1]), None)
+        self._metrics.rate_limit(
+            self._upstream,
+            None if limit is None else limit[0],
+            None if remaining is None else remaining[0],
+            window,
+        )
+        if window is not None:
+            self._window = min(float(window), WINDOW_MAX)
         if limit is not None:
             self.limit = limit[0]
-            if limit[1] is not None:
-                self._window = min(float(limit[1]), WINDOW_MAX)
         if remaining is not None:
             self.remaining = remaining[0]
         now = self._clock()
@@ -263,3 +270,18 @@ def _retry_after(value: str | None, longest: float) -> float:
     except (TypeError, ValueError, IndexError, OverflowError):
         return EXHAUSTED_RETRY
     return min(max(1.0, when - time.time()), longest)
+
+
+def parse_rate_limit(value: str | None) -> tuple[int, int | None] | None:
+    """`100;w=21600` -> (100, 21600); `76` -> (76, None); junk -> None."""
+    if not value:
+        return None
+    count, *params = (p.strip() for p in value.split(";"))
+    if not count.isascii() or not count.isdigit() or len(count) > 12:
+        return None
+    window = None
+    for param in params:
+        key, _, val = param.partition("=")
+        if key.strip() == "w" and val.isascii() and val.isdigit() and len(val) <= 12:
+            window = int(val)
+    return int(count), window

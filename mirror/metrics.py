@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -562,18 +562,18 @@ class Metrics:
         self.upstream_requests.labels(upstream, kind, status).inc()
         self.upstream_duration.labels(upstream, kind).observe(seconds)
 
-    def rate_limit(self, upstream: str, headers: Mapping[str, str]) -> None:
-        """Export Docker Hub's `ratelimit-limit: 100;w=21600` style headers."""
-        for header, gauge in (
-            ("ratelimit-limit", self.ratelimit_limit),
-            ("ratelimit-remaining", self.ratelimit_remaining),
+    def rate_limit(
+        self, upstream: str, limit: int | None, remaining: int | None, window: int | None
+    ) -> None:
+        """Export what Docker Hub's `ratelimit-*` headers said (mirror.budget reads them);
+        None: not said this time."""
+        for value, gauge in (
+            (limit, self.ratelimit_limit),
+            (remaining, self.ratelimit_remaining),
+            (window, self.ratelimit_window),
         ):
-            parsed = parse_rate_limit(headers.get(header))
-            if parsed is not None:
-                value, window = parsed
+            if value is not None:
                 gauge.labels(upstream).set(value)
-                if window is not None:
-                    self.ratelimit_window.labels(upstream).set(window)
 
     def totals(self) -> Totals:
         """Whole-group figures for the status page, read from what /metrics would
@@ -600,21 +600,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.exposition)
-
-
-def parse_rate_limit(value: str | None) -> tuple[int, int | None] | None:
-    """`100;w=21600` -> (100, 21600); `76` -> (76, None); junk -> None."""
-    if not value:
-        return None
-    count, *params = (p.strip() for p in value.split(";"))
-    if not count.isascii() or not count.isdigit() or len(count) > 12:
-        return None
-    window = None
-    for param in params:
-        key, _, val = param.partition("=")
-        if key.strip() == "w" and val.isascii() and val.isdigit() and len(val) <= 12:
-            window = int(val)
-    return int(count), window
 
 
 @dataclass(frozen=True, slots=True)

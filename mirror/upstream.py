@@ -455,7 +455,6 @@ class Upstream:
             self._metrics.upstream_request(
                 self.name, kind, str(resp.status_code), time.perf_counter() - started
             )
-            self._metrics.rate_limit(self.name, resp.headers)
             self._health(f"answered {resp.status_code}" if resp.status_code >= 500 else None)
             if record is not None:
                 record.upstream_status = resp.status_code
