@@ -330,7 +330,7 @@ def router(admin_listener: bool) -> APIRouter:
             raise RegistryError(
                 "TOOMANYREQUESTS", f"{jobs.running} jobs are running; wait for one to end"
             )
-        job = jobs.start(images, platforms, "warm")
+        job = await jobs.start(images, platforms, "warm")
         return _json(job.as_json(), 202)
 
     @api.get("/jobs")

@@ -133,8 +133,11 @@ class Jobs:
         """This process's running jobs (the limit on them is per process)."""
         return sum(1 for j in self._jobs.values() if j.state == "running")
 
-    def start(self, images: Iterable[str], platforms: Iterable[str] | None, kind: Kind) -> Job:
-        """Check every image name now (a bad one is the caller's 400), then run."""
+    async def start(
+        self, images: Iterable[str], platforms: Iterable[str] | None, kind: Kind
+    ) -> Job:
+        """Check every image name now (a bad one is the caller's 400), then run. Its
+        record is written before this returns: any worker asked next knows the job."""
         names = list(images)
         for image in names:
             try:
@@ -149,6 +152,7 @@ class Jobs:
         job = Job(f"{kind}-{secrets.token_hex(4)}", kind, names, wanted, self._clock())
         self._jobs[job.id] = job
         self._trim()
+        await self._publish(job)
         task = asyncio.create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -177,10 +181,11 @@ class Jobs:
             log.warning("%s job %s: its record could not be written: %s", job.kind, job.id, exc)
 
     async def _publishing(self, job: Job) -> None:
-        while not job.ended.is_set():
-            await self._publish(job)
+        while not job.ended.is_set():  # written once already, by `start`
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(job.ended.wait(), PUBLISH_EVERY)
+            if not job.ended.is_set():
+                await self._publish(job)
 
     async def _forget_old(self) -> None:
         """Past MAX_KEPT finished records in the store, the oldest go."""

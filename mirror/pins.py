@@ -67,5 +67,5 @@ class Pins:
         if not due:
             return None
         log.info("refreshing %d pinned images: %s", len(due), ", ".join(due[:5]))
-        self._refreshing = self._jobs.start(due, None, "refresh")
+        self._refreshing = await self._jobs.start(due, None, "refresh")
         return self._refreshing
