@@ -17,7 +17,6 @@ are the registry's own envelope (mirror.errors).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from typing import Any
@@ -27,6 +26,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from mirror import identity
+from mirror.auth import is_address
 from mirror.clientauth import AuthFailed
 from mirror.components import Components
 from mirror.errors import RegistryError
@@ -81,7 +81,7 @@ def router(admin_listener: bool) -> APIRouter:
         if not auth.enabled:
             who = Principal(None, address)
             identity.current.set(who)
-            host = _host_name(request.headers.get("host", ""))
+            host = request.headers.get("host", "")
             trusted = _trusted_host(host, settings.admin_hosts)
             result = Caller(who, False, admin_listener and trusted)
             if write and not admin_listener:
@@ -406,24 +406,11 @@ def _visible(request: Request, images: list[Image]) -> list[Image]:
     return [i for i in images if allows(who, i.key.upstream, i.key.repo)]
 
 
-def _host_name(host: str) -> str:
-    """The name in a Host header, without its port (`[::1]:9090` -> `::1`)."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-def _trusted_host(host: str, allowed: list[str]) -> bool:
+def _trusted_host(host_header: str, allowed: list[str]) -> bool:
     """An address, `localhost`, or a configured name: no name an attacker's DNS could
     point at this listener (DNS rebinding) unless the operator listed it."""
-    if host == "localhost" or host in (a.lower() for a in allowed):
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    host = urlsplit("//" + host_header.strip()).hostname or ""
+    return is_address(host) or host in (a.lower() for a in allowed)
 
 
 def _same_origin(request: Request) -> None:

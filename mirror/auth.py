@@ -218,7 +218,7 @@ class UpstreamAuth:
             return True
         if parts.scheme != "https" or parts.port not in (None, 443):
             return False
-        if _is_ip(host) or _is_ip(own):
+        if is_address(host) or is_address(own):
             return False  # addresses have no registrable domain to share
         domain = registrable_domain(own)
         if domain is None or domain != registrable_domain(host):
@@ -296,7 +296,8 @@ def _port(parts: SplitResult) -> int:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def _is_ip(host: str) -> bool:
+def is_address(host: str) -> bool:
+    """An IP address (bracketed or not) or `localhost`: a name no DNS answer decides."""
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
