@@ -234,11 +234,11 @@ class Proxy:
             return await self._shared_fetch(repo, ref, accept)
         age = self._clock() - entry.stored_at
         fresh = self._freshness.of(repo, ref.tag)
-        revalidate = _Revalidation(key, ref, accept, stored, entry, age)
         if age < (fresh.ttl if max_age is None else min(fresh.ttl, max_age)):
             if self._popular(key, entry, age, fresh.ttl):
-                self._background(revalidate)
-            return Manifest(stored, "hit", max(0.0, age))
+                self._background(_Revalidation(key, ref, accept, stored, entry, age))
+            return Manifest(stored, "hit", max(0.0, age))  # the hit path: nothing more
+        revalidate = _Revalidation(key, ref, accept, stored, entry, age)
         if (
             max_age is None  # a downstream tier asking for its own TTL waits, as it asked
             and age < fresh.ttl + fresh.stale_while_revalidate
@@ -360,18 +360,15 @@ class Proxy:
         With a stale answer at hand, the upstream gets `stale_after` seconds, not a whole
         fetch_timeout: a downstream mirror tier waiting on us with the same deadline
         must get the stale answer before its deadline takes us for unreachable."""
-        key, ref, accept, stored = (
-            revalidate.key,
-            revalidate.ref,
-            revalidate.accept,
-            revalidate.stored,
-        )
+        key, stored = revalidate.key, revalidate.stored
         stale_ok = revalidate.age < self._freshness.max_stale
         budget = self._stale_after if stale_ok else None
         try:
             try:
                 async with asyncio.timeout(budget):
-                    head = await self._upstream.head_manifest(key.repo, ref, accept.header())
+                    head = await self._upstream.head_manifest(
+                        key.repo, revalidate.ref, revalidate.accept.header()
+                    )
                     if head.digest == stored.digest:
                         # A tier's answer may be `head.age` old already: counted from then.
                         when = self._clock() - head.age
@@ -380,7 +377,9 @@ class Proxy:
                         return Manifest(stored, "revalidated")
                     # The tag moved (or the upstream named no digest): fetch the body,
                     # unless the rate-limit budget keeps its GET for misses.
-                    fetched = await self._fetch_manifest(key.repo, ref, accept, refresh=stale_ok)
+                    fetched = await self._fetch_manifest(
+                        key.repo, revalidate.ref, revalidate.accept, refresh=stale_ok
+                    )
                     return Manifest(fetched, "miss")
             except TimeoutError:
                 raise UpstreamError(
