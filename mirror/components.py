@@ -238,6 +238,7 @@ def build(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> C
                 clock,
             ),
         )
+        metrics.add_registry(config.name)
         registries[config.name] = registry
         upstream: RemoteStore = registry
         if config.mirrors:

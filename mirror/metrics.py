@@ -536,6 +536,10 @@ class Metrics:
         # never 0, which would read as "exhausted".
         for gauge in (self.ratelimit_limit, self.ratelimit_remaining):
             gauge.labels(upstream).set(float("nan"))
+
+    def add_registry(self, upstream: str) -> None:
+        """What only an upstream's registry has (not its mirror tiers): the pull budget,
+        and the proxy's background revalidations."""
         self.budget_mode.labels(upstream).set(0)
         for mode in BUDGET_MODES:
             self.budget_changes.labels(upstream, mode)

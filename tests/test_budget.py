@@ -43,7 +43,7 @@ def test_modes_follow_the_headers_and_each_change_is_logged_once(
     caplog.set_level(logging.INFO, "mirror.budget")
     clock = Clock()
     metrics = Metrics()
-    metrics.add_upstream("hub")
+    metrics.add_registry("hub")
     budget = Budget("hub", Reserve.parse("10%"), metrics, clock)
 
     def told(remaining: int, status: int = 200, **extra: str) -> None:
@@ -103,7 +103,7 @@ def test_a_count_flapping_around_the_reserve_logs_each_mode_at_most_once_a_minut
     caplog.set_level(logging.INFO, "mirror.budget")
     clock = Clock()
     metrics = Metrics()
-    metrics.add_upstream("hub")
+    metrics.add_registry("hub")
     budget = Budget("hub", Reserve.parse("10"), metrics, clock)
     for i in range(100):
         remaining = 9 if i % 2 == 0 else 50
@@ -273,7 +273,7 @@ async def test_the_gauge_leaves_exhausted_when_a_longer_wait_named_later_is_over
     """The wait was made longer by another 429 while exhausted: the gauge still goes
     back to normal once it is over, with no request asking (real time: the timer's)."""
     metrics = Metrics()
-    metrics.add_upstream("hub")
+    metrics.add_registry("hub")
     budget = Budget("hub", Reserve(), metrics)
     budget.observe(429, {"retry-after": "1"})
     budget.observe(429, {"retry-after": "2"})  # a HEAD refused too, with a longer wait
