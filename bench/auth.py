@@ -25,40 +25,27 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import bcrypt
-import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from fakes.server import serve  # noqa: E402
 from fakes.upstream import FakeUpstream  # noqa: E402
+from mirrorproc import cpu_seconds, mirror_process  # noqa: E402
 
 from mirror.mediatypes import DOCKER_MANIFEST_V2  # noqa: E402
 
 ROBOT = "bench-robot-token-0123456789abcdef"
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc (the mirror's alone, not the client's)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def run_mode(mode: str, upstream_url: str, tmp: Path, n: int) -> tuple[float, float]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")},
-        "MIRROR_ACCESS_LOG": "false",
-        "MIRROR_LOG_LEVEL": "warning",
-    }
+    env: dict[str, str] = {}
     headers: dict[str, str] = {}
     if mode != "open":
         env["MIRROR_AUTH_HTPASSWD"] = str(tmp / "htpasswd")
@@ -68,49 +55,32 @@ async def run_mode(mode: str, upstream_url: str, tmp: Path, n: int) -> tuple[flo
         rules = [{"users": [f"user{i}"], "repositories": [f"team{i}/*"]} for i in range(19)]
         rules.append({"users": ["alice", "robot"], "repositories": ["library/*"]})
         env["MIRROR_ACCESS"] = json.dumps(rules)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--cache-dir", str(tmp / mode), "--upstream", upstream_url]
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            for _ in range(200):
-                try:
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-            if mode == "basic":
-                headers["Authorization"] = "Basic " + base64.b64encode(b"alice:wonderland").decode()
-            elif mode in ("bearer", "rules"):
-                got = await c.get(
-                    "/auth/token",
-                    params={"scope": "repository:library/app:pull"},
-                    auth=("alice", "wonderland"),
-                )
-                headers["Authorization"] = f"Bearer {got.json()['token']}"
-            elif mode == "robot":
-                headers["Authorization"] = f"Bearer {ROBOT}"
-            manifest = "/v2/library/app/manifests/1"
-            first = await c.get(manifest, headers=headers)
-            assert first.status_code == 200, first.text
-            blob = f"/v2/library/app/blobs/{BLOB_DIGEST}"
-            while (await c.get(blob, headers=headers)).headers.get("x-cache") != "HIT":
-                await asyncio.sleep(0.01)
-            results = []
-            for path in (manifest, blob):
-                cpu = _cpu_seconds(proc.pid)
-                for _ in range(n):
-                    r = await c.get(path, headers=headers)
-                    assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
-                results.append((_cpu_seconds(proc.pid) - cpu) / n)
-            return results[0], results[1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    async with mirror_process(upstream_url, tmp / mode, env) as (c, pid):
+        if mode == "basic":
+            headers["Authorization"] = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+        elif mode in ("bearer", "rules"):
+            got = await c.get(
+                "/auth/token",
+                params={"scope": "repository:library/app:pull"},
+                auth=("alice", "wonderland"),
+            )
+            headers["Authorization"] = f"Bearer {got.json()['token']}"
+        elif mode == "robot":
+            headers["Authorization"] = f"Bearer {ROBOT}"
+        manifest = "/v2/library/app/manifests/1"
+        first = await c.get(manifest, headers=headers)
+        assert first.status_code == 200, first.text
+        blob = f"/v2/library/app/blobs/{BLOB_DIGEST}"
+        while (await c.get(blob, headers=headers)).headers.get("x-cache") != "HIT":
+            await asyncio.sleep(0.01)
+        results = []
+        for path in (manifest, blob):
+            cpu = cpu_seconds(pid)
+            for _ in range(n):
+                r = await c.get(path, headers=headers)
+                assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
+            results.append((cpu_seconds(pid) - cpu) / n)
+        return results[0], results[1]
 
 
 BLOB = bytes(range(256)) * 16

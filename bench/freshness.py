@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +41,7 @@ from fakes.clock import Clock  # noqa: E402
 from fakes.quota import Quota  # noqa: E402
 from fakes.server import serve  # noqa: E402
 from fakes.upstream import FakeUpstream  # noqa: E402
+from mirrorproc import cpu_seconds, mirror_process  # noqa: E402
 
 from mirror.app import create_app  # noqa: E402
 from mirror.config import Settings  # noqa: E402
@@ -75,40 +73,6 @@ async def _mirror(
             yield c, app
 
 
-@asynccontextmanager
-async def _process(
-    upstream: str, tmp: Path, **env: str
-) -> AsyncIterator[tuple[httpx.AsyncClient, int]]:
-    """A real `mirror serve` (an in-process server shares its loop with the client,
-    which adds ~40 ms of delayed ACKs to every request): (client, its pid)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    environment.update(MIRROR_ACCESS_LOG="false", MIRROR_LOG_LEVEL="warning", **env)
-    cmd = [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--cache-dir", str(tmp), "--upstream", upstream]
-    proc = subprocess.Popen(cmd, env=environment)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-            for _ in range(400):
-                try:
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-            yield c, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _latencies(c: httpx.AsyncClient, tags: list[str], expect: str) -> list[float]:
     out = []
     for tag in tags:
@@ -130,8 +94,10 @@ async def latency(n: int, rtt: float) -> dict[str, list[float]]:
         with tempfile.TemporaryDirectory() as tmp:
             async with (
                 serve(upstream) as url,
-                _process(
-                    url, Path(tmp), MIRROR_TAG_TTL=str(ttl), MIRROR_STALE_WHILE_REVALIDATE=window
+                mirror_process(
+                    url,
+                    Path(tmp),
+                    {"MIRROR_TAG_TTL": str(ttl), "MIRROR_STALE_WHILE_REVALIDATE": window},
                 ) as (c, _),
             ):
                 # Cached all at once: one upstream RTT, well within the TTL.
@@ -198,14 +164,14 @@ async def hit_cost(n: int, ahead: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             serve(upstream) as url,
-            _process(url, Path(tmp), MIRROR_REFRESH_AHEAD_PULLS=str(ahead)) as (c, pid),
+            mirror_process(url, Path(tmp), {"MIRROR_REFRESH_AHEAD_PULLS": str(ahead)}) as (c, pid),
         ):
             await c.get("/v2/app/manifests/hot", headers=ACCEPT)
-            started = _cpu_seconds(pid)
+            started = cpu_seconds(pid)
             for _ in range(n):
                 r = await c.get("/v2/app/manifests/hot", headers=ACCEPT)
                 assert r.headers["x-cache"] == "HIT"
-            return (_cpu_seconds(pid) - started) / n * 1000
+            return (cpu_seconds(pid) - started) / n * 1000
 
 
 def _ms(values: list[float], q: float) -> float:
