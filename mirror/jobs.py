@@ -205,9 +205,8 @@ class Jobs:
             await self._work(job)
         finally:
             await publisher
-            if job.state != "running":
-                await self._publish(job)  # the final state, after the last progress
-                await self._forget_old()
+            await self._publish(job)  # the final state, after the last progress
+            await self._forget_old()
 
     async def _work(self, job: Job) -> None:
         try:
