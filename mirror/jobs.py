@@ -180,11 +180,13 @@ class Jobs:
         except Exception as exc:  # shown by this process still; others lag behind
             log.warning("%s job %s: its record could not be written: %s", job.kind, job.id, exc)
 
-    async def _publishing(self, job: Job) -> None:
-        while not job.ended.is_set():  # written once already, by `start`
+    async def _publishing(self, job: Job, stop: asyncio.Event) -> None:
+        # Stopped by an event, not cancelled: a write cancelled in its thread would
+        # still land, maybe after the final one.
+        while not stop.is_set():  # written once already, by `start`
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(job.ended.wait(), PUBLISH_EVERY)
-            if not job.ended.is_set():
+                await asyncio.wait_for(stop.wait(), PUBLISH_EVERY)
+            if not stop.is_set():
                 await self._publish(job)
 
     async def _forget_old(self) -> None:
@@ -200,12 +202,17 @@ class Jobs:
             log.warning("old job records could not be dropped: %s", exc)
 
     async def _run(self, job: Job) -> None:
-        publisher = asyncio.create_task(self._publishing(job))
+        stop = asyncio.Event()
+        publisher = asyncio.create_task(self._publishing(job, stop))
         try:
             await self._work(job)
         finally:
-            await publisher
-            await self._publish(job)  # the final state, after the last progress
+            stop.set()
+            try:
+                await publisher
+                await self._publish(job)  # the final state, after the last progress
+            finally:
+                job.ended.set()  # ended for every process that reads the record too
             await self._forget_old()
 
     async def _work(self, job: Job) -> None:
@@ -229,7 +236,6 @@ class Jobs:
             job.state, job.error = "failed", f"internal error: {type(exc).__name__}"
         finally:
             job.finished = self._clock()
-            job.ended.set()
 
     async def _warm(self, job: Job, image: str) -> None:
         registry, name, ref = parse_image(image)
