@@ -194,6 +194,7 @@ async def test_a_background_revalidation_another_replica_did_counts_a_moved_tag_
     client = make_client(5.0, 5.0)
     metrics = Metrics()
     metrics.add_upstream("hub")
+    metrics.add_registry("hub")
 
     class ElsewhereCluster:
         """Another replica holds the lease, and its revalidation found the tag moved."""
